@@ -1,0 +1,4 @@
+//! The backends: where values live.
+
+pub mod json_file;
+pub mod redis;

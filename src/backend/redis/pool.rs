@@ -1,0 +1,187 @@
+//! The r2d2 pool of single-node connections, with a cheap health check.
+//!
+//! r2d2's own `test_on_check_out` PINGs on every checkout: one extra round trip per operation,
+//! which doubles the latency of a single get. Here the pool does not test on checkout; instead
+//! [`RedisPool::get`] PINGs only a connection that sat idle longer than the health-check interval
+//! (the reference design's `health_check_interval`), and a connection that failed with an I/O
+//! error or timeout is marked broken so r2d2 drops it instead of handing it out again.
+
+use std::time::{Duration, Instant};
+
+use redis::{Client, Connection, ConnectionLike, RedisError};
+
+use crate::config::RedisConfig;
+
+/// Opens connections with a connect timeout and sets the socket timeouts on them.
+#[derive(Debug)]
+pub(crate) struct Manager {
+    client: Client,
+    connection_timeout: Duration,
+    socket_timeout: Duration,
+}
+
+/// A pooled connection with the bookkeeping the health check needs.
+pub(crate) struct PooledConn {
+    pub(crate) conn: Connection,
+    last_used: Instant,
+    /// Set after an I/O error or timeout: a reply may still be in flight on this socket, so it
+    /// must never be reused.
+    broken: bool,
+}
+
+impl PooledConn {
+    /// Marks the connection as unusable; r2d2 discards it when it is returned.
+    pub(crate) fn mark_broken(&mut self) {
+        self.broken = true;
+    }
+}
+
+impl r2d2::ManageConnection for Manager {
+    type Connection = PooledConn;
+    type Error = RedisError;
+
+    fn connect(&self) -> Result<PooledConn, RedisError> {
+        let conn = self
+            .client
+            .get_connection_with_timeout(self.connection_timeout)?;
+        conn.set_read_timeout(Some(self.socket_timeout))?;
+        conn.set_write_timeout(Some(self.socket_timeout))?;
+        Ok(PooledConn {
+            conn,
+            last_used: Instant::now(),
+            broken: false,
+        })
+    }
+
+    fn is_valid(&self, c: &mut PooledConn) -> Result<(), RedisError> {
+        redis::cmd("PING").query::<()>(&mut c.conn)
+    }
+
+    fn has_broken(&self, c: &mut PooledConn) -> bool {
+        c.broken || !c.conn.is_open()
+    }
+}
+
+/// Logs pool-level connection failures at debug level: the operation that waited for the
+/// connection reports the failure itself, once, with context.
+#[derive(Debug)]
+struct QuietErrors;
+
+impl r2d2::HandleError<RedisError> for QuietErrors {
+    fn handle_error(&self, error: RedisError) {
+        log::debug!("redis pool could not open a connection: {error}");
+    }
+}
+
+/// The pool plus the health-check interval.
+pub(crate) struct RedisPool {
+    pool: r2d2::Pool<Manager>,
+    health_check_interval: Duration,
+    pool_timeout: Duration,
+}
+
+impl RedisPool {
+    /// A pool for `config`. Opens no connection yet (`build_unchecked`), so a store can be
+    /// created while the server is down; the first operation reports the failure.
+    pub(crate) fn new(config: &RedisConfig) -> Result<RedisPool, RedisError> {
+        let mut info = redis::IntoConnectionInfo::into_connection_info(config.url.as_str())?;
+        let mut settings = info.redis_settings().clone();
+        if let Some(u) = &config.username {
+            settings = settings.set_username(u);
+        }
+        if let Some(p) = &config.password {
+            settings = settings.set_password(p);
+        }
+        info = info.set_redis_settings(settings);
+        let client = Client::open(info)?;
+        let manager = Manager {
+            client,
+            connection_timeout: config.connection_timeout,
+            socket_timeout: config.socket_timeout,
+        };
+        let pool = r2d2::Pool::builder()
+            .max_size(config.max_connections)
+            // Connections are opened on demand: a batch indexer with 4 threads should not hold
+            // 50 sockets, and opening must not block on an unreachable server.
+            .min_idle(Some(0))
+            .test_on_check_out(false)
+            .connection_timeout(config.pool_timeout)
+            .idle_timeout(Some(Duration::from_secs(300)))
+            .max_lifetime(None)
+            .error_handler(Box::new(QuietErrors))
+            .build_unchecked(manager);
+        Ok(RedisPool {
+            pool,
+            health_check_interval: config.health_check_interval,
+            pool_timeout: config.pool_timeout,
+        })
+    }
+
+    /// A healthy connection: one used within the health-check interval, or one that just
+    /// answered PING.
+    ///
+    /// # Errors
+    /// The pool's message when no connection could be had within the pool timeout.
+    pub(crate) fn get(&self) -> Result<r2d2::PooledConnection<Manager>, String> {
+        // Bounded: each failed PING discards one stale connection; after a few the server is
+        // evidently gone and the caller's retry policy takes over.
+        for _ in 0..3 {
+            let mut c = self
+                .pool
+                .get_timeout(self.pool_timeout)
+                .map_err(|e| e.to_string())?;
+            if c.last_used.elapsed() <= self.health_check_interval {
+                return Ok(c);
+            }
+            match redis::cmd("PING").query::<()>(&mut c.conn) {
+                Ok(()) => {
+                    c.last_used = Instant::now();
+                    return Ok(c);
+                }
+                Err(e) => {
+                    log::debug!("discarding an idle redis connection that failed PING: {e}");
+                    c.mark_broken();
+                }
+            }
+        }
+        Err("every pooled connection failed its health check".into())
+    }
+
+    /// Open and idle connection counts.
+    pub(crate) fn state(&self) -> (u32, u32) {
+        let s = self.pool.state();
+        (s.connections, s.idle_connections)
+    }
+}
+
+/// Stamps the connection as used; called after a successful command.
+pub(crate) fn touch(c: &mut PooledConn) {
+    c.last_used = Instant::now();
+}
+
+impl ConnectionLike for PooledConn {
+    fn req_packed_command(&mut self, cmd: &[u8]) -> redis::RedisResult<redis::Value> {
+        self.conn.req_packed_command(cmd)
+    }
+
+    fn req_packed_commands(
+        &mut self,
+        cmd: &[u8],
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisResult<Vec<redis::Value>> {
+        self.conn.req_packed_commands(cmd, offset, count)
+    }
+
+    fn get_db(&self) -> i64 {
+        self.conn.get_db()
+    }
+
+    fn check_connection(&mut self) -> bool {
+        self.conn.check_connection()
+    }
+
+    fn is_open(&self) -> bool {
+        self.conn.is_open()
+    }
+}

@@ -1,0 +1,769 @@
+//! Configuration: one plain struct with documented defaults, filled by a builder or from the
+//! environment, validated once at `build()`.
+//!
+//! | variable | default | meaning |
+//! |---|---|---|
+//! | `STORAGE_KV_BACKEND` | `json` | `json` or `redis` |
+//! | `STORAGE_WORKING_DIR` | `./nano_graphrag_cache` | directory of the JSON files |
+//! | `REDIS_URL` | `redis://localhost:6379` | server URL (`rediss://` for TLS is not built in) |
+//! | `REDIS_USERNAME`, `REDIS_PASSWORD` | none | ACL credentials; override the URL's |
+//! | `REDIS_MAX_CONNECTIONS` | 50 | connection pool size |
+//! | `REDIS_CONNECTION_TIMEOUT` | 5.0 | seconds to open a connection |
+//! | `REDIS_SOCKET_TIMEOUT` | 5.0 | seconds to wait for a reply |
+//! | `REDIS_POOL_TIMEOUT` | 10.0 | seconds to wait for a free pooled connection |
+//! | `REDIS_RETRY_ON_TIMEOUT` | true | retry idempotent commands after a timeout |
+//! | `REDIS_RETRIES` | 3 | retries after a connection error or timeout |
+//! | `REDIS_HEALTH_CHECK_INTERVAL` | 30 | PING a pooled connection idle longer than this (s) |
+//! | `REDIS_KEY_PREFIX` | `nano_graphrag` | keys are `{prefix}:{namespace}:{id}` |
+//! | `REDIS_COMPRESSION` | `lz4` | `lz4` or `none` |
+//! | `REDIS_COMPRESSION_MIN_BYTES` | 1024 | compress JSON values at least this long |
+//! | `REDIS_TTL_LLM_CACHE` | 43200 | TTL of `llm_response_cache` (s, 0 = none) |
+//! | `REDIS_TTL_COMMUNITY_REPORTS` | 0 | TTL of `community_reports` |
+//! | `REDIS_TTL_CHUNKS` | 0 | TTL of `text_chunks` |
+//! | `REDIS_TTL_DOCS` | 0 | TTL of `full_docs` |
+//! | `REDIS_TTL_<NAME>` | 0 | TTL of any other namespace |
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::store::{
+    is_name_char, validate_namespace, COMMUNITY_REPORTS, FULL_DOCS, LLM_RESPONSE_CACHE, TEXT_CHUNKS,
+};
+
+/// Which backend stores the namespaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    /// nano-graphrag's `kv_store_{namespace}.json` files in a working directory.
+    Json,
+    /// A Redis server shared by every process that points at it.
+    Redis,
+}
+
+impl BackendKind {
+    /// The name used in `STORAGE_KV_BACKEND` and in stats.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Json => "json",
+            BackendKind::Redis => "redis",
+        }
+    }
+
+    /// Parses `json` or `redis` (any case).
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming `variable` and the accepted values.
+    pub fn parse(variable: &str, value: &str) -> Result<Self> {
+        match value.trim().to_ascii_lowercase().as_str() {
+            "json" => Ok(BackendKind::Json),
+            "redis" => Ok(BackendKind::Redis),
+            _ => Err(config_error(variable, value, "json or redis")),
+        }
+    }
+}
+
+/// How values are compressed in Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    /// lz4 for values of at least `compression_min_bytes`, behind a header no JSON text starts
+    /// with. Values that do not shrink are stored as plain JSON.
+    Lz4,
+    /// Plain JSON always, for clients that read the values themselves.
+    None,
+}
+
+/// Where the JSON backend keeps its files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JsonConfig {
+    /// Directory of the `kv_store_{namespace}.json` files. Defaults to `./nano_graphrag_cache`.
+    pub working_dir: PathBuf,
+}
+
+/// How to reach and use Redis.
+///
+/// `Debug` leaves out the password and any password inside the URL.
+#[derive(Clone, PartialEq)]
+pub struct RedisConfig {
+    /// Server URL. Defaults to `redis://localhost:6379`.
+    pub url: String,
+    /// ACL user name; overrides one in the URL. Defaults to none.
+    pub username: Option<String>,
+    /// Password; overrides one in the URL. Defaults to none.
+    pub password: Option<String>,
+    /// Most pooled connections open at once. Defaults to 50.
+    pub max_connections: u32,
+    /// Deadline to open a connection. Defaults to 5 s.
+    pub connection_timeout: Duration,
+    /// Deadline for each reply. Defaults to 5 s.
+    pub socket_timeout: Duration,
+    /// Deadline to get a free connection from the pool. Defaults to 10 s.
+    pub pool_timeout: Duration,
+    /// Whether an idempotent command is retried after a timeout (connection errors always are,
+    /// up to `retries`). Defaults to true.
+    pub retry_on_timeout: bool,
+    /// Retries after a connection error or timeout, with exponential backoff and jitter.
+    /// Defaults to 3.
+    pub retries: u32,
+    /// A pooled connection idle longer than this is PINGed before use; a recently used one is
+    /// not. Defaults to 30 s.
+    pub health_check_interval: Duration,
+    /// First part of every key: `{prefix}:{namespace}:{id}`. Defaults to `nano_graphrag`, the
+    /// Python implementation's layout.
+    pub key_prefix: String,
+    /// Value compression. Defaults to [`Compression::Lz4`].
+    pub compression: Compression,
+    /// Values whose JSON is shorter than this are never compressed. Defaults to 1024.
+    pub compression_min_bytes: usize,
+    /// TTLs per namespace in seconds (0 = no expiry).
+    pub ttl: TtlTable,
+}
+
+impl fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &redact_url(&self.url))
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("max_connections", &self.max_connections)
+            .field("connection_timeout", &self.connection_timeout)
+            .field("socket_timeout", &self.socket_timeout)
+            .field("pool_timeout", &self.pool_timeout)
+            .field("retry_on_timeout", &self.retry_on_timeout)
+            .field("retries", &self.retries)
+            .field("health_check_interval", &self.health_check_interval)
+            .field("key_prefix", &self.key_prefix)
+            .field("compression", &self.compression)
+            .field("compression_min_bytes", &self.compression_min_bytes)
+            .field("ttl", &self.ttl)
+            .finish()
+    }
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: "redis://localhost:6379".into(),
+            username: None,
+            password: None,
+            max_connections: 50,
+            connection_timeout: Duration::from_secs(5),
+            socket_timeout: Duration::from_secs(5),
+            pool_timeout: Duration::from_secs(10),
+            retry_on_timeout: true,
+            retries: 3,
+            health_check_interval: Duration::from_secs(30),
+            key_prefix: "nano_graphrag".into(),
+            compression: Compression::Lz4,
+            compression_min_bytes: 1024,
+            ttl: TtlTable::default(),
+        }
+    }
+}
+
+/// Expiry per namespace, in seconds; 0 means keys never expire.
+///
+/// Defaults: `llm_response_cache` 43200 (12 h); `full_docs`, `text_chunks`, `community_reports`
+/// and every other namespace 0. Community reports are index data, not cache: a default expiry
+/// would make queries lose them a day after indexing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TtlTable {
+    by_namespace: BTreeMap<String, u64>,
+    /// `REDIS_TTL_<NAME>` values for namespaces not known when the config was read, keyed by
+    /// `<NAME>`.
+    by_env_name: BTreeMap<String, u64>,
+}
+
+impl Default for TtlTable {
+    fn default() -> Self {
+        let mut by_namespace = BTreeMap::new();
+        by_namespace.insert(LLM_RESPONSE_CACHE.to_string(), 43_200);
+        by_namespace.insert(COMMUNITY_REPORTS.to_string(), 0);
+        by_namespace.insert(TEXT_CHUNKS.to_string(), 0);
+        by_namespace.insert(FULL_DOCS.to_string(), 0);
+        TtlTable {
+            by_namespace,
+            by_env_name: BTreeMap::new(),
+        }
+    }
+}
+
+/// The documented variable names of the four namespaces, and the reference implementation's
+/// `REDIS_TTL_{NAMESPACE}` names, accepted as well.
+const TTL_VARIABLES: [(&str, &str, &str); 4] = [
+    (
+        LLM_RESPONSE_CACHE,
+        "REDIS_TTL_LLM_CACHE",
+        "REDIS_TTL_LLM_RESPONSE_CACHE",
+    ),
+    (
+        COMMUNITY_REPORTS,
+        "REDIS_TTL_COMMUNITY_REPORTS",
+        "REDIS_TTL_COMMUNITY_REPORTS",
+    ),
+    (TEXT_CHUNKS, "REDIS_TTL_CHUNKS", "REDIS_TTL_TEXT_CHUNKS"),
+    (FULL_DOCS, "REDIS_TTL_DOCS", "REDIS_TTL_FULL_DOCS"),
+];
+
+impl TtlTable {
+    /// The TTL applied to new writes in `namespace`, in seconds (0 = none).
+    pub fn ttl_for(&self, namespace: &str) -> u64 {
+        if let Some(t) = self.by_namespace.get(namespace) {
+            return *t;
+        }
+        let name = env_name(namespace);
+        if is_reserved_ttl_name(&name) {
+            return 0;
+        }
+        self.by_env_name.get(&name).copied().unwrap_or(0)
+    }
+
+    /// Sets the TTL of one namespace.
+    pub fn set(&mut self, namespace: &str, seconds: u64) {
+        self.by_namespace.insert(namespace.to_string(), seconds);
+    }
+}
+
+/// `REDIS_TTL_` suffix for a namespace: upper-cased, `.` and `-` turned into `_`.
+fn env_name(namespace: &str) -> String {
+    namespace
+        .chars()
+        .map(|c| match c {
+            '.' | '-' => '_',
+            c => c.to_ascii_uppercase(),
+        })
+        .collect()
+}
+
+/// True when `REDIS_TTL_<name>` is one of the documented or reference names, whose meaning wins
+/// over a namespace that happens to map to the same name.
+fn is_reserved_ttl_name(name: &str) -> bool {
+    TTL_VARIABLES.iter().any(|(_, doc, reference)| {
+        doc.strip_prefix("REDIS_TTL_") == Some(name)
+            || reference.strip_prefix("REDIS_TTL_") == Some(name)
+    })
+}
+
+/// Everything needed to open stores. Build it with [`StoreConfig::builder`] or
+/// [`StoreConfig::from_env`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoreConfig {
+    /// The backend. Defaults to [`BackendKind::Json`].
+    pub backend: BackendKind,
+    /// JSON backend settings.
+    pub json: JsonConfig,
+    /// Redis backend settings.
+    pub redis: RedisConfig,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            backend: BackendKind::Json,
+            json: JsonConfig {
+                working_dir: PathBuf::from("./nano_graphrag_cache"),
+            },
+            redis: RedisConfig::default(),
+        }
+    }
+}
+
+impl StoreConfig {
+    /// A builder starting from the defaults.
+    pub fn builder() -> StoreConfigBuilder {
+        StoreConfigBuilder {
+            config: StoreConfig::default(),
+        }
+    }
+
+    /// The configuration from the process environment (see the module docs for the variables).
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the first variable whose value cannot be used.
+    pub fn from_env() -> Result<StoreConfig> {
+        StoreConfigBuilder::from_env()?.build()
+    }
+}
+
+/// Builds a [`StoreConfig`]; every setter takes and returns `self`.
+#[derive(Debug, Clone)]
+pub struct StoreConfigBuilder {
+    config: StoreConfig,
+}
+
+impl StoreConfigBuilder {
+    /// A builder filled from the process environment.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the variable whose value cannot be used (including a value that
+    /// is not valid UTF-8).
+    pub fn from_env() -> Result<Self> {
+        let mut vars = HashMap::new();
+        for (k, v) in std::env::vars_os() {
+            let Some(k) = k.to_str() else { continue };
+            if !(k.starts_with("REDIS_") || k.starts_with("STORAGE_") || k.starts_with("KV_")) {
+                continue;
+            }
+            match v.into_string() {
+                Ok(v) => {
+                    vars.insert(k.to_string(), v);
+                }
+                Err(_) => return Err(config_error(k, "<not UTF-8>", "UTF-8 text")),
+            }
+        }
+        Self::from_vars(&vars)
+    }
+
+    /// A builder filled from the given variables, as [`StoreConfigBuilder::from_env`] reads them
+    /// from the environment. Useful in tests and for programs that keep settings elsewhere.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the variable whose value cannot be used.
+    pub fn from_vars(vars: &HashMap<String, String>) -> Result<Self> {
+        let get = |k: &str| {
+            vars.get(k)
+                .map(String::as_str)
+                .filter(|v| !v.trim().is_empty())
+        };
+        let mut b = StoreConfig::builder();
+        let c = &mut b.config;
+        if let Some(v) = get("STORAGE_KV_BACKEND") {
+            c.backend = BackendKind::parse("STORAGE_KV_BACKEND", v)?;
+        }
+        if let Some(v) = get("STORAGE_WORKING_DIR") {
+            c.json.working_dir = PathBuf::from(v);
+        }
+        let r = &mut c.redis;
+        if let Some(v) = get("REDIS_URL") {
+            r.url = v.trim().to_string();
+        }
+        r.username = get("REDIS_USERNAME").map(str::to_string);
+        r.password = vars
+            .get("REDIS_PASSWORD")
+            .filter(|p| !p.is_empty())
+            .cloned();
+        if let Some(v) = get("REDIS_MAX_CONNECTIONS") {
+            r.max_connections = parse_u64("REDIS_MAX_CONNECTIONS", v, 1, 100_000)? as u32;
+        }
+        if let Some(v) = get("REDIS_CONNECTION_TIMEOUT") {
+            r.connection_timeout = parse_seconds("REDIS_CONNECTION_TIMEOUT", v, false)?;
+        }
+        if let Some(v) = get("REDIS_SOCKET_TIMEOUT") {
+            r.socket_timeout = parse_seconds("REDIS_SOCKET_TIMEOUT", v, false)?;
+        }
+        if let Some(v) = get("REDIS_POOL_TIMEOUT") {
+            r.pool_timeout = parse_seconds("REDIS_POOL_TIMEOUT", v, false)?;
+        }
+        if let Some(v) = get("REDIS_RETRY_ON_TIMEOUT") {
+            r.retry_on_timeout = parse_bool("REDIS_RETRY_ON_TIMEOUT", v)?;
+        }
+        if let Some(v) = get("REDIS_RETRIES") {
+            r.retries = parse_u64("REDIS_RETRIES", v, 0, 100)? as u32;
+        }
+        if let Some(v) = get("REDIS_HEALTH_CHECK_INTERVAL") {
+            r.health_check_interval = parse_seconds("REDIS_HEALTH_CHECK_INTERVAL", v, true)?;
+        }
+        if let Some(v) = get("REDIS_KEY_PREFIX") {
+            r.key_prefix = v.trim().to_string();
+        }
+        if let Some(v) = get("REDIS_COMPRESSION") {
+            r.compression = match v.trim().to_ascii_lowercase().as_str() {
+                "lz4" => Compression::Lz4,
+                "none" => Compression::None,
+                _ => return Err(config_error("REDIS_COMPRESSION", v, "lz4 or none")),
+            };
+        }
+        if let Some(v) = get("REDIS_COMPRESSION_MIN_BYTES") {
+            r.compression_min_bytes =
+                parse_u64("REDIS_COMPRESSION_MIN_BYTES", v, 0, u32::MAX as u64)? as usize;
+        }
+        for (namespace, documented, reference) in TTL_VARIABLES {
+            let a = get(documented)
+                .map(|v| parse_ttl(documented, v))
+                .transpose()?;
+            let b = get(reference)
+                .map(|v| parse_ttl(reference, v))
+                .transpose()?;
+            let ttl = match (a, b) {
+                (Some(a), Some(b)) if a != b => {
+                    return Err(Error::Config {
+                        variable: format!("{documented} and {reference}"),
+                        value: format!("{a} and {b}"),
+                        expected: format!(
+                            "one value for {namespace}: set only {documented}, or both to the same"
+                        ),
+                    })
+                }
+                (a, b) => a.or(b),
+            };
+            if let Some(t) = ttl {
+                r.ttl.set(namespace, t);
+            }
+        }
+        for (k, v) in vars {
+            let Some(name) = k.strip_prefix("REDIS_TTL_") else {
+                continue;
+            };
+            if is_reserved_ttl_name(name) || v.trim().is_empty() {
+                continue;
+            }
+            r.ttl.by_env_name.insert(name.to_string(), parse_ttl(k, v)?);
+        }
+        Ok(b)
+    }
+
+    /// Sets the backend.
+    pub fn backend(mut self, backend: BackendKind) -> Self {
+        self.config.backend = backend;
+        self
+    }
+    /// Sets the JSON working directory.
+    pub fn working_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.config.json.working_dir = dir.into();
+        self
+    }
+    /// Sets the Redis URL.
+    pub fn redis_url(mut self, url: impl Into<String>) -> Self {
+        self.config.redis.url = url.into();
+        self
+    }
+    /// Sets the ACL user name.
+    pub fn username(mut self, username: impl Into<String>) -> Self {
+        self.config.redis.username = Some(username.into());
+        self
+    }
+    /// Sets the password.
+    pub fn password(mut self, password: impl Into<String>) -> Self {
+        self.config.redis.password = Some(password.into());
+        self
+    }
+    /// Sets the pool size.
+    pub fn max_connections(mut self, n: u32) -> Self {
+        self.config.redis.max_connections = n;
+        self
+    }
+    /// Sets the connect timeout.
+    pub fn connection_timeout(mut self, d: Duration) -> Self {
+        self.config.redis.connection_timeout = d;
+        self
+    }
+    /// Sets the reply timeout.
+    pub fn socket_timeout(mut self, d: Duration) -> Self {
+        self.config.redis.socket_timeout = d;
+        self
+    }
+    /// Sets how long to wait for a free pooled connection.
+    pub fn pool_timeout(mut self, d: Duration) -> Self {
+        self.config.redis.pool_timeout = d;
+        self
+    }
+    /// Sets whether timeouts are retried.
+    pub fn retry_on_timeout(mut self, yes: bool) -> Self {
+        self.config.redis.retry_on_timeout = yes;
+        self
+    }
+    /// Sets the number of retries after connection errors and timeouts.
+    pub fn retries(mut self, n: u32) -> Self {
+        self.config.redis.retries = n;
+        self
+    }
+    /// Sets the idle time after which a pooled connection is PINGed before use.
+    pub fn health_check_interval(mut self, d: Duration) -> Self {
+        self.config.redis.health_check_interval = d;
+        self
+    }
+    /// Sets the key prefix.
+    pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.config.redis.key_prefix = prefix.into();
+        self
+    }
+    /// Sets the compression.
+    pub fn compression(mut self, c: Compression) -> Self {
+        self.config.redis.compression = c;
+        self
+    }
+    /// Sets the size from which values are compressed.
+    pub fn compression_min_bytes(mut self, n: usize) -> Self {
+        self.config.redis.compression_min_bytes = n;
+        self
+    }
+    /// Sets the TTL of one namespace, in seconds (0 = no expiry).
+    pub fn ttl(mut self, namespace: &str, seconds: u64) -> Self {
+        self.config.redis.ttl.set(namespace, seconds);
+        self
+    }
+
+    /// Checks the settings and returns the configuration.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the setting that cannot be used.
+    pub fn build(self) -> Result<StoreConfig> {
+        let r = &self.config.redis;
+        if r.max_connections == 0 {
+            return Err(config_error(
+                "REDIS_MAX_CONNECTIONS",
+                "0",
+                "an integer of at least 1",
+            ));
+        }
+        for (name, d) in [
+            ("REDIS_CONNECTION_TIMEOUT", r.connection_timeout),
+            ("REDIS_SOCKET_TIMEOUT", r.socket_timeout),
+            ("REDIS_POOL_TIMEOUT", r.pool_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(config_error(name, "0", "a number of seconds above 0"));
+            }
+        }
+        if r.key_prefix.is_empty() || !r.key_prefix.chars().all(is_name_char) {
+            return Err(config_error(
+                "REDIS_KEY_PREFIX",
+                &r.key_prefix,
+                "a non-empty name of A-Z a-z 0-9 _ . - (a ':' would make key ownership ambiguous)",
+            ));
+        }
+        for ns in r.ttl.by_namespace.keys() {
+            validate_namespace(ns)?;
+        }
+        if self.config.backend == BackendKind::Redis {
+            // Parse now so a bad URL is reported at build time, not at first use. The URL may
+            // hold a password: only the redacted form goes into the error.
+            if let Err(e) = redis::IntoConnectionInfo::into_connection_info(r.url.as_str()) {
+                return Err(Error::Config {
+                    variable: "REDIS_URL".into(),
+                    value: redact_url(&r.url),
+                    expected: format!("a redis:// or unix:// URL ({})", e.kind_description()),
+                });
+            }
+        }
+        Ok(self.config)
+    }
+}
+
+/// Small extension so a URL parse error can be described without its (possibly secret) detail.
+trait KindDescription {
+    fn kind_description(&self) -> String;
+}
+
+impl KindDescription for redis::RedisError {
+    fn kind_description(&self) -> String {
+        // redis-rs's URL errors name the problem ("Redis URL did not parse", "invalid port")
+        // without repeating the URL; still, keep only the category text.
+        self.category().to_string()
+    }
+}
+
+fn config_error(variable: &str, value: &str, expected: &str) -> Error {
+    Error::Config {
+        variable: variable.to_string(),
+        value: value.to_string(),
+        expected: expected.to_string(),
+    }
+}
+
+/// Parses true/false, 1/0, yes/no in any case.
+///
+/// # Errors
+/// [`Error::Config`] naming `variable`.
+pub fn parse_bool(variable: &str, value: &str) -> Result<bool> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" => Ok(true),
+        "false" | "0" | "no" => Ok(false),
+        _ => Err(config_error(variable, value, "true/false, 1/0 or yes/no")),
+    }
+}
+
+fn parse_u64(variable: &str, value: &str, min: u64, max: u64) -> Result<u64> {
+    match value.trim().parse::<u64>() {
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        _ => Err(config_error(
+            variable,
+            value,
+            &format!("an integer from {min} to {max}"),
+        )),
+    }
+}
+
+fn parse_ttl(variable: &str, value: &str) -> Result<u64> {
+    value.trim().parse::<u64>().map_err(|_| {
+        config_error(
+            variable,
+            value,
+            "a whole number of seconds, 0 or more (0 = no expiry)",
+        )
+    })
+}
+
+/// Parses seconds, decimals allowed.
+fn parse_seconds(variable: &str, value: &str, zero_ok: bool) -> Result<Duration> {
+    let expected = if zero_ok {
+        "a number of seconds, 0 or more (decimals allowed)"
+    } else {
+        "a number of seconds above 0 (decimals allowed)"
+    };
+    match value.trim().parse::<f64>() {
+        Ok(s) if s.is_finite() && (s > 0.0 || (zero_ok && s == 0.0)) && s < 1e9 => {
+            Ok(Duration::from_secs_f64(s))
+        }
+        _ => Err(config_error(variable, value, expected)),
+    }
+}
+
+/// A URL (or comma-separated URLs) with any password replaced by `<redacted>`.
+pub fn redact_url(url: &str) -> String {
+    url.split(',')
+        .map(|one| {
+            let Some(scheme_end) = one.find("://") else {
+                return one.to_string();
+            };
+            let rest = &one[scheme_end + 3..];
+            let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+            let authority = &rest[..authority_end];
+            let Some(at) = authority.rfind('@') else {
+                return one.to_string();
+            };
+            let userinfo = &authority[..at];
+            let redacted = match userinfo.find(':') {
+                Some(colon) => format!("{}:<redacted>", &userinfo[..colon]),
+                None => "<redacted>".to_string(),
+            };
+            format!("{}{}{}", &one[..scheme_end + 3], redacted, &rest[at..])
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn build(pairs: &[(&str, &str)]) -> Result<StoreConfig> {
+        StoreConfigBuilder::from_vars(&vars(pairs))?.build()
+    }
+
+    #[test]
+    fn defaults() {
+        let c = build(&[]).unwrap();
+        assert_eq!(c.backend, BackendKind::Json);
+        assert_eq!(c.json.working_dir, PathBuf::from("./nano_graphrag_cache"));
+        assert_eq!(c.redis.max_connections, 50);
+        assert_eq!(c.redis.ttl.ttl_for(LLM_RESPONSE_CACHE), 43_200);
+        assert_eq!(c.redis.ttl.ttl_for(COMMUNITY_REPORTS), 0);
+        assert_eq!(c.redis.ttl.ttl_for("anything"), 0);
+        assert_eq!(c.redis.compression, Compression::Lz4);
+        assert_eq!(c.redis.compression_min_bytes, 1024);
+    }
+
+    #[test]
+    fn ttl_names_documented_reference_and_other() {
+        let c = build(&[
+            ("REDIS_TTL_LLM_CACHE", "60"),
+            ("REDIS_TTL_TEXT_CHUNKS", "70"),
+            ("REDIS_TTL_DOCS", "80"),
+            ("REDIS_TTL_FULL_DOCS", "80"),
+            ("REDIS_TTL_MY_NS_V1", "90"),
+            ("REDIS_TTL_CHUNKS_EXTRA", "5"),
+        ])
+        .unwrap();
+        let t = &c.redis.ttl;
+        assert_eq!(t.ttl_for(LLM_RESPONSE_CACHE), 60);
+        assert_eq!(t.ttl_for(TEXT_CHUNKS), 70);
+        assert_eq!(t.ttl_for(FULL_DOCS), 80);
+        assert_eq!(t.ttl_for("my.ns-v1"), 90);
+        assert_eq!(t.ttl_for("chunks_extra"), 5);
+        // "chunks" maps to REDIS_TTL_CHUNKS, whose documented meaning is text_chunks.
+        let c = build(&[("REDIS_TTL_CHUNKS", "7")]).unwrap();
+        assert_eq!(c.redis.ttl.ttl_for("chunks"), 0);
+        assert_eq!(c.redis.ttl.ttl_for(TEXT_CHUNKS), 7);
+    }
+
+    #[test]
+    fn ttl_conflict_names_both_variables() {
+        let e = build(&[
+            ("REDIS_TTL_LLM_CACHE", "1"),
+            ("REDIS_TTL_LLM_RESPONSE_CACHE", "2"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("REDIS_TTL_LLM_CACHE and REDIS_TTL_LLM_RESPONSE_CACHE"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        for (k, v, needle) in [
+            ("REDIS_MAX_CONNECTIONS", "abc", "an integer"),
+            ("REDIS_TTL_CHUNKS", "-5", "0 or more"),
+            ("REDIS_TTL_OTHER", "x", "0 or more"),
+            ("STORAGE_KV_BACKEND", "mongo", "json or redis"),
+            ("REDIS_RETRY_ON_TIMEOUT", "maybe", "yes/no"),
+            ("REDIS_SOCKET_TIMEOUT", "0", "above 0"),
+            ("REDIS_CONNECTION_TIMEOUT", "nan", "above 0"),
+            ("REDIS_COMPRESSION", "zstd", "lz4 or none"),
+            ("REDIS_KEY_PREFIX", "a:b", "ambiguous"),
+        ] {
+            let e = build(&[(k, v)]).unwrap_err().to_string();
+            assert!(e.contains(k) && e.contains(needle), "{k}={v}: {e}");
+        }
+    }
+
+    #[test]
+    fn booleans_and_durations() {
+        for (v, want) in [
+            ("TRUE", true),
+            ("1", true),
+            ("Yes", true),
+            ("no", false),
+            ("0", false),
+        ] {
+            assert_eq!(parse_bool("X", v).unwrap(), want);
+        }
+        let c = build(&[
+            ("REDIS_SOCKET_TIMEOUT", "0.25"),
+            ("REDIS_HEALTH_CHECK_INTERVAL", "0"),
+        ])
+        .unwrap();
+        assert_eq!(c.redis.socket_timeout, Duration::from_millis(250));
+        assert_eq!(c.redis.health_check_interval, Duration::ZERO);
+    }
+
+    #[test]
+    fn secrets_never_in_debug_or_errors() {
+        let c = build(&[
+            ("REDIS_URL", "redis://user:hunter2@host:1/0"),
+            ("REDIS_PASSWORD", "s3cret"),
+        ])
+        .unwrap();
+        let d = format!("{c:?}");
+        assert!(!d.contains("hunter2") && !d.contains("s3cret"), "{d}");
+        assert!(d.contains("redis://user:<redacted>@host:1/0"), "{d}");
+        let e = build(&[
+            ("STORAGE_KV_BACKEND", "redis"),
+            ("REDIS_URL", "redis://u:hunter2@host:notaport"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(!e.contains("hunter2") && e.contains("REDIS_URL"), "{e}");
+    }
+
+    #[test]
+    fn redaction_forms() {
+        assert_eq!(redact_url("redis://h:1"), "redis://h:1");
+        assert_eq!(redact_url("redis://:pw@h:1"), "redis://:<redacted>@h:1");
+        assert_eq!(redact_url("redis://pw@h"), "redis://<redacted>@h");
+        assert_eq!(
+            redact_url("redis://a:b@h1:1,redis://a:c@h2:2"),
+            "redis://a:<redacted>@h1:1,redis://a:<redacted>@h2:2"
+        );
+    }
+}

@@ -1,0 +1,239 @@
+//! The crate's one error type.
+//!
+//! Every variant carries what a reader needs to act: the namespace, the id, the file and the
+//! position, the environment variable and the values it accepts. Retry and fallback decisions
+//! branch on [`Error::is_retryable`], [`Error::is_timeout`] and [`Error::is_connection`], never on
+//! message text. No variant ever holds a password or a URL with credentials in it.
+
+use std::path::PathBuf;
+
+/// `Result` with this crate's [`Error`] as the default error type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in `graphrag-kv`.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A namespace name outside `[A-Za-z0-9_.-]+`.
+    #[error("invalid namespace {namespace:?}: {reason}")]
+    InvalidNamespace {
+        /// The name as given.
+        namespace: String,
+        /// Why it was refused.
+        reason: String,
+    },
+
+    /// An id that is empty or longer than [`crate::MAX_ID_BYTES`].
+    #[error("invalid id {id} in namespace {namespace:?}: {reason}")]
+    InvalidId {
+        /// The namespace the id was used with.
+        namespace: String,
+        /// The id, shortened for display when it is long.
+        id: String,
+        /// Why it was refused.
+        reason: String,
+    },
+
+    /// A configuration value that cannot be used.
+    #[error("invalid configuration {variable}={value}: expected {expected}")]
+    Config {
+        /// The environment variable (or builder setting) that holds the bad value.
+        variable: String,
+        /// The value as given; `<redacted>` for secrets.
+        value: String,
+        /// What the setting accepts.
+        expected: String,
+    },
+
+    /// A file could not be read, written or locked.
+    #[error("{action} {}: {source}", path.display())]
+    Io {
+        /// What was being done (`reading`, `writing`, ...).
+        action: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A kv_store JSON file that is not a valid JSON object. The file is left untouched.
+    #[error("corrupt kv_store file {} at line {line}, column {column}: {message}", path.display())]
+    CorruptFile {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line of the error (0 when unknown).
+        line: usize,
+        /// 1-based column of the error (0 when unknown).
+        column: usize,
+        /// What is wrong there.
+        message: String,
+    },
+
+    /// Another process holds the write lock on a JSON working directory.
+    #[error(
+        "working directory {} is locked for writing by another process (lock file {}); \
+         stop that process or use a read-only command",
+        dir.display(),
+        lock_file.display()
+    )]
+    Locked {
+        /// The working directory.
+        dir: PathBuf,
+        /// The lock file inside it.
+        lock_file: PathBuf,
+    },
+
+    /// A write was attempted through a store opened read-only.
+    #[error("namespace {namespace:?} was opened read-only; {operation} is not allowed")]
+    ReadOnly {
+        /// The namespace.
+        namespace: String,
+        /// The refused operation.
+        operation: &'static str,
+    },
+
+    /// A stored value that is neither valid JSON nor a valid compressed frame.
+    #[error("cannot decode value of {key:?} in namespace {namespace:?}: {reason}")]
+    Decode {
+        /// The namespace.
+        namespace: String,
+        /// The id (or full Redis key) of the value.
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A value that cannot be stored (too large, not serializable).
+    #[error("cannot encode value of {key:?} in namespace {namespace:?}: {reason}")]
+    Encode {
+        /// The namespace.
+        namespace: String,
+        /// The id of the value.
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A key holding something other than a string value (e.g. a hash written by another program).
+    #[error("key {key:?} of namespace {namespace:?} holds a Redis {found}, not a string value")]
+    WrongType {
+        /// The namespace.
+        namespace: String,
+        /// The full Redis key.
+        key: String,
+        /// The Redis type found (`hash`, `list`, ...).
+        found: String,
+    },
+
+    /// A Redis command failed (after the retries allowed for it).
+    #[error("redis {operation} on namespace {namespace:?} failed: {source}")]
+    Redis {
+        /// The store operation (`get_by_ids`, `upsert`, ...).
+        operation: &'static str,
+        /// The namespace (empty for server-wide operations).
+        namespace: String,
+        /// The client's error. redis-rs never puts the password in its messages.
+        #[source]
+        source: redis::RedisError,
+    },
+
+    /// No pooled connection could be had in time (server unreachable or pool exhausted).
+    #[error("no redis connection for {operation} on namespace {namespace:?} within the pool timeout: {message}")]
+    Pool {
+        /// The store operation.
+        operation: &'static str,
+        /// The namespace.
+        namespace: String,
+        /// r2d2's explanation (its last connection error, if any).
+        message: String,
+    },
+
+    /// A durability checkpoint (`index_done_callback`) could not be completed.
+    #[error("checkpoint failed: {reason}")]
+    Checkpoint {
+        /// What the server said or what timed out.
+        reason: String,
+    },
+
+    /// The backend cannot answer right now and no local copy can either.
+    #[error("namespace {namespace:?} is unavailable: {reason}")]
+    Unavailable {
+        /// The namespace.
+        namespace: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl Error {
+    /// True when the error is a timeout (socket, connect, or waiting for a pooled connection).
+    pub fn is_timeout(&self) -> bool {
+        match self {
+            Error::Redis { source, .. } => source.is_timeout(),
+            Error::Pool { .. } => true,
+            _ => false,
+        }
+    }
+
+    /// True when the error comes from an unreachable server or a dropped connection.
+    pub fn is_connection(&self) -> bool {
+        match self {
+            Error::Redis { source, .. } => is_connection_error(source),
+            Error::Pool { .. } | Error::Unavailable { .. } => true,
+            _ => false,
+        }
+    }
+
+    /// True when repeating the same idempotent call later may succeed.
+    ///
+    /// Connection errors, timeouts, and the server's transient states (LOADING, TRYAGAIN,
+    /// CLUSTERDOWN, MASTERDOWN, BUSY) are retryable; bad input, decode errors and refused
+    /// commands are not.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Redis { source, .. } => is_retryable_redis(source),
+            Error::Pool { .. } | Error::Unavailable { .. } => true,
+            _ => false,
+        }
+    }
+
+    /// True when the server refused a command for lack of permission (ACL `NOPERM`).
+    pub fn is_permission_denied(&self) -> bool {
+        matches!(self, Error::Redis { source, .. } if is_noperm(source))
+    }
+}
+
+/// True for errors that mean "the server could not be reached or the connection broke".
+pub(crate) fn is_connection_error(e: &redis::RedisError) -> bool {
+    e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout()
+}
+
+/// True for errors worth retrying an idempotent command on.
+pub(crate) fn is_retryable_redis(e: &redis::RedisError) -> bool {
+    if is_connection_error(e) {
+        return true;
+    }
+    matches!(
+        e.code(),
+        Some("LOADING" | "TRYAGAIN" | "CLUSTERDOWN" | "MASTERDOWN" | "BUSY")
+    )
+}
+
+/// True when the server answered NOPERM (ACL).
+pub(crate) fn is_noperm(e: &redis::RedisError) -> bool {
+    e.code() == Some("NOPERM") || e.to_string().contains("NOPERM")
+}
+
+/// Shortens an id for messages: long ids would flood a log line.
+pub(crate) fn display_id(id: &str) -> String {
+    const MAX: usize = 80;
+    if id.len() <= MAX {
+        return format!("{id:?}");
+    }
+    let mut cut = MAX;
+    while !id.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{:?}... ({} bytes)", &id[..cut], id.len())
+}

@@ -1,0 +1,78 @@
+//! # graphrag-kv
+//!
+//! The key-value storage layer of a GraphRAG batch indexer: nano-graphrag's four namespaces
+//! (`full_docs`, `text_chunks`, `community_reports`, `llm_response_cache`) behind one blocking
+//! [`KvStore`] trait, stored either in nano-graphrag's own JSON files or in a Redis server that
+//! every thread, process and machine of an indexing fleet shares.
+//!
+//! ## Overview
+//!
+//! - [`KvStore`]: nano-graphrag's operations (`get_by_id`, `get_by_ids`, `filter_keys`,
+//!   `upsert`, `delete_by_ids`, `all_keys`, `clear`, `index_done_callback`, `stats`), usable from
+//!   many threads through `&self`. Every operation returns a [`Result`]: a failure is never
+//!   reported as a missing key.
+//! - [`KvStoreExt`]: typed conveniences through serde ([`TextChunk`], [`LlmCacheEntry`], yours).
+//! - [`Storage`]: opens namespaces from one [`StoreConfig`] (builder or environment), sharing one
+//!   Redis pool or one JSON directory lock between them.
+//!
+//! ## Layout
+//!
+//! - `store`: the trait, the typed extension, namespace and id rules.
+//! - `error`: the error type and its `is_*` helpers.
+//! - `config`: configuration, builder, environment variables, redacted `Debug`.
+//! - `codec`: values to bytes for Redis (plain JSON, or lz4 behind a header).
+//! - `backend::json_file`: nano-graphrag's `kv_store_{namespace}.json` files.
+//! - `backend::redis`: the Redis backend on an r2d2 pool, with durable checkpoints.
+//! - `llm_hash`: nano-graphrag's id and LLM-cache key hashing, byte for byte.
+//! - `bin/graphrag-kv`: the command line.
+//!
+//! ## Example
+//!
+//! ```
+//! use graphrag_kv::{KvStoreExt, Storage, StoreConfig, TextChunk, TEXT_CHUNKS};
+//!
+//! # fn main() -> graphrag_kv::Result<()> {
+//! # let dir = tempfile::tempdir().unwrap();
+//! // STORAGE_KV_BACKEND=redis in the environment would switch this to Redis.
+//! let config = StoreConfig::builder().working_dir(dir.path()).build()?;
+//! let storage = Storage::open(&config)?;
+//! let chunks = storage.namespace(TEXT_CHUNKS)?;
+//!
+//! let chunk = TextChunk {
+//!     tokens: 3,
+//!     content: "a small chunk".into(),
+//!     chunk_order_index: 0,
+//!     full_doc_id: "doc-1".into(),
+//! };
+//! chunks.upsert_as([("chunk-1".to_string(), &chunk)])?;
+//! assert_eq!(chunks.filter_keys(&["chunk-1".into(), "chunk-2".into()])?, ["chunk-2"]);
+//! assert_eq!(chunks.get_as::<TextChunk>("chunk-1")?, Some(chunk));
+//! chunks.index_done_callback()?; // durable from here on
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! ## Feature flags
+//!
+//! None yet: the JSON and Redis backends are always built.
+
+#![deny(missing_docs)]
+
+pub mod backend;
+pub mod codec;
+pub mod config;
+pub mod error;
+pub mod llm_hash;
+mod open;
+pub mod store;
+
+pub use backend::json_file::{JsonDir, JsonFileStore};
+pub use backend::redis::{RedisShared, RedisStore};
+pub use config::{BackendKind, Compression, RedisConfig, StoreConfig, StoreConfigBuilder};
+pub use error::{Error, Result};
+pub use open::{open_from_env, Storage};
+pub use store::{
+    validate_id, validate_namespace, FullDoc, Item, KvStore, KvStoreExt, LlmCacheEntry,
+    NamespaceStats, TextChunk, COMMUNITY_REPORTS, FULL_DOCS, LLM_RESPONSE_CACHE, MAX_ID_BYTES,
+    NAMESPACES, TEXT_CHUNKS,
+};

@@ -1,0 +1,125 @@
+//! Opening namespaces from one configuration: the one place that decides the backend.
+
+use std::sync::{Arc, Mutex, Weak};
+
+use crate::backend::json_file::JsonDir;
+use crate::backend::redis::RedisShared;
+use crate::config::{BackendKind, RedisConfig, StoreConfig};
+use crate::error::Result;
+use crate::store::KvStore;
+
+/// Opens namespaces of one configured backend, sharing what they can: one Redis connection
+/// pool and checkpoint, or one JSON working directory and its write lock.
+///
+/// Cheap to clone; every clone shares the same pool or lock.
+#[derive(Debug, Clone)]
+pub struct Storage {
+    inner: Inner,
+}
+
+#[derive(Debug, Clone)]
+enum Inner {
+    Json(Arc<JsonDir>),
+    Redis(Arc<RedisShared>),
+}
+
+impl Storage {
+    /// Opens the configured backend for reading and writing.
+    ///
+    /// JSON: creates the working directory and takes its write lock. Redis: creates the pool
+    /// and checks the server answers.
+    ///
+    /// # Errors
+    /// [`crate::Error::Locked`] when another process writes the JSON directory; connection
+    /// errors when Redis does not answer.
+    pub fn open(config: &StoreConfig) -> Result<Storage> {
+        let inner = match config.backend {
+            BackendKind::Json => Inner::Json(JsonDir::open(&config.json.working_dir)?),
+            BackendKind::Redis => Inner::Redis(shared_redis(config)?),
+        };
+        Ok(Storage { inner })
+    }
+
+    /// Opens the configured backend for reading only. For JSON no lock is taken, so this works
+    /// while another process is writing (it sees the files as last saved); writes are refused.
+    /// For Redis it is the same as [`Storage::open`].
+    ///
+    /// # Errors
+    /// As [`Storage::open`].
+    pub fn open_read_only(config: &StoreConfig) -> Result<Storage> {
+        let inner = match config.backend {
+            BackendKind::Json => Inner::Json(JsonDir::open_read_only(&config.json.working_dir)),
+            BackendKind::Redis => Inner::Redis(shared_redis(config)?),
+        };
+        Ok(Storage { inner })
+    }
+
+    /// Opens the backend configured in the environment (see [`StoreConfig::from_env`]).
+    ///
+    /// # Errors
+    /// Configuration errors naming the variable, then as [`Storage::open`].
+    pub fn from_env() -> Result<Storage> {
+        Storage::open(&StoreConfig::from_env()?)
+    }
+
+    /// The store of `namespace`, shareable between threads.
+    ///
+    /// # Errors
+    /// [`crate::Error::InvalidNamespace`]; for JSON, a file that cannot be read or parsed.
+    pub fn namespace(&self, namespace: &str) -> Result<Arc<dyn KvStore>> {
+        Ok(match &self.inner {
+            Inner::Json(dir) => dir.namespace(namespace)?,
+            Inner::Redis(shared) => Arc::new(shared.namespace(namespace)?),
+        })
+    }
+
+    /// Namespaces that hold data: JSON files present, or key groups under the Redis prefix.
+    ///
+    /// # Errors
+    /// Directory or Redis failures.
+    pub fn list_namespaces(&self) -> Result<Vec<String>> {
+        match &self.inner {
+            Inner::Json(dir) => dir.list_namespaces(),
+            Inner::Redis(shared) => shared.list_namespaces(),
+        }
+    }
+
+    /// The backend's name: `json` or `redis`.
+    pub fn backend(&self) -> BackendKind {
+        match &self.inner {
+            Inner::Json(_) => BackendKind::Json,
+            Inner::Redis(_) => BackendKind::Redis,
+        }
+    }
+}
+
+/// Opens one namespace of the backend configured in the environment: the one call an indexer
+/// needs. `STORAGE_KV_BACKEND=redis` switches to Redis with no code change.
+///
+/// Each call opens its own [`Storage`]; to open several namespaces sharing one pool (Redis) or
+/// one directory lock (JSON), use [`Storage::from_env`] and [`Storage::namespace`].
+///
+/// # Errors
+/// As [`Storage::from_env`] and [`Storage::namespace`].
+pub fn open_from_env(namespace: &str) -> Result<Arc<dyn KvStore>> {
+    Storage::from_env()?.namespace(namespace)
+}
+
+/// Redis pools of this process by configuration: opening the same configuration again (for
+/// example one `open_from_env` call per namespace) shares one pool and one checkpoint.
+static REDIS_POOLS: Mutex<Vec<(RedisConfig, Weak<RedisShared>)>> = Mutex::new(Vec::new());
+
+fn shared_redis(config: &StoreConfig) -> Result<Arc<RedisShared>> {
+    let mut pools = REDIS_POOLS.lock().unwrap_or_else(|p| p.into_inner());
+    pools.retain(|(_, w)| w.strong_count() > 0);
+    if let Some(s) = pools
+        .iter()
+        .find(|(c, _)| *c == config.redis)
+        .and_then(|(_, w)| w.upgrade())
+    {
+        return Ok(s);
+    }
+    let shared = RedisShared::connect(&config.redis)?;
+    pools.push((config.redis.clone(), Arc::downgrade(&shared)));
+    Ok(shared)
+}

@@ -1,0 +1,346 @@
+//! The [`KvStore`] trait, its typed extension, and namespace and id validation.
+
+use std::collections::HashSet;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::error::{display_id, Error, Result};
+
+/// nano-graphrag's namespace for whole documents.
+pub const FULL_DOCS: &str = "full_docs";
+/// nano-graphrag's namespace for text chunks.
+pub const TEXT_CHUNKS: &str = "text_chunks";
+/// nano-graphrag's namespace for community reports.
+pub const COMMUNITY_REPORTS: &str = "community_reports";
+/// nano-graphrag's namespace for cached LLM answers.
+pub const LLM_RESPONSE_CACHE: &str = "llm_response_cache";
+/// The four namespaces a nano-graphrag index keeps, in the order it creates them.
+pub const NAMESPACES: [&str; 4] = [
+    FULL_DOCS,
+    TEXT_CHUNKS,
+    COMMUNITY_REPORTS,
+    LLM_RESPONSE_CACHE,
+];
+
+/// The longest id accepted, in bytes of UTF-8: 64 KiB.
+///
+/// Redis keys may be far longer, but an id this long is a bug in the caller (a whole document
+/// passed as its own id); refusing it early gives a clear error instead of a slow server.
+pub const MAX_ID_BYTES: usize = 64 * 1024;
+
+/// The longest namespace name accepted, in bytes.
+pub const MAX_NAMESPACE_BYTES: usize = 200;
+
+/// One value to store: its id and the JSON value.
+pub type Item = (String, Value);
+
+/// Figures about one namespace, as returned by [`KvStore::stats`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct NamespaceStats {
+    /// The namespace.
+    pub namespace: String,
+    /// The backend's name: `json` or `redis`.
+    pub backend: &'static str,
+    /// Number of ids stored.
+    pub keys: u64,
+    /// Approximate bytes of the stored values (as stored: compressed values count compressed).
+    pub bytes: u64,
+    /// True when `bytes` was extrapolated from a sample of the keys rather than summed.
+    pub bytes_sampled: bool,
+    /// Expiry applied to new writes, in seconds; 0 means no expiry.
+    pub ttl_seconds: u64,
+}
+
+/// A namespace of JSON values addressed by string ids, with nano-graphrag's operations.
+///
+/// Implementations are shared between threads (`&self` everywhere) and must be usable as
+/// `Arc<dyn KvStore>`. Every operation returns a `Result`: a backend failure is never reported
+/// as a missing id.
+pub trait KvStore: Send + Sync {
+    /// The namespace this store holds.
+    fn namespace(&self) -> &str;
+
+    /// Every id of the namespace, each once, in no particular order.
+    ///
+    /// # Errors
+    /// Backend failures.
+    fn all_keys(&self) -> Result<Vec<String>>;
+
+    /// The value stored under `id`, or `None`.
+    ///
+    /// # Errors
+    /// An invalid id, backend failures, a stored value that cannot be decoded.
+    fn get_by_id(&self, id: &str) -> Result<Option<Value>>;
+
+    /// One entry per requested id, in request order, `None` for a missing id.
+    ///
+    /// With `fields`, each object value keeps only those top-level keys (other values are
+    /// returned whole).
+    ///
+    /// # Errors
+    /// An invalid id, backend failures, a stored value that cannot be decoded.
+    fn get_by_ids(&self, ids: &[String], fields: Option<&[String]>) -> Result<Vec<Option<Value>>>;
+
+    /// The ids among `ids` that are NOT stored, each once, in request order.
+    ///
+    /// # Errors
+    /// An invalid id, backend failures.
+    fn filter_keys(&self, ids: &[String]) -> Result<Vec<String>>;
+
+    /// Inserts or replaces whole values, in one batch. When an id appears more than once, the
+    /// last value wins.
+    ///
+    /// # Errors
+    /// An invalid id, a value too large to store, backend failures. On error some items of the
+    /// batch may have been written (never a partial value).
+    fn upsert(&self, items: Vec<Item>) -> Result<()>;
+
+    /// Deletes the given ids; ids that are not stored are ignored, an empty list does nothing.
+    ///
+    /// # Errors
+    /// An invalid id, backend failures.
+    fn delete_by_ids(&self, ids: &[String]) -> Result<()>;
+
+    /// Removes every id of this namespace and nothing else (nano-graphrag's `drop`).
+    ///
+    /// # Errors
+    /// Backend failures.
+    fn clear(&self) -> Result<()>;
+
+    /// Called when an indexing run starts. Checks the backend is reachable.
+    ///
+    /// # Errors
+    /// Backend failures.
+    fn index_start_callback(&self) -> Result<()>;
+
+    /// Called when an indexing run (or any unit of work) is done: returns once everything
+    /// written before the call is durable, as far as the backend can make it so.
+    ///
+    /// # Errors
+    /// Backend failures, or a durable save that failed.
+    fn index_done_callback(&self) -> Result<()>;
+
+    /// Key count, approximate bytes, TTL and backend of this namespace.
+    ///
+    /// # Errors
+    /// Backend failures.
+    fn stats(&self) -> Result<NamespaceStats>;
+}
+
+/// Typed conveniences over any [`KvStore`]: values go through serde, so a struct such as
+/// [`TextChunk`] round-trips without hand conversion.
+///
+/// Implemented for every `KvStore` (sized or not); backends never re-implement it.
+pub trait KvStoreExt: KvStore {
+    /// [`KvStore::get_by_id`], deserialized into `T`.
+    ///
+    /// # Errors
+    /// As `get_by_id`, plus [`Error::Decode`] naming the id when the value does not fit `T`.
+    fn get_as<T: DeserializeOwned>(&self, id: &str) -> Result<Option<T>> {
+        match self.get_by_id(id)? {
+            None => Ok(None),
+            Some(v) => from_value(self.namespace(), id, v).map(Some),
+        }
+    }
+
+    /// [`KvStore::get_by_ids`] without field filtering, deserialized into `T`.
+    ///
+    /// # Errors
+    /// As `get_by_ids`, plus [`Error::Decode`] naming the first id whose value does not fit `T`.
+    fn get_many_as<T: DeserializeOwned>(&self, ids: &[String]) -> Result<Vec<Option<T>>> {
+        let values = self.get_by_ids(ids, None)?;
+        ids.iter()
+            .zip(values)
+            .map(|(id, v)| v.map(|v| from_value(self.namespace(), id, v)).transpose())
+            .collect()
+    }
+
+    /// [`KvStore::upsert`] of serializable values.
+    ///
+    /// # Errors
+    /// As `upsert`, plus [`Error::Encode`] naming the id when a value cannot be serialized.
+    fn upsert_as<T: Serialize>(&self, items: impl IntoIterator<Item = (String, T)>) -> Result<()> {
+        let items = items
+            .into_iter()
+            .map(|(id, v)| match serde_json::to_value(&v) {
+                Ok(v) => Ok((id, v)),
+                Err(e) => Err(Error::Encode {
+                    namespace: self.namespace().to_string(),
+                    key: id,
+                    reason: e.to_string(),
+                }),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.upsert(items)
+    }
+}
+
+impl<S: KvStore + ?Sized> KvStoreExt for S {}
+
+fn from_value<T: DeserializeOwned>(namespace: &str, id: &str, v: Value) -> Result<T> {
+    serde_json::from_value(v).map_err(|e| Error::Decode {
+        namespace: namespace.to_string(),
+        key: id.to_string(),
+        reason: format!("does not match the requested type: {e}"),
+    })
+}
+
+/// A text chunk as nano-graphrag stores it in `text_chunks`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TextChunk {
+    /// Number of tokens in `content`.
+    pub tokens: u64,
+    /// The chunk's text.
+    pub content: String,
+    /// Position of the chunk within its document, from 0.
+    pub chunk_order_index: u64,
+    /// Id of the document (`doc-<md5>`) the chunk comes from.
+    pub full_doc_id: String,
+}
+
+/// A whole document as nano-graphrag stores it in `full_docs`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FullDoc {
+    /// The document's text.
+    pub content: String,
+}
+
+/// A cached LLM answer as nano-graphrag stores it in `llm_response_cache`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LlmCacheEntry {
+    /// The model's answer.
+    #[serde(rename = "return")]
+    pub answer: String,
+    /// The model that gave it.
+    pub model: String,
+}
+
+/// Checks a namespace name: one to [`MAX_NAMESPACE_BYTES`] characters of `[A-Za-z0-9_.-]`.
+///
+/// Anything else (`:`, `*`, `?`, `[`, a space, ...) would make key ownership ambiguous in Redis
+/// (`docs` would own `docs:v2`'s keys) or break key scans.
+///
+/// # Errors
+/// [`Error::InvalidNamespace`] saying which character is not allowed.
+pub fn validate_namespace(namespace: &str) -> Result<()> {
+    let invalid = |reason: String| {
+        Err(Error::InvalidNamespace {
+            namespace: namespace.to_string(),
+            reason,
+        })
+    };
+    if namespace.is_empty() {
+        return invalid("a namespace must not be empty".into());
+    }
+    if namespace.len() > MAX_NAMESPACE_BYTES {
+        return invalid(format!(
+            "longer than {MAX_NAMESPACE_BYTES} bytes ({})",
+            namespace.len()
+        ));
+    }
+    if let Some(c) = namespace.chars().find(|c| !is_name_char(*c)) {
+        return invalid(format!(
+            "character {c:?} is not allowed; use only A-Z a-z 0-9 _ . -"
+        ));
+    }
+    Ok(())
+}
+
+/// True for the characters allowed in namespace names and key prefixes.
+pub(crate) fn is_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')
+}
+
+/// Checks an id: non-empty, at most [`MAX_ID_BYTES`] bytes. Any other UTF-8 is fine.
+///
+/// # Errors
+/// [`Error::InvalidId`] naming the namespace and the id.
+pub fn validate_id(namespace: &str, id: &str) -> Result<()> {
+    let reason = if id.is_empty() {
+        "an id must not be empty".to_string()
+    } else if id.len() > MAX_ID_BYTES {
+        format!(
+            "longer than the maximum of {MAX_ID_BYTES} bytes ({} bytes)",
+            id.len()
+        )
+    } else {
+        return Ok(());
+    };
+    Err(Error::InvalidId {
+        namespace: namespace.to_string(),
+        id: display_id(id),
+        reason,
+    })
+}
+
+/// Checks every id of a batch.
+pub(crate) fn validate_ids<'a>(
+    namespace: &str,
+    ids: impl IntoIterator<Item = &'a String>,
+) -> Result<()> {
+    ids.into_iter()
+        .try_for_each(|id| validate_id(namespace, id))
+}
+
+/// Keeps only `fields` of an object value; other values are returned whole.
+pub(crate) fn project(value: Value, fields: Option<&[String]>) -> Value {
+    match (value, fields) {
+        (Value::Object(map), Some(fields)) => Value::Object(
+            map.into_iter()
+                .filter(|(k, _)| fields.iter().any(|f| f == k))
+                .collect(),
+        ),
+        (v, _) => v,
+    }
+}
+
+/// The ids not in `present`, each once, in request order.
+pub(crate) fn missing_in_order(ids: &[String], is_present: impl Fn(usize) -> bool) -> Vec<String> {
+    let mut seen = HashSet::new();
+    ids.iter()
+        .enumerate()
+        .filter(|(i, id)| !is_present(*i) && seen.insert(id.as_str()))
+        .map(|(_, id)| id.clone())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn namespaces_are_checked() {
+        for ok in NAMESPACES.iter().copied().chain(["a", "v1.2-x_Y"]) {
+            assert!(validate_namespace(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "a:b", "a*", "docs[v1]", "a b", "a?", "é"] {
+            let err = validate_namespace(bad).unwrap_err().to_string();
+            assert!(err.contains("invalid namespace"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn ids_are_checked() {
+        assert!(validate_id("ns", "a:b*[c]? \n🦀").is_ok());
+        assert!(validate_id("ns", &"x".repeat(MAX_ID_BYTES)).is_ok());
+        let long = validate_id("ns", &"x".repeat(MAX_ID_BYTES + 1)).unwrap_err();
+        assert!(long.to_string().contains("65537 bytes"), "{long}");
+        assert!(validate_id("ns", "")
+            .unwrap_err()
+            .to_string()
+            .contains("empty"));
+    }
+
+    #[test]
+    fn projection_keeps_only_named_fields() {
+        let v = serde_json::json!({"a": 1, "b": 2, "c": 3});
+        let f = vec!["a".to_string(), "c".to_string(), "zz".to_string()];
+        assert_eq!(project(v, Some(&f)), serde_json::json!({"a": 1, "c": 3}));
+        assert_eq!(
+            project(serde_json::json!([1]), Some(&f)),
+            serde_json::json!([1])
+        );
+    }
+}

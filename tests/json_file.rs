@@ -1,0 +1,202 @@
+//! The JSON-file backend: the conformance suite, plus nano-graphrag file compatibility, atomic
+//! saves, corrupt files and the directory lock.
+
+mod support;
+
+use std::sync::Arc;
+
+use graphrag_kv::backend::json_file::{file_name, JsonDir, LOCK_FILE};
+use graphrag_kv::{Error, KvStore, Storage, StoreConfig};
+use serde_json::json;
+
+fn json_backend() -> (tempfile::TempDir, impl Fn(&str) -> Arc<dyn KvStore>) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = StoreConfig::builder()
+        .working_dir(dir.path())
+        .build()
+        .unwrap();
+    let storage = Storage::open(&config).unwrap();
+    (dir, move |ns: &str| storage.namespace(ns).unwrap())
+}
+
+support::conformance::conformance_tests!(json_backend);
+
+/// Written by Python: `json.dump(obj, f, indent=2, ensure_ascii=False)`.
+const PYTHON_FILE: &str = "{\n  \"chunk-1\": {\n    \"tokens\": 5,\n    \"content\": \"Grüße, 世界 — naïve café \\\"q\\\" \\\\ tab\\t🦀\",\n    \"chunk_order_index\": 0,\n    \"full_doc_id\": \"doc-1\"\n  },\n  \"chunk-2\": {\n    \"tokens\": 0,\n    \"content\": \"\",\n    \"chunk_order_index\": 1,\n    \"full_doc_id\": \"doc-1\",\n    \"score\": 0.5,\n    \"tags\": [],\n    \"meta\": {}\n  }\n}";
+
+#[test]
+fn python_file_loads_and_saves_byte_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(file_name("text_chunks"));
+    std::fs::write(&path, PYTHON_FILE).unwrap();
+    {
+        let d = JsonDir::open(dir.path()).unwrap();
+        let s = d.namespace("text_chunks").unwrap();
+        let v = s.get_by_id("chunk-1").unwrap().unwrap();
+        assert_eq!(v["content"], "Grüße, 世界 — naïve café \"q\" \\ tab\t🦀");
+        // Touch the data so a save really happens, restoring the same content.
+        s.upsert(vec![(
+            "chunk-2".into(),
+            s.get_by_id("chunk-2").unwrap().unwrap(),
+        )])
+        .unwrap();
+        s.index_done_callback().unwrap();
+    }
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), PYTHON_FILE);
+}
+
+#[test]
+fn writes_are_saved_by_checkpoint_and_by_drop() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(file_name("full_docs"));
+    let d = JsonDir::open(dir.path()).unwrap();
+    let s = d.namespace("full_docs").unwrap();
+    s.upsert(vec![("doc-1".into(), json!({"content": "a"}))])
+        .unwrap();
+    assert!(!path.exists(), "nothing is written before a checkpoint");
+    s.index_done_callback().unwrap();
+    let saved: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    assert_eq!(saved, json!({"doc-1": {"content": "a"}}));
+    s.upsert(vec![("doc-2".into(), json!({"content": "b"}))])
+        .unwrap();
+    drop(s);
+    drop(d);
+    let saved: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    assert_eq!(saved["doc-2"], json!({"content": "b"}));
+    // No temporary files are left behind.
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn corrupt_file_is_refused_with_position_and_left_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(file_name("text_chunks"));
+    let truncated = &PYTHON_FILE[..PYTHON_FILE.len() / 2];
+    std::fs::write(&path, truncated).unwrap();
+    let d = JsonDir::open(dir.path()).unwrap();
+    let err = d.namespace("text_chunks").unwrap_err();
+    match &err {
+        Error::CorruptFile { path: p, line, .. } => {
+            assert_eq!(p, &path);
+            assert!(*line > 1, "{err}");
+        }
+        other => panic!("expected CorruptFile, got {other}"),
+    }
+    assert!(
+        err.to_string().contains("kv_store_text_chunks.json"),
+        "{err}"
+    );
+    // Other namespaces still open, and nothing overwrites the corrupt file.
+    let other = d.namespace("full_docs").unwrap();
+    other.upsert(vec![("x".into(), json!(1))]).unwrap();
+    other.index_done_callback().unwrap();
+    drop(other);
+    drop(d);
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), truncated);
+}
+
+#[test]
+fn non_object_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(file_name("a")), "[1, 2]").unwrap();
+    let err = JsonDir::open(dir.path())
+        .unwrap()
+        .namespace("a")
+        .unwrap_err();
+    assert!(err.to_string().contains("expected a JSON object"), "{err}");
+}
+
+#[test]
+fn second_writer_process_is_locked_out_and_readers_are_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let writer = JsonDir::open(dir.path()).unwrap();
+    let s = writer.namespace("full_docs").unwrap();
+    s.upsert(vec![("d".into(), json!({"content": "x"}))])
+        .unwrap();
+    s.index_done_callback().unwrap();
+
+    // Another process: run this test binary's helper mode in a child.
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "lock_probe_child",
+            "--nocapture",
+            "--include-ignored",
+        ])
+        .env("LOCK_PROBE_DIR", dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("WRITE: locked"), "{stdout}");
+    assert!(stdout.contains("READ: {\"content\":\"x\"}"), "{stdout}");
+    assert!(dir.path().join(LOCK_FILE).exists());
+}
+
+/// Run as a child process by the test above (does nothing when run directly).
+#[test]
+fn lock_probe_child() {
+    let Some(dir) = std::env::var_os("LOCK_PROBE_DIR") else {
+        return;
+    };
+    match JsonDir::open(&dir) {
+        Err(e @ Error::Locked { .. }) => {
+            assert!(e.to_string().contains("locked"));
+            println!("WRITE: locked");
+        }
+        Err(e) => println!("WRITE: other error {e}"),
+        Ok(_) => println!("WRITE: opened"),
+    }
+    let ro = JsonDir::open_read_only(&dir)
+        .namespace("full_docs")
+        .unwrap();
+    println!("READ: {}", ro.get_by_id("d").unwrap().unwrap());
+    assert!(matches!(
+        ro.upsert(vec![("e".into(), json!(1))]),
+        Err(Error::ReadOnly { .. })
+    ));
+}
+
+#[test]
+fn same_directory_twice_in_one_process_shares_one_map() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = StoreConfig::builder()
+        .working_dir(dir.path())
+        .build()
+        .unwrap();
+    let a = Storage::open(&config).unwrap().namespace("ns").unwrap();
+    let b = Storage::open(&config).unwrap().namespace("ns").unwrap();
+    a.upsert(vec![("k".into(), json!("v"))]).unwrap();
+    assert_eq!(b.get_by_id("k").unwrap(), Some(json!("v")));
+}
+
+#[test]
+fn list_namespaces_reads_the_files() {
+    let (dir, open) = json_backend();
+    for ns in ["full_docs", "text_chunks"] {
+        let s = open(ns);
+        s.upsert(vec![("a".into(), json!(1))]).unwrap();
+        s.index_done_callback().unwrap();
+    }
+    std::fs::write(dir.path().join("unrelated.json"), "{}").unwrap();
+    let storage = Storage::open_read_only(
+        &StoreConfig::builder()
+            .working_dir(dir.path())
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        storage.list_namespaces().unwrap(),
+        ["full_docs", "text_chunks"]
+    );
+}
