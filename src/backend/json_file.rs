@@ -453,7 +453,7 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
         .prefix(".kv_store_")
         .suffix(".tmp")
         .tempfile_in(dir)
-        .map_err(|e| io_error("creating a temporary file in", dir, e))?;
+        .map_err(|e| io_error("creating a temporary file to write", path, e))?;
     {
         let mut w = BufWriter::new(tmp.as_file_mut());
         w.write_all(bytes)

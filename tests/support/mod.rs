@@ -6,7 +6,7 @@
 //! `redis-server` must be installed: when it is missing, the tests that need it FAIL with a
 //! message saying how to install it; they never skip. Set `REDIS_SERVER_BIN` to use a binary
 //! that is not `redis-server` on `PATH`.
-#![allow(dead_code)]
+#![allow(dead_code, unused_macros)]
 
 pub mod conformance;
 

@@ -1,0 +1,783 @@
+//! The `graphrag-kv` command, run as a subprocess on both backends: a JSON working directory in
+//! a temporary directory, and a real `redis-server` with a unique key prefix.
+//!
+//! Every run starts from an empty environment (only `PATH` is kept), so variables of the
+//! machine running the tests (`REDIS_URL`, `STORAGE_KV_BACKEND`, `RUST_LOG`, ...) never leak in.
+
+// The conformance suite's macro is not used here.
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use graphrag_kv::{Storage, StoreConfig};
+use serde_json::{json, Value};
+use support::RedisServer;
+
+/// The binary under test.
+const BIN: &str = env!("CARGO_BIN_EXE_graphrag-kv");
+
+/// A kv_store file exactly as Python's `json.dump(obj, f, indent=2, ensure_ascii=False)` writes
+/// it (checked with CPython): non-ASCII kept as is, escapes, empty containers, no final newline.
+/// Ids are in sorted order, the order `export` writes.
+const FIXTURE: &str = r#"{
+  "doc-1": {
+    "content": "Grüße, 世界 — naïve café"
+  },
+  "doc-2": {
+    "content": "tab\there \"quoted\" back\\slash\nnewline 🦀 \u0001",
+    "tokens": 12,
+    "score": 0.5,
+    "tags": [
+      "α",
+      "β"
+    ],
+    "meta": {},
+    "empty": [],
+    "none": null,
+    "ok": true
+  },
+  "日本": {
+    "return": "答え",
+    "model": "gpt-4o"
+  }
+}"#;
+
+/// What a run of the binary produced.
+#[derive(Debug)]
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+/// A command for the binary with an empty environment except `PATH`.
+fn bare_cmd() -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.env_clear();
+    if let Some(path) = std::env::var_os("PATH") {
+        cmd.env("PATH", path);
+    }
+    cmd.stdin(Stdio::null());
+    cmd
+}
+
+/// Runs `cmd` to completion.
+fn output(cmd: &mut Command) -> Out {
+    let o = cmd.output().expect("running graphrag-kv");
+    Out {
+        code: o.status.code().expect("graphrag-kv was killed by a signal"),
+        stdout: String::from_utf8(o.stdout).expect("stdout is UTF-8"),
+        stderr: String::from_utf8(o.stderr).expect("stderr is UTF-8"),
+    }
+}
+
+/// Asserts a successful run with nothing on stderr, and returns its stdout.
+#[track_caller]
+fn ok(out: Out) -> String {
+    assert_eq!(out.code, 0, "expected success: {out:#?}");
+    assert_eq!(out.stderr, "", "expected an empty stderr: {out:#?}");
+    out.stdout
+}
+
+/// Asserts a failed run: exit 2, nothing on stdout, exactly one `graphrag-kv: ` line on stderr
+/// containing every one of `needles`, and no panic or backtrace.
+#[track_caller]
+fn fails(out: Out, needles: &[&str]) -> String {
+    assert_eq!(out.code, 2, "expected exit status 2: {out:#?}");
+    assert_eq!(out.stdout, "", "expected an empty stdout: {out:#?}");
+    assert!(
+        out.stderr.starts_with("graphrag-kv: ") && out.stderr.ends_with('\n'),
+        "{out:#?}"
+    );
+    assert_eq!(out.stderr.lines().count(), 1, "expected one line: {out:#?}");
+    assert!(!out.stderr.contains("panicked"), "{out:#?}");
+    assert!(!out.stderr.contains("RUST_BACKTRACE"), "{out:#?}");
+    for needle in needles {
+        assert!(
+            out.stderr.contains(needle),
+            "expected {needle:?} in: {out:#?}"
+        );
+    }
+    out.stderr
+}
+
+/// Which backend a [`Backend`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Json,
+    Redis,
+}
+
+/// One fresh, empty backend plus a scratch directory for files.
+struct Backend {
+    kind: Kind,
+    /// Scratch files; the JSON working directory is its `store` subdirectory.
+    dir: tempfile::TempDir,
+    redis: Option<RedisServer>,
+    prefix: String,
+}
+
+impl Backend {
+    fn json() -> Backend {
+        Backend {
+            kind: Kind::Json,
+            dir: tempfile::tempdir().unwrap(),
+            redis: None,
+            prefix: String::new(),
+        }
+    }
+
+    fn redis() -> Backend {
+        Backend {
+            kind: Kind::Redis,
+            dir: tempfile::tempdir().unwrap(),
+            redis: Some(RedisServer::start()),
+            prefix: support::unique_prefix("cli"),
+        }
+    }
+
+    /// The JSON working directory.
+    fn store_dir(&self) -> PathBuf {
+        self.dir.path().join("store")
+    }
+
+    /// A path for a scratch file (outside the working directory).
+    fn file(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn server(&self) -> &RedisServer {
+        self.redis.as_ref().expect("a redis backend")
+    }
+
+    /// A command configured for this backend through the environment.
+    fn cmd(&self) -> Command {
+        let mut cmd = bare_cmd();
+        match self.kind {
+            Kind::Json => {
+                cmd.env("STORAGE_KV_BACKEND", "json")
+                    .env("STORAGE_WORKING_DIR", self.store_dir());
+            }
+            Kind::Redis => {
+                cmd.env("STORAGE_KV_BACKEND", "redis")
+                    .env("REDIS_URL", self.server().url())
+                    .env("REDIS_KEY_PREFIX", &self.prefix);
+            }
+        }
+        cmd
+    }
+
+    /// The global options selecting this backend (the key prefix stays in the environment).
+    fn options(&self) -> Vec<String> {
+        match self.kind {
+            Kind::Json => vec![
+                "--backend".into(),
+                "json".into(),
+                "--working-dir".into(),
+                self.store_dir().display().to_string(),
+            ],
+            Kind::Redis => vec![
+                "--backend".into(),
+                "redis".into(),
+                "--redis-url".into(),
+                self.server().url(),
+            ],
+        }
+    }
+
+    fn run<S: AsRef<std::ffi::OsStr>>(&self, args: &[S]) -> Out {
+        output(self.cmd().args(args))
+    }
+
+    /// Opens the backend in this process, as an indexer would.
+    fn config(&self) -> StoreConfig {
+        let b = StoreConfig::builder();
+        match self.kind {
+            Kind::Json => b.working_dir(self.store_dir()),
+            Kind::Redis => b
+                .backend(graphrag_kv::BackendKind::Redis)
+                .redis_url(self.server().url())
+                .key_prefix(&self.prefix),
+        }
+        .build()
+        .unwrap()
+    }
+}
+
+/// One `#[test]` per backend for each named function taking `&Backend`.
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[test]
+                fn json() {
+                    super::$name(&super::Backend::json());
+                }
+                #[test]
+                fn redis() {
+                    super::$name(&super::Backend::redis());
+                }
+            }
+        )*
+    };
+}
+
+both_backends!(
+    put_get_keys_delete_clear,
+    get_missing_exits_1,
+    get_fields,
+    options_before_and_after_the_subcommand,
+    keys_json_with_newline_in_id,
+    import_then_export_is_byte_identical,
+    import_in_batches,
+    stats_json_shape,
+    stats_table,
+    input_errors,
+);
+
+fn put_get_keys_delete_clear(b: &Backend) {
+    ok(b.run(&["put", "ns", "b", r#"{"content": "B", "n": 2}"#]));
+    ok(b.run(&["put", "ns", "a", r#"{"content": "Grüße", "n": 1}"#]));
+    ok(b.run(&["put", "ns", "scalar", "42"]));
+    ok(b.run(&["put", "other", "a", r#""kept""#]));
+
+    assert_eq!(
+        ok(b.run(&["get", "ns", "a"])),
+        "{\n  \"content\": \"Grüße\",\n  \"n\": 1\n}\n"
+    );
+    assert_eq!(ok(b.run(&["get", "ns", "scalar"])), "42\n");
+    assert_eq!(ok(b.run(&["keys", "ns"])), "a\nb\nscalar\n");
+
+    // Overwrite replaces the whole value.
+    ok(b.run(&["put", "ns", "a", r#"{"content": "new"}"#]));
+    assert_eq!(
+        ok(b.run(&["get", "ns", "a"])),
+        "{\n  \"content\": \"new\"\n}\n"
+    );
+
+    // Several ids at once; missing ones are ignored.
+    ok(b.run(&["delete", "ns", "a", "scalar", "never-stored"]));
+    assert_eq!(ok(b.run(&["keys", "ns"])), "b\n");
+
+    ok(b.run(&["clear", "ns"]));
+    assert_eq!(ok(b.run(&["keys", "ns"])), "");
+    // Clear is scoped to its namespace.
+    assert_eq!(ok(b.run(&["get", "other", "a"])), "\"kept\"\n");
+
+    match b.kind {
+        // Writing commands checkpoint: the file is on disk in nano-graphrag's format.
+        Kind::Json => assert_eq!(
+            std::fs::read_to_string(b.store_dir().join("kv_store_other.json")).unwrap(),
+            "{\n  \"a\": \"kept\"\n}"
+        ),
+        // Keys live under the configured prefix.
+        Kind::Redis => {
+            let mut conn = b.server().conn();
+            let key = format!("{}:other:a", b.prefix);
+            let n: i64 = redis::cmd("EXISTS").arg(&key).query(&mut conn).unwrap();
+            assert_eq!(n, 1, "{key}");
+        }
+    }
+}
+
+fn get_missing_exits_1(b: &Backend) {
+    ok(b.run(&["put", "ns", "present", "1"]));
+    let out = b.run(&["get", "ns", "absent"]);
+    assert_eq!(out.code, 1, "{out:#?}");
+    assert_eq!(out.stdout, "", "{out:#?}");
+    assert_eq!(out.stderr.lines().count(), 1, "{out:#?}");
+    assert!(out.stderr.contains("absent"), "{out:#?}");
+    // A namespace that was never written is empty, not an error.
+    assert_eq!(b.run(&["get", "never_written", "x"]).code, 1);
+}
+
+fn get_fields(b: &Backend) {
+    ok(b.run(&[
+        "put",
+        "text_chunks",
+        "chunk-1",
+        r#"{"tokens": 3, "content": "abc", "chunk_order_index": 0, "full_doc_id": "doc-1"}"#,
+    ]));
+    assert_eq!(
+        ok(b.run(&[
+            "get",
+            "text_chunks",
+            "chunk-1",
+            "--fields",
+            "content,tokens,nope"
+        ])),
+        "{\n  \"tokens\": 3,\n  \"content\": \"abc\"\n}\n"
+    );
+    assert_eq!(
+        ok(b.run(&["get", "--fields", "full_doc_id", "text_chunks", "chunk-1"])),
+        "{\n  \"full_doc_id\": \"doc-1\"\n}\n"
+    );
+    assert_eq!(
+        b.run(&["get", "text_chunks", "missing", "--fields", "content"])
+            .code,
+        1
+    );
+}
+
+fn options_before_and_after_the_subcommand(b: &Backend) {
+    // Only the key prefix comes from the environment: the options select the backend.
+    let cmd = || {
+        let mut c = bare_cmd();
+        c.env("REDIS_KEY_PREFIX", &b.prefix)
+            .env("REDIS_RETRIES", "0");
+        c
+    };
+    let opts = b.options();
+    let put = output(cmd().args(&opts).args(["put", "ns", "id", r#"{"v": 1}"#]));
+    ok(put);
+    let get = output(cmd().args(["get", "ns", "id"]).args(&opts));
+    assert_eq!(ok(get), "{\n  \"v\": 1\n}\n");
+    // Mixed: one option before, the other after.
+    let keys = output(cmd().args(&opts[..2]).args(["keys", "ns"]).args(&opts[2..]));
+    assert_eq!(ok(keys), "id\n");
+    // The same data through the environment.
+    assert_eq!(ok(b.run(&["keys", "ns"])), "id\n");
+
+    // Options override the environment.
+    let mut env_says_other = b.cmd();
+    env_says_other
+        .env("STORAGE_WORKING_DIR", b.file("elsewhere"))
+        .env("REDIS_URL", "redis://127.0.0.1:1")
+        .args(["keys", "ns"])
+        .args(&opts);
+    assert_eq!(ok(output(&mut env_says_other)), "id\n");
+}
+
+fn keys_json_with_newline_in_id(b: &Backend) {
+    ok(b.run(&["put", "ns", "line1\nline2", "1"]));
+    ok(b.run(&["put", "ns", "a", "2"]));
+    ok(b.run(&["put", "ns", "ü \"q\"", "3"]));
+    let text = ok(b.run(&["keys", "ns", "--json"]));
+    assert!(
+        text.ends_with('\n') && text.trim_end().lines().count() == 1,
+        "{text:?}"
+    );
+    let keys: Vec<String> = serde_json::from_str(&text).unwrap();
+    assert_eq!(keys, ["a", "line1\nline2", "ü \"q\""]);
+    // The plain listing prints ids as they are.
+    assert_eq!(ok(b.run(&["keys", "ns"])), "a\nline1\nline2\nü \"q\"\n");
+    assert_eq!(ok(b.run(&["get", "ns", "line1\nline2"])), "1\n");
+    assert_eq!(ok(b.run(&["keys", "empty", "--json"])), "[]\n");
+}
+
+fn import_then_export_is_byte_identical(b: &Backend) {
+    let fixture = b.file("kv_store_full_docs.json");
+    std::fs::write(&fixture, FIXTURE).unwrap();
+    let out = b.run(&[Path::new("import"), Path::new("full_docs"), &fixture]);
+    assert_eq!(out.code, 0, "{out:#?}");
+    assert_eq!(out.stdout, "");
+    assert!(
+        out.stderr.contains('3'),
+        "import should report its count: {out:#?}"
+    );
+
+    let exported = ok(b.run(&["export", "full_docs"]));
+    assert_eq!(exported, FIXTURE);
+    let parsed: Value = serde_json::from_str(&exported).unwrap();
+    assert_eq!(parsed, serde_json::from_str::<Value>(FIXTURE).unwrap());
+    assert_eq!(
+        parsed["doc-1"]["content"],
+        json!("Grüße, 世界 — naïve café")
+    );
+    assert_eq!(
+        ok(b.run(&["get", "full_docs", "doc-1"])),
+        "{\n  \"content\": \"Grüße, 世界 — naïve café\"\n}\n"
+    );
+
+    // To a file (replaced if present).
+    let target = b.file("export.json");
+    std::fs::write(&target, "old contents").unwrap();
+    assert_eq!(
+        ok(b.run(&[Path::new("export"), Path::new("full_docs"), &target])),
+        ""
+    );
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), FIXTURE);
+
+    // The exported file imports again into another namespace unchanged.
+    ok_import(b, "copy", &target);
+    assert_eq!(ok(b.run(&["export", "copy"])), FIXTURE);
+
+    if b.kind == Kind::Json {
+        // The indexer's own file is nano-graphrag's format too.
+        assert_eq!(
+            std::fs::read_to_string(b.store_dir().join("kv_store_full_docs.json")).unwrap(),
+            FIXTURE
+        );
+    }
+
+    // Export of an empty namespace is an empty object.
+    assert_eq!(ok(b.run(&["export", "nothing_here"])), "{}");
+}
+
+/// Imports `file` into `namespace`, expecting success.
+fn ok_import(b: &Backend, namespace: &str, file: &Path) {
+    let out = b.run(&[Path::new("import"), Path::new(namespace), file]);
+    assert_eq!(out.code, 0, "{out:#?}");
+}
+
+fn import_in_batches(b: &Backend) {
+    let mut map = serde_json::Map::new();
+    for i in 0..2500 {
+        map.insert(
+            format!("id-{i:05}"),
+            json!({"n": i, "text": "é".repeat(i % 7)}),
+        );
+    }
+    let file = b.file("big.json");
+    std::fs::write(&file, graphrag_kv::backend::json_file::to_python_json(&map)).unwrap();
+    let out = b.run(&[Path::new("import"), Path::new("big"), &file]);
+    assert_eq!(out.code, 0, "{out:#?}");
+    assert!(out.stderr.contains("2500"), "{out:#?}");
+    let keys = ok(b.run(&["keys", "big"]));
+    assert_eq!(keys.lines().count(), 2500);
+    assert_eq!(keys.lines().next(), Some("id-00000"));
+    assert_eq!(
+        ok(b.run(&["get", "big", "id-02498"])),
+        "{\n  \"n\": 2498,\n  \"text\": \"éééééé\"\n}\n"
+    );
+    let exported: Value = serde_json::from_str(&ok(b.run(&["export", "big"]))).unwrap();
+    assert_eq!(exported, Value::Object(map));
+}
+
+fn stats_json_shape(b: &Backend) {
+    ok(b.run(&["put", "full_docs", "d1", r#"{"content": "one"}"#]));
+    ok(b.run(&["put", "full_docs", "d2", r#"{"content": "two"}"#]));
+    ok(b.run(&[
+        "put",
+        "llm_response_cache",
+        "h",
+        r#"{"return": "x", "model": "m"}"#,
+    ]));
+
+    let all: Value = serde_json::from_str(&ok(b.run(&["stats", "--json"]))).unwrap();
+    let top = all.as_object().unwrap();
+    assert_eq!(
+        top.keys().collect::<Vec<_>>(),
+        ["backend", "namespaces"],
+        "{all}"
+    );
+    let backend = match b.kind {
+        Kind::Json => "json",
+        Kind::Redis => "redis",
+    };
+    assert_eq!(all["backend"], json!(backend));
+    let namespaces = all["namespaces"].as_object().unwrap();
+    let mut names: Vec<_> = namespaces.keys().cloned().collect();
+    names.sort();
+    assert_eq!(names, ["full_docs", "llm_response_cache"], "{all}");
+    for (name, s) in namespaces {
+        let fields: Vec<_> = s.as_object().unwrap().keys().cloned().collect();
+        for f in ["keys", "bytes", "ttl_seconds"] {
+            assert!(fields.iter().any(|k| k == f), "{name}: {s}");
+        }
+        for f in &fields {
+            assert!(
+                ["keys", "bytes", "ttl_seconds", "bytes_sampled"].contains(&f.as_str()),
+                "unexpected field {f} in {s}"
+            );
+        }
+        assert!(s["bytes"].as_u64().unwrap() > 0, "{s}");
+    }
+    assert_eq!(namespaces["full_docs"]["keys"], json!(2));
+    assert_eq!(namespaces["llm_response_cache"]["keys"], json!(1));
+    assert_eq!(namespaces["full_docs"]["ttl_seconds"], json!(0));
+    let llm_ttl = match b.kind {
+        Kind::Json => 0,
+        Kind::Redis => 43_200,
+    };
+    assert_eq!(
+        namespaces["llm_response_cache"]["ttl_seconds"],
+        json!(llm_ttl)
+    );
+
+    // Named namespaces only, including one without data.
+    let some: Value = serde_json::from_str(&ok(b.run(&[
+        "stats",
+        "--json",
+        "--namespace",
+        "full_docs",
+        "--namespace",
+        "empty_ns",
+    ])))
+    .unwrap();
+    let names: Vec<_> = some["namespaces"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    assert_eq!(names, ["full_docs", "empty_ns"]);
+    assert_eq!(some["namespaces"]["empty_ns"]["keys"], json!(0));
+    assert_eq!(some["namespaces"]["empty_ns"]["bytes"], json!(0));
+}
+
+fn stats_table(b: &Backend) {
+    ok(b.run(&["put", "text_chunks", "c1", r#"{"content": "abc"}"#]));
+    let table = ok(b.run(&["stats"]));
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("text_chunks"))
+        .unwrap_or_else(|| panic!("no text_chunks row in:\n{table}"));
+    let cells: Vec<_> = row.split_whitespace().collect();
+    assert_eq!(cells[1], "1", "{table}");
+}
+
+fn input_errors(b: &Backend) {
+    // Bad JSON: the position is named.
+    fails(
+        b.run(&["put", "ns", "id", r#"{"a": tru}"#]),
+        &["JSON", "line 1 column"],
+    );
+    fails(b.run(&["put", "ns", "id", ""]), &["JSON"]);
+    // Invalid namespace.
+    fails(b.run(&["put", "a:b", "id", "1"]), &["a:b"]);
+    fails(b.run(&["get", "a:b", "id"]), &["a:b"]);
+    fails(b.run(&["keys", "a:b"]), &["a:b"]);
+    // Invalid id.
+    fails(b.run(&["put", "ns", "", "1"]), &["id"]);
+    // Corrupt import file: file and line named; nothing imported.
+    let corrupt = b.file("corrupt.json");
+    std::fs::write(&corrupt, "{\n  \"a\": 1,\n  \"b\": tru").unwrap();
+    let msg = fails(
+        b.run(&[Path::new("import"), Path::new("ns2"), &corrupt]),
+        &["corrupt.json", "line 3"],
+    );
+    assert!(msg.contains("column 10"), "{msg}");
+    assert_eq!(ok(b.run(&["keys", "ns2"])), "");
+    fails(
+        b.run(&[
+            Path::new("import"),
+            Path::new("ns2"),
+            &b.file("absent.json"),
+        ]),
+        &["absent.json"],
+    );
+    // A value that is not an object of ids.
+    std::fs::write(b.file("array.json"), "[1, 2]").unwrap();
+    fails(
+        b.run(&[Path::new("import"), Path::new("ns2"), &b.file("array.json")]),
+        &["array.json"],
+    );
+    // Export into a directory that does not exist.
+    fails(
+        b.run(&[
+            Path::new("export"),
+            Path::new("ns"),
+            &b.file("no/such/dir/out.json"),
+        ]),
+        &["no/such/dir"],
+    );
+    // Usage errors.
+    fails(b.run(&["frobnicate"]), &["frobnicate"]);
+    fails(b.run(&["put", "ns"]), &["<ID>"]);
+    fails(b.run(&["delete", "ns"]), &["<IDS>"]);
+    fails(b.run(&["keys", "ns", "--bogus"]), &["--bogus"]);
+    fails(b.run(&["--backend", "mongo", "keys", "ns"]), &["mongo"]);
+    fails(b.run::<&str>(&[]), &["command"]);
+}
+
+#[test]
+fn unknown_backend_in_environment_names_the_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = output(
+        bare_cmd()
+            .env("STORAGE_KV_BACKEND", "mongo")
+            .env("STORAGE_WORKING_DIR", dir.path())
+            .args(["keys", "ns"]),
+    );
+    fails(out, &["STORAGE_KV_BACKEND", "mongo"]);
+    let out = output(
+        bare_cmd()
+            .env("STORAGE_KV_BACKEND", "redis")
+            .env("REDIS_POOL_TIMEOUT", "soon")
+            .args(["keys", "ns"]),
+    );
+    fails(out, &["REDIS_POOL_TIMEOUT"]);
+}
+
+#[test]
+fn help_and_version_exit_0() {
+    let help = output(bare_cmd().arg("--help"));
+    assert_eq!(help.code, 0, "{help:#?}");
+    for word in [
+        "put",
+        "get",
+        "keys",
+        "delete",
+        "clear",
+        "import",
+        "export",
+        "stats",
+        "--backend",
+    ] {
+        assert!(help.stdout.contains(word), "{word}: {}", help.stdout);
+    }
+    let sub = output(bare_cmd().args(["get", "--help"]));
+    assert_eq!(sub.code, 0, "{sub:#?}");
+    assert!(sub.stdout.contains("--fields"), "{}", sub.stdout);
+    let version = output(bare_cmd().arg("--version"));
+    assert_eq!(version.code, 0, "{version:#?}");
+    assert!(
+        version.stdout.contains(env!("CARGO_PKG_VERSION")),
+        "{version:#?}"
+    );
+}
+
+#[test]
+fn read_only_commands_work_while_a_writer_holds_the_lock() {
+    let b = Backend::json();
+    ok(b.run(&["put", "full_docs", "before", r#"{"content": "saved"}"#]));
+
+    let storage = Storage::open(&b.config()).unwrap();
+    let docs = storage.namespace("full_docs").unwrap();
+    docs.upsert(vec![("during".into(), json!({"content": "checkpointed"}))])
+        .unwrap();
+    docs.index_done_callback().unwrap();
+
+    assert_eq!(
+        ok(b.run(&["get", "full_docs", "during"])),
+        "{\n  \"content\": \"checkpointed\"\n}\n"
+    );
+    assert_eq!(ok(b.run(&["keys", "full_docs"])), "before\nduring\n");
+    assert!(ok(b.run(&["export", "full_docs"])).contains("checkpointed"));
+    assert!(ok(b.run(&["stats", "--json"])).contains("full_docs"));
+
+    for args in [
+        &["put", "full_docs", "x", "1"][..],
+        &["delete", "full_docs", "before"],
+        &["clear", "full_docs"],
+    ] {
+        fails(b.run(args), &["locked"]);
+    }
+    let fixture = b.file("in.json");
+    std::fs::write(&fixture, FIXTURE).unwrap();
+    fails(
+        b.run(&[Path::new("import"), Path::new("full_docs"), &fixture]),
+        &["locked"],
+    );
+
+    // Nothing was changed by the refused commands; once the writer is gone, writes work.
+    drop(docs);
+    drop(storage);
+    ok(b.run(&["put", "full_docs", "after", "1"]));
+    assert_eq!(ok(b.run(&["keys", "full_docs"])), "after\nbefore\nduring\n");
+}
+
+#[test]
+fn redis_password_is_never_printed() {
+    let unreachable = |cmd: &mut Command| {
+        cmd.env("STORAGE_KV_BACKEND", "redis")
+            .env("REDIS_CONNECTION_TIMEOUT", "0.5")
+            .env("REDIS_POOL_TIMEOUT", "1")
+            .env("REDIS_RETRIES", "0");
+    };
+    let runs: Vec<Box<dyn Fn() -> Command>> = vec![
+        // Password in the URL from the environment.
+        Box::new(move || {
+            let mut c = bare_cmd();
+            unreachable(&mut c);
+            c.env("REDIS_URL", "redis://:hunter2@127.0.0.1:1");
+            c
+        }),
+        // Password in REDIS_PASSWORD.
+        Box::new(move || {
+            let mut c = bare_cmd();
+            unreachable(&mut c);
+            c.env("REDIS_URL", "redis://127.0.0.1:1")
+                .env("REDIS_PASSWORD", "hunter2");
+            c
+        }),
+        // Password in the --redis-url option.
+        Box::new(move || {
+            let mut c = bare_cmd();
+            unreachable(&mut c);
+            c.args(["--redis-url", "redis://user:hunter2@127.0.0.1:1"]);
+            c
+        }),
+    ];
+    for make in &runs {
+        for args in [
+            &["put", "ns", "a", "1"][..],
+            &["get", "ns", "a"],
+            &["stats"],
+        ] {
+            let out = output(make().args(args));
+            let msg = fails(out, &[]);
+            assert!(!msg.contains("hunter2"), "{msg}");
+        }
+        // Not in debug logs either.
+        let out = output(make().env("RUST_LOG", "trace").args(["get", "ns", "a"]));
+        assert_eq!(out.code, 2, "{out:#?}");
+        assert!(!out.stderr.contains("hunter2"), "{}", out.stderr);
+        assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
+    }
+    // A URL that does not parse is reported without its password.
+    let out = output(
+        bare_cmd()
+            .env("STORAGE_KV_BACKEND", "redis")
+            .env("REDIS_URL", "redis://:hunter2@127.0.0.1:notaport")
+            .args(["keys", "ns"]),
+    );
+    let msg = fails(out, &["REDIS_URL"]);
+    assert!(!msg.contains("hunter2"), "{msg}");
+}
+
+#[test]
+fn closed_stdout_pipe_is_a_clean_exit() {
+    let b = Backend::json();
+    let mut map = serde_json::Map::new();
+    for i in 0..50_000 {
+        map.insert(format!("key-{i:06}"), json!(i));
+    }
+    let file = b.file("many.json");
+    std::fs::write(&file, graphrag_kv::backend::json_file::to_python_json(&map)).unwrap();
+    ok_import(&b, "many", &file);
+
+    for args in [&["keys", "many"][..], &["export", "many"]] {
+        let mut child = b
+            .cmd()
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        assert!(!first.is_empty());
+        // The reader is gone (like `| head -1`): the rest of the output hits a closed pipe.
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
+
+#[test]
+fn import_from_stdin() {
+    let b = Backend::json();
+    let mut child = b
+        .cmd()
+        .args(["import", "full_docs", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(FIXTURE.as_bytes()).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(ok(b.run(&["export", "full_docs"])), FIXTURE);
+}
