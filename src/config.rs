@@ -22,6 +22,12 @@
 //! | `REDIS_TTL_CHUNKS` | 0 | TTL of `text_chunks` |
 //! | `REDIS_TTL_DOCS` | 0 | TTL of `full_docs` |
 //! | `REDIS_TTL_<NAME>` | 0 | TTL of any other namespace |
+//! | `REDIS_CLUSTER` | `auto` | `auto`, `true` or `false` |
+//! | `REDIS_READ_FROM_REPLICAS` | false | cluster reads from replicas (may be stale) |
+//! | `REDIS_WAIT_REPLICAS` | 0 | replicas that must confirm each write batch |
+//! | `REDIS_WAIT_TIMEOUT` | 2.0 | seconds to wait for those confirmations |
+//! | `REDIS_SENTINEL_URLS` | none | sentinel URLs, comma-separated |
+//! | `REDIS_SENTINEL_MASTER` | `mymaster` | the master's name for Sentinel |
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -118,6 +124,43 @@ pub struct RedisConfig {
     pub compression_min_bytes: usize,
     /// TTLs per namespace in seconds (0 = no expiry).
     pub ttl: TtlTable,
+    /// Standalone or cluster. Defaults to [`ClusterMode::Auto`].
+    pub cluster: ClusterMode,
+    /// Read from replicas in cluster mode (reads may be stale by the replication lag).
+    /// Defaults to false.
+    pub read_from_replicas: bool,
+    /// Replicas that must confirm every write batch (`WAIT`) before it returns. Defaults to 0.
+    pub wait_replicas: u32,
+    /// How long a write batch waits for `wait_replicas` confirmations. Defaults to 2 s.
+    pub wait_timeout: Duration,
+    /// Sentinel URLs; when set, the master named `sentinel_master` is found through them.
+    /// Defaults to none.
+    pub sentinel_urls: Vec<String>,
+    /// The master's name for Sentinel. Defaults to none (`mymaster` when `sentinel_urls` is set).
+    pub sentinel_master: Option<String>,
+}
+
+/// How the Redis backend finds its keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClusterMode {
+    /// Cluster when `REDIS_URL` names several nodes or the server says `cluster_enabled:1`
+    /// (`INFO cluster`); standalone otherwise, including when the user may not run INFO.
+    Auto,
+    /// A single server (or the master Sentinel names).
+    Standalone,
+    /// Redis Cluster: keys spread over every master by slot.
+    Cluster,
+}
+
+impl RedisConfig {
+    /// The node URLs of `url`: one for a single server, several for a cluster.
+    pub fn urls(&self) -> Vec<&str> {
+        self.url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect()
+    }
 }
 
 impl fmt::Debug for RedisConfig {
@@ -137,6 +180,19 @@ impl fmt::Debug for RedisConfig {
             .field("compression", &self.compression)
             .field("compression_min_bytes", &self.compression_min_bytes)
             .field("ttl", &self.ttl)
+            .field("cluster", &self.cluster)
+            .field("read_from_replicas", &self.read_from_replicas)
+            .field("wait_replicas", &self.wait_replicas)
+            .field("wait_timeout", &self.wait_timeout)
+            .field(
+                "sentinel_urls",
+                &self
+                    .sentinel_urls
+                    .iter()
+                    .map(|u| redact_url(u))
+                    .collect::<Vec<_>>(),
+            )
+            .field("sentinel_master", &self.sentinel_master)
             .finish()
     }
 }
@@ -158,6 +214,12 @@ impl Default for RedisConfig {
             compression: Compression::Lz4,
             compression_min_bytes: 1024,
             ttl: TtlTable::default(),
+            cluster: ClusterMode::Auto,
+            read_from_replicas: false,
+            wait_replicas: 0,
+            wait_timeout: Duration::from_secs(2),
+            sentinel_urls: Vec::new(),
+            sentinel_master: None,
         }
     }
 }
@@ -378,6 +440,42 @@ impl StoreConfigBuilder {
             r.compression_min_bytes =
                 parse_u64("REDIS_COMPRESSION_MIN_BYTES", v, 0, u32::MAX as u64)? as usize;
         }
+        if let Some(v) = get("REDIS_CLUSTER") {
+            r.cluster = match v.trim().to_ascii_lowercase().as_str() {
+                "auto" => ClusterMode::Auto,
+                _ => match parse_bool("REDIS_CLUSTER", v) {
+                    Ok(true) => ClusterMode::Cluster,
+                    Ok(false) => ClusterMode::Standalone,
+                    Err(_) => {
+                        return Err(config_error(
+                            "REDIS_CLUSTER",
+                            v,
+                            "auto, or true/false (1/0, yes/no)",
+                        ))
+                    }
+                },
+            };
+        }
+        if let Some(v) = get("REDIS_READ_FROM_REPLICAS") {
+            r.read_from_replicas = parse_bool("REDIS_READ_FROM_REPLICAS", v)?;
+        }
+        if let Some(v) = get("REDIS_WAIT_REPLICAS") {
+            r.wait_replicas = parse_u64("REDIS_WAIT_REPLICAS", v, 0, 1000)? as u32;
+        }
+        if let Some(v) = get("REDIS_WAIT_TIMEOUT") {
+            r.wait_timeout = parse_seconds("REDIS_WAIT_TIMEOUT", v, false)?;
+        }
+        if let Some(v) = get("REDIS_SENTINEL_URLS") {
+            r.sentinel_urls = v
+                .split(',')
+                .map(str::trim)
+                .filter(|u| !u.is_empty())
+                .map(str::to_string)
+                .collect();
+        }
+        if let Some(v) = get("REDIS_SENTINEL_MASTER") {
+            r.sentinel_master = Some(v.trim().to_string());
+        }
         for (namespace, documented, reference) in TTL_VARIABLES {
             let a = get(documented)
                 .map(|v| parse_ttl(documented, v))
@@ -488,6 +586,28 @@ impl StoreConfigBuilder {
         self.config.redis.compression_min_bytes = n;
         self
     }
+    /// Sets standalone, cluster or auto-detection.
+    pub fn cluster(mut self, mode: ClusterMode) -> Self {
+        self.config.redis.cluster = mode;
+        self
+    }
+    /// Sets whether cluster reads may go to replicas.
+    pub fn read_from_replicas(mut self, yes: bool) -> Self {
+        self.config.redis.read_from_replicas = yes;
+        self
+    }
+    /// Sets how many replicas must confirm each write batch, and for how long to wait.
+    pub fn wait_replicas(mut self, n: u32, timeout: Duration) -> Self {
+        self.config.redis.wait_replicas = n;
+        self.config.redis.wait_timeout = timeout;
+        self
+    }
+    /// Uses Sentinel: the sentinels' URLs and the master's name.
+    pub fn sentinel(mut self, urls: Vec<String>, master: impl Into<String>) -> Self {
+        self.config.redis.sentinel_urls = urls;
+        self.config.redis.sentinel_master = Some(master.into());
+        self
+    }
     /// Sets the TTL of one namespace, in seconds (0 = no expiry).
     pub fn ttl(mut self, namespace: &str, seconds: u64) -> Self {
         self.config.redis.ttl.set(namespace, seconds);
@@ -529,12 +649,40 @@ impl StoreConfigBuilder {
         if self.config.backend == BackendKind::Redis {
             // Parse now so a bad URL is reported at build time, not at first use. The URL may
             // hold a password: only the redacted form goes into the error.
-            if let Err(e) = redis::IntoConnectionInfo::into_connection_info(r.url.as_str()) {
-                return Err(Error::Config {
-                    variable: "REDIS_URL".into(),
-                    value: redact_url(&r.url),
-                    expected: format!("a redis:// or unix:// URL ({})", e.kind_description()),
-                });
+            let urls = r.urls();
+            if urls.is_empty() {
+                return Err(config_error(
+                    "REDIS_URL",
+                    "",
+                    "a redis:// URL, or several separated by commas",
+                ));
+            }
+            for (variable, list) in [
+                ("REDIS_URL", urls),
+                (
+                    "REDIS_SENTINEL_URLS",
+                    r.sentinel_urls.iter().map(String::as_str).collect(),
+                ),
+            ] {
+                for u in list {
+                    if let Err(e) = redis::IntoConnectionInfo::into_connection_info(u) {
+                        return Err(Error::Config {
+                            variable: variable.into(),
+                            value: redact_url(u),
+                            expected: format!(
+                                "redis:// URLs separated by commas ({})",
+                                e.kind_description()
+                            ),
+                        });
+                    }
+                }
+            }
+            if !r.sentinel_urls.is_empty() && r.cluster == ClusterMode::Cluster {
+                return Err(config_error(
+                    "REDIS_CLUSTER",
+                    "true",
+                    "auto or false when REDIS_SENTINEL_URLS is set (Sentinel serves one master)",
+                ));
             }
         }
         Ok(self.config)

@@ -156,6 +156,31 @@ pub enum Error {
         reason: String,
     },
 
+    /// An LLM request failed: transport, HTTP status, or an answer that cannot be read.
+    #[error("LLM request failed: {reason}")]
+    Llm {
+        /// What went wrong. Never holds the API key.
+        reason: String,
+        /// True when the same request may succeed later: timeouts, connection failures,
+        /// HTTP 408, 409, 429 and 5xx.
+        retryable: bool,
+    },
+
+    /// Fewer replicas than `REDIS_WAIT_REPLICAS` confirmed a write batch in time. The batch was
+    /// written on the master, but a failover now could lose it.
+    #[error(
+        "namespace {namespace:?}: only {confirmed} of {wanted} replicas confirmed the write \
+         within REDIS_WAIT_TIMEOUT"
+    )]
+    Replication {
+        /// The namespace.
+        namespace: String,
+        /// Replicas asked for.
+        wanted: u32,
+        /// Replicas that confirmed.
+        confirmed: u32,
+    },
+
     /// The backend cannot answer right now and no local copy can either.
     #[error("namespace {namespace:?} is unavailable: {reason}")]
     Unavailable {
@@ -188,12 +213,13 @@ impl Error {
     /// True when repeating the same idempotent call later may succeed.
     ///
     /// Connection errors, timeouts, and the server's transient states (LOADING, TRYAGAIN,
-    /// CLUSTERDOWN, MASTERDOWN, BUSY) are retryable; bad input, decode errors and refused
-    /// commands are not.
+    /// CLUSTERDOWN, MASTERDOWN, BUSY) are retryable, as are LLM requests that failed for a
+    /// transient reason; bad input, decode errors and refused commands are not.
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Redis { source, .. } => is_retryable_redis(source),
-            Error::Pool { .. } | Error::Unavailable { .. } => true,
+            Error::Llm { retryable, .. } => *retryable,
+            Error::Pool { .. } | Error::Unavailable { .. } | Error::Replication { .. } => true,
             _ => false,
         }
     }
@@ -216,7 +242,7 @@ pub(crate) fn is_retryable_redis(e: &redis::RedisError) -> bool {
     }
     matches!(
         e.code(),
-        Some("LOADING" | "TRYAGAIN" | "CLUSTERDOWN" | "MASTERDOWN" | "BUSY")
+        Some("LOADING" | "TRYAGAIN" | "CLUSTERDOWN" | "MASTERDOWN" | "BUSY" | "READONLY")
     )
 }
 

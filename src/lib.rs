@@ -68,7 +68,9 @@ pub mod store;
 
 pub use backend::json_file::{JsonDir, JsonFileStore};
 pub use backend::redis::{RedisShared, RedisStore};
-pub use config::{BackendKind, Compression, RedisConfig, StoreConfig, StoreConfigBuilder};
+pub use config::{
+    BackendKind, ClusterMode, Compression, RedisConfig, StoreConfig, StoreConfigBuilder,
+};
 pub use error::{Error, Result};
 pub use open::{open_from_env, Storage};
 pub use store::{

@@ -84,6 +84,15 @@ impl Storage {
         }
     }
 
+    /// The shared Redis pool when the backend is Redis, `None` for JSON: for work outside the
+    /// namespaces, such as `LlmCache`'s cross-process locks.
+    pub fn redis(&self) -> Option<&Arc<RedisShared>> {
+        match &self.inner {
+            Inner::Json(_) => None,
+            Inner::Redis(shared) => Some(shared),
+        }
+    }
+
     /// The backend's name: `json` or `redis`.
     pub fn backend(&self) -> BackendKind {
         match &self.inner {

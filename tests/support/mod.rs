@@ -8,7 +8,9 @@
 //! that is not `redis-server` on `PATH`.
 #![allow(dead_code, unused_macros)]
 
+pub mod cluster;
 pub mod conformance;
+pub mod sentinel;
 
 use std::fs::OpenOptions;
 use std::io::{BufRead, BufReader, ErrorKind, Write};
@@ -153,6 +155,65 @@ impl RedisServer {
             server.log_path().display(),
             server.log()
         );
+    }
+
+    /// Like `start_with`, but only on a port for which `accept(port)` is true (it is asked
+    /// before each attempt, e.g. to check that `port + 10000`, a cluster node's bus port, is
+    /// free too). A server that exits with "Address already in use" is retried on another port.
+    pub fn start_with_port_filter(
+        extra_args: &[&str],
+        accept: impl Fn(u16) -> bool,
+    ) -> RedisServer {
+        let dir = tempfile::Builder::new()
+            .prefix("graphrag-kv-redis-")
+            .tempdir()
+            .expect("creating a temporary directory for redis-server");
+        let extra_args: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
+        let password = extra_args
+            .windows(2)
+            .filter(|w| w[0].eq_ignore_ascii_case("--requirepass"))
+            .map(|w| w[1].clone())
+            .next_back()
+            .filter(|p| !p.is_empty());
+        let mut server = RedisServer {
+            port: 0,
+            dir,
+            child: None,
+            extra_args,
+            password,
+        };
+        let mut last_failure = String::new();
+        for _attempt in 0..8 {
+            server.port = (0..200)
+                .map(|_| free_port())
+                .find(|&p| accept(p))
+                .unwrap_or_else(|| panic!("no free port accepted by the port filter"));
+            match server.spawn_and_wait() {
+                Ok(()) => return server,
+                Err(NotReady::Exited(status, log)) if is_address_in_use(&log) => {
+                    last_failure = format!("port {} was taken ({status})", server.port);
+                }
+                Err(failure) => server.fail("start", failure),
+            }
+        }
+        panic!(
+            "redis-server could not bind a free port after several attempts: {last_failure}\n\
+             --- server log ({}) ---\n{}",
+            server.log_path().display(),
+            server.log()
+        );
+    }
+
+    /// The last `lines` lines of the server log (all of it when shorter).
+    pub fn log_tail(&self, lines: usize) -> String {
+        let log = self.log();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// True when nothing listens on 127.0.0.1:`port` right now (a bind succeeds).
+    pub fn port_is_free(port: u16) -> bool {
+        TcpListener::bind(("127.0.0.1", port)).is_ok()
     }
 
     /// The server's URL, `redis://127.0.0.1:PORT` (no password even with `--requirepass`).
@@ -410,8 +471,8 @@ impl Drop for RedisServer {
     }
 }
 
-// A `RedisCluster` guard (several RedisServer nodes started with `--cluster-enabled yes`, joined
-// with CLUSTER MEET / ADDSLOTS) will go here.
+// The `RedisCluster` guard (RedisServer nodes started with `--cluster-enabled yes`) lives in
+// `cluster.rs`; the `RedisSentinelSet` guard (master, replica, three sentinels) in `sentinel.rs`.
 
 fn is_address_in_use(log: &str) -> bool {
     log.contains("Address already in use") || log.contains("EADDRINUSE")

@@ -99,18 +99,51 @@ impl Persistence {
     }
 }
 
-/// How a server is asked to persist, and how long to wait.
+/// Sends commands to one server (a single server, or one cluster master by address).
 pub(crate) trait PersistOps {
-    /// `INFO persistence` text.
-    fn info_persistence(&mut self) -> redis::RedisResult<String>;
-    /// `CONFIG GET appendfsync` value.
-    fn appendfsync(&mut self) -> redis::RedisResult<String>;
-    /// Server version as (major, minor).
-    fn version(&mut self) -> redis::RedisResult<(u32, u32)>;
-    /// `BGSAVE`: Ok(true) started, Ok(false) one already running.
-    fn bgsave(&mut self) -> redis::RedisResult<bool>;
+    /// Runs one command on that server.
+    fn run(&mut self, cmd: &redis::Cmd) -> redis::RedisResult<redis::Value>;
+}
+
+impl dyn PersistOps + '_ {
+    fn info_persistence(&mut self) -> redis::RedisResult<String> {
+        Ok(redis::from_redis_value(
+            self.run(redis::cmd("INFO").arg("persistence"))?,
+        )?)
+    }
+
+    fn appendfsync(&mut self) -> redis::RedisResult<String> {
+        let pair: Vec<String> =
+            redis::from_redis_value(self.run(redis::cmd("CONFIG").arg("GET").arg("appendfsync"))?)?;
+        Ok(pair.get(1).cloned().unwrap_or_else(|| "everysec".into()))
+    }
+
+    fn version(&mut self) -> redis::RedisResult<(u32, u32)> {
+        let info: String = redis::from_redis_value(self.run(redis::cmd("INFO").arg("server"))?)?;
+        Ok(parse_version(&info))
+    }
+
+    /// `BGSAVE`: true when started, false when one is already running.
+    fn bgsave(&mut self) -> redis::RedisResult<bool> {
+        match self.run(&redis::cmd("BGSAVE")) {
+            Ok(_) => Ok(true),
+            Err(e) if e.to_string().contains("already in progress") => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// `WAITAOF 1 0 timeout_ms`: number of local fsyncs confirmed.
-    fn waitaof(&mut self, timeout: Duration) -> redis::RedisResult<i64>;
+    fn waitaof(&mut self, timeout: Duration) -> redis::RedisResult<i64> {
+        let r: Vec<i64> = redis::from_redis_value(
+            self.run(
+                redis::cmd("WAITAOF")
+                    .arg(1)
+                    .arg(0)
+                    .arg(timeout.as_millis() as u64),
+            )?,
+        )?;
+        Ok(r.first().copied().unwrap_or(0))
+    }
 }
 
 /// Outcome of one server checkpoint.
@@ -250,42 +283,6 @@ fn legacy_rdb_checkpoint(
                 "timed out waiting for BGSAVE to finish",
             )));
         }
-    }
-}
-
-impl<C: redis::ConnectionLike> PersistOps for C {
-    fn info_persistence(&mut self) -> redis::RedisResult<String> {
-        redis::cmd("INFO").arg("persistence").query(self)
-    }
-
-    fn appendfsync(&mut self) -> redis::RedisResult<String> {
-        let pair: Vec<String> = redis::cmd("CONFIG")
-            .arg("GET")
-            .arg("appendfsync")
-            .query(self)?;
-        Ok(pair.get(1).cloned().unwrap_or_else(|| "everysec".into()))
-    }
-
-    fn version(&mut self) -> redis::RedisResult<(u32, u32)> {
-        let info: String = redis::cmd("INFO").arg("server").query(self)?;
-        Ok(parse_version(&info))
-    }
-
-    fn bgsave(&mut self) -> redis::RedisResult<bool> {
-        match redis::cmd("BGSAVE").query::<String>(self) {
-            Ok(_) => Ok(true),
-            Err(e) if e.to_string().contains("already in progress") => Ok(false),
-            Err(e) => Err(e),
-        }
-    }
-
-    fn waitaof(&mut self, timeout: Duration) -> redis::RedisResult<i64> {
-        let r: Vec<i64> = redis::cmd("WAITAOF")
-            .arg(1)
-            .arg(0)
-            .arg(timeout.as_millis() as u64)
-            .query(self)?;
-        Ok(r.first().copied().unwrap_or(0))
     }
 }
 

@@ -1,12 +1,21 @@
 //! The Redis backend: every process pointing at the same server shares the namespaces.
 //!
 //! Keys are `{prefix}:{namespace}:{id}` (default prefix `nano_graphrag`, the Python
-//! implementation's layout). Values are plain JSON, or an lz4 frame when compression is on
-//! and pays (see [`crate::codec`]). Batch operations take one round trip per chunk of
-//! [`READ_CHUNK`] ids or [`WRITE_CHUNK`] items; `all_keys` and `clear` use SCAN with a
-//! glob-escaped MATCH pattern, never KEYS.
+//! implementation's layout) and spread over every slot in a cluster: no hash tag pins a
+//! namespace to one node. Values are plain JSON, or an lz4 frame when compression is on and pays
+//! (see [`crate::codec`]). Batch operations take one round trip per chunk of [`READ_CHUNK`] ids
+//! or [`WRITE_CHUNK`] items (per node in a cluster); `all_keys` and `clear` use SCAN with a
+//! glob-escaped MATCH pattern on every master, never KEYS.
+//!
+//! Three ways to reach the data, chosen by configuration:
+//! - standalone: one server (`REDIS_URL`);
+//! - Sentinel: the master that `REDIS_SENTINEL_URLS` name for `REDIS_SENTINEL_MASTER`, followed
+//!   through failovers;
+//! - cluster: several `REDIS_URL`s, `REDIS_CLUSTER=true`, or a server that says
+//!   `cluster_enabled:1` (see [`cluster`] for how batches survive slot moves).
 
 mod checkpoint;
+pub(crate) mod cluster;
 mod pool;
 
 use std::collections::hash_map::RandomState;
@@ -16,19 +25,20 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::{ConnectionLike, RedisError, RedisResult};
-use serde_json::Value;
+use redis::{Cmd, ConnectionLike, RedisError, RedisResult, Value};
+use serde_json::Value as Json;
 
 use crate::codec::Codec;
-use crate::config::{redact_url, RedisConfig};
+use crate::config::{redact_url, ClusterMode, RedisConfig};
 use crate::error::{display_id, is_retryable_redis, Error, Result};
 use crate::store::{
     missing_in_order, project, validate_id, validate_ids, validate_namespace, Item, KvStore,
     NamespaceStats,
 };
 
-use checkpoint::{checkpoint_server, Coalescer, Durable};
-use pool::{touch, PooledConn, RedisPool};
+use checkpoint::{checkpoint_server, Coalescer, Durable, PersistOps};
+use cluster::ClusterPool;
+use pool::RedisPool;
 
 /// Ids per MGET / EXISTS pipeline / UNLINK: a call with a million ids becomes requests of this
 /// size instead of one giant one.
@@ -44,11 +54,17 @@ const STATS_SAMPLE: usize = 256;
 /// How long a checkpoint may wait for the server's save.
 const CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// The connections: one pool, of single-server or of cluster connections.
+enum Conns {
+    Single(RedisPool),
+    Cluster(ClusterPool),
+}
+
 /// What every namespace opened from one configuration shares: the pool, the codec, the
 /// checkpoint coalescer and the one-time warnings.
 pub struct RedisShared {
     config: RedisConfig,
-    pool: RedisPool,
+    conns: Conns,
     codec: Codec,
     checkpoints: Coalescer,
     warned_no_durability: AtomicBool,
@@ -59,6 +75,7 @@ impl std::fmt::Debug for RedisShared {
         f.debug_struct("RedisShared")
             .field("url", &redact_url(&self.config.url))
             .field("key_prefix", &self.config.key_prefix)
+            .field("mode", &self.mode())
             .finish_non_exhaustive()
     }
 }
@@ -70,21 +87,31 @@ impl RedisShared {
     /// [`Error::Config`] for a URL that cannot be used; [`Error::Pool`] or [`Error::Redis`]
     /// when the server does not answer PING (the message names the redacted URL).
     pub fn connect(config: &RedisConfig) -> Result<Arc<RedisShared>> {
-        let shared = Self::new_unchecked(config)?;
-        shared
-            .with_conn("connect", "", |c| redis::cmd("PING").query::<()>(c))
-            .map_err(|e| match e {
-                Error::Pool {
-                    operation,
-                    namespace,
-                    message,
-                } => Error::Pool {
-                    operation,
-                    namespace,
-                    message: format!("{message} (server {})", redact_url(&config.url)),
-                },
-                other => other,
-            })?;
+        let mut shared = Self::new_unchecked(config)?;
+        let ping = shared.with_conn("connect", "", |c| redis::cmd("PING").query::<()>(c));
+        ping.map_err(|e| match e {
+            Error::Pool {
+                operation,
+                namespace,
+                message,
+            } => Error::Pool {
+                operation,
+                namespace,
+                message: format!("{message} (server {})", redact_url(&config.url)),
+            },
+            other => other,
+        })?;
+        if config.cluster == ClusterMode::Auto
+            && config.sentinel_urls.is_empty()
+            && matches!(shared.conns, Conns::Single(_))
+            && shared.server_says_cluster()
+        {
+            log::info!("the server runs in cluster mode: using the cluster client");
+            let mut c = config.clone();
+            c.cluster = ClusterMode::Cluster;
+            shared = Self::new_unchecked(&c)?;
+            shared.with_conn("connect", "", |c| redis::cmd("PING").query::<()>(c))?;
+        }
         shared.warn_on_eviction_policy();
         Ok(shared)
     }
@@ -94,18 +121,42 @@ impl RedisShared {
     /// # Errors
     /// [`Error::Config`] for a URL that cannot be used.
     pub fn new_unchecked(config: &RedisConfig) -> Result<Arc<RedisShared>> {
-        let pool = RedisPool::new(config).map_err(|e| Error::Config {
-            variable: "REDIS_URL".into(),
+        let cluster = config.sentinel_urls.is_empty()
+            && (config.cluster == ClusterMode::Cluster || config.urls().len() > 1);
+        let conns = if cluster {
+            ClusterPool::new(config).map(Conns::Cluster)
+        } else {
+            RedisPool::new(config).map(Conns::Single)
+        }
+        .map_err(|e| Error::Config {
+            variable: if config.sentinel_urls.is_empty() {
+                "REDIS_URL".into()
+            } else {
+                "REDIS_SENTINEL_URLS".into()
+            },
             value: redact_url(&config.url),
-            expected: format!("a redis:// or unix:// URL ({})", e.category()),
+            expected: format!("redis:// URLs ({})", e.category()),
         })?;
         Ok(Arc::new(RedisShared {
             config: config.clone(),
-            pool,
+            conns,
             codec: Codec::new(config.compression, config.compression_min_bytes),
             checkpoints: Coalescer::default(),
             warned_no_durability: AtomicBool::new(false),
         }))
+    }
+
+    /// `INFO cluster` says `cluster_enabled:1`. False when INFO is denied (ACL).
+    fn server_says_cluster(&self) -> bool {
+        match self.with_conn("connect", "", |c| {
+            redis::cmd("INFO").arg("cluster").query::<String>(c)
+        }) {
+            Ok(info) => info.lines().any(|l| l.trim() == "cluster_enabled:1"),
+            Err(e) => {
+                log::debug!("INFO cluster failed ({e}); assuming a standalone server");
+                false
+            }
+        }
     }
 
     /// The configuration the stores use.
@@ -113,9 +164,21 @@ impl RedisShared {
         &self.config
     }
 
+    /// `standalone`, `sentinel` or `cluster`.
+    pub fn mode(&self) -> &'static str {
+        match (&self.conns, self.config.sentinel_urls.is_empty()) {
+            (Conns::Cluster(_), _) => "cluster",
+            (Conns::Single(_), true) => "standalone",
+            (Conns::Single(_), false) => "sentinel",
+        }
+    }
+
     /// Open and idle pooled connections.
     pub fn pool_state(&self) -> (u32, u32) {
-        self.pool.state()
+        match &self.conns {
+            Conns::Single(p) => p.state(),
+            Conns::Cluster(p) => p.state(),
+        }
     }
 
     /// The store of one namespace.
@@ -133,7 +196,7 @@ impl RedisShared {
     }
 
     /// Namespaces that hold at least one key under this prefix, sorted (one SCAN of the
-    /// prefix).
+    /// prefix on every master).
     ///
     /// # Errors
     /// Redis failures.
@@ -141,15 +204,14 @@ impl RedisShared {
         let pattern = format!("{}:*", glob_escape(&self.config.key_prefix));
         let skip = self.config.key_prefix.len() + 1;
         let mut names = HashSet::new();
-        self.scan("list_namespaces", "", &pattern, |keys| {
+        self.scan("list_namespaces", "", &pattern, &mut |keys| {
             for k in keys {
-                if let Some(ns) = k.get(skip..).and_then(|rest| {
+                let ns = k.get(skip..).and_then(|rest| {
                     let end = rest.iter().position(|b| *b == b':')?;
                     std::str::from_utf8(&rest[..end]).ok()
-                }) {
-                    if validate_namespace(ns).is_ok() {
-                        names.insert(ns.to_string());
-                    }
+                });
+                if let Some(ns) = ns.filter(|ns| validate_namespace(ns).is_ok()) {
+                    names.insert(ns.to_string());
                 }
             }
             Ok(())
@@ -159,132 +221,204 @@ impl RedisShared {
         Ok(names)
     }
 
-    /// Runs `f` on a pooled connection, retrying connection errors (and timeouts when allowed)
-    /// with exponential backoff and jitter. Only idempotent commands go through here.
+    /// Runs `f` on a pooled connection (single server, or a cluster connection that routes
+    /// single-key commands itself), retrying connection errors (and timeouts when allowed) with
+    /// exponential backoff and jitter. Only idempotent commands go through here.
     pub(crate) fn with_conn<T>(
         &self,
         operation: &'static str,
         namespace: &str,
-        mut f: impl FnMut(&mut PooledConn) -> RedisResult<T>,
+        mut f: impl FnMut(&mut dyn ConnectionLike) -> RedisResult<T>,
     ) -> Result<T> {
-        let mut attempt = 0u32;
-        loop {
-            let err = match self.try_once(operation, namespace, &mut f) {
-                Ok(v) => return Ok(v),
-                Err(e) => e,
-            };
-            if attempt >= self.config.retries || !self.should_retry(&err) {
-                return Err(err);
+        self.retrying(operation, namespace, || match &self.conns {
+            Conns::Single(p) => {
+                let mut c = p.get().map_err(|m| pool_error(operation, namespace, m))?;
+                let out = f(&mut *c);
+                if out.is_ok() {
+                    pool::touch(&mut c);
+                } else if out.as_ref().err().is_some_and(must_discard) || !c.is_open() {
+                    c.mark_broken();
+                }
+                out.map_err(|e| redis_error(operation, namespace, e))
             }
-            let pause = backoff(attempt);
-            log::debug!(
-                "redis {operation} failed ({err}); retry {} in {pause:?}",
-                attempt + 1
-            );
-            std::thread::sleep(pause);
-            attempt += 1;
-        }
+            Conns::Cluster(p) => {
+                let mut c = p.get().map_err(|m| pool_error(operation, namespace, m))?;
+                let out = f(&mut *c);
+                if out.as_ref().err().is_some_and(must_discard) || !c.is_open() {
+                    c.mark_broken();
+                }
+                out.map_err(|e| redis_error(operation, namespace, e))
+            }
+        })
     }
 
-    fn try_once<T>(
+    /// Runs `cmds` as one batch: a pipeline on a single server, per-node pipelines with
+    /// redirect handling on a cluster. Returns one result per command; per-command server
+    /// errors (e.g. WRONGTYPE) are left for the caller to name the key.
+    fn batch(
         &self,
         operation: &'static str,
         namespace: &str,
-        f: &mut impl FnMut(&mut PooledConn) -> RedisResult<T>,
-    ) -> Result<T> {
-        let mut conn = self.pool.get().map_err(|message| Error::Pool {
-            operation,
-            namespace: namespace.to_string(),
-            message,
-        })?;
-        match f(&mut conn) {
-            Ok(v) => {
-                touch(&mut conn);
-                Ok(v)
-            }
-            Err(e) => {
-                if crate::error::is_connection_error(&e) || !conn.is_open() {
-                    // A reply may still be on its way on this socket: never reuse it.
-                    conn.mark_broken();
+        cmds: Vec<Cmd>,
+    ) -> Result<Vec<RedisResult<Value>>> {
+        match &self.conns {
+            Conns::Single(_) => {
+                // Built once: a retry re-sends the same packed pipeline.
+                let mut p = redis::pipe();
+                for cmd in cmds {
+                    p.add_command(cmd);
                 }
-                Err(Error::Redis {
-                    operation,
-                    namespace: namespace.to_string(),
-                    source: e,
-                })
+                p.ignore_errors();
+                let values: Vec<Value> = self.with_conn(operation, namespace, |c| p.query(c))?;
+                Ok(values.into_iter().map(value_result).collect())
             }
+            Conns::Cluster(p) => self.retrying(operation, namespace, || {
+                let mut c = p.get().map_err(|m| pool_error(operation, namespace, m))?;
+                let out = cluster::pipeline(&mut c.conn, &cmds);
+                if out.as_ref().err().is_some_and(must_discard) {
+                    c.mark_broken();
+                }
+                out.map_err(|e| redis_error(operation, namespace, e))
+            }),
+        }
+    }
+
+    /// Runs `f` once per master with a connection and the master's address (`None` on a
+    /// single server, where the connection is the server's).
+    fn each_master<T>(
+        &self,
+        operation: &'static str,
+        namespace: &str,
+        mut f: impl FnMut(&mut dyn PersistOps, Option<(&str, u16)>) -> RedisResult<T>,
+    ) -> Result<Vec<T>> {
+        match &self.conns {
+            Conns::Single(_) => self
+                .with_conn(operation, namespace, |c| f(&mut ConnOps(c), None))
+                .map(|v| vec![v]),
+            Conns::Cluster(p) => self.retrying(operation, namespace, || {
+                let mut c = p.get().map_err(|m| pool_error(operation, namespace, m))?;
+                let out = (|| {
+                    let masters = cluster::masters(&mut c.conn)?;
+                    let mut out = Vec::with_capacity(masters.len());
+                    for (host, port) in &masters {
+                        let mut ops = NodeOps {
+                            conn: &mut c.conn,
+                            host,
+                            port: *port,
+                        };
+                        out.push(f(&mut ops, Some((host, *port)))?);
+                    }
+                    Ok(out)
+                })();
+                if out.as_ref().err().is_some_and(must_discard) {
+                    c.mark_broken();
+                }
+                out.map_err(|e| redis_error(operation, namespace, e))
+            }),
+        }
+    }
+
+    /// Retries `attempt` on retryable failures, with exponential backoff and jitter.
+    fn retrying<T>(
+        &self,
+        operation: &'static str,
+        namespace: &str,
+        mut attempt: impl FnMut() -> Result<T>,
+    ) -> Result<T> {
+        let mut n = 0u32;
+        loop {
+            let err = match attempt() {
+                Ok(v) => return Ok(v),
+                Err(e) => e,
+            };
+            if n >= self.config.retries || !self.should_retry(&err) {
+                return Err(err);
+            }
+            let pause = backoff(n);
+            log::debug!(
+                "redis {operation} on {namespace:?} failed ({err}); retry {} in {pause:?}",
+                n + 1
+            );
+            std::thread::sleep(pause);
+            n += 1;
         }
     }
 
     fn should_retry(&self, err: &Error) -> bool {
         match err {
-            Error::Redis { source, .. } => {
-                if source.is_timeout() {
-                    self.config.retry_on_timeout
-                } else {
-                    is_retryable_redis(source)
-                }
-            }
+            Error::Redis { source, .. } if source.is_timeout() => self.config.retry_on_timeout,
+            Error::Redis { source, .. } => is_retryable_redis(source),
             Error::Pool { .. } => self.config.retry_on_timeout,
             _ => false,
         }
     }
 
-    /// SCANs `pattern`, handing each page of keys to `page`.
+    /// SCANs `pattern` on every master, handing each page of keys to `page`. A key may be
+    /// handed over more than once (SCAN's guarantee); callers deduplicate.
     fn scan(
         &self,
         operation: &'static str,
         namespace: &str,
         pattern: &str,
-        mut page: impl FnMut(Vec<Vec<u8>>) -> Result<()>,
+        page: &mut dyn FnMut(Vec<Vec<u8>>) -> Result<()>,
     ) -> Result<()> {
-        let mut cursor: u64 = 0;
-        loop {
-            // Each SCAN step is retried on its own: repeating a cursor is allowed.
-            let (next, keys): (u64, Vec<Vec<u8>>) = self.with_conn(operation, namespace, |c| {
-                redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(pattern)
-                    .arg("COUNT")
-                    .arg(SCAN_COUNT)
-                    .query(c)
-            })?;
-            if !keys.is_empty() {
-                page(keys)?;
+        // Pages are collected per master before being handed over, so a retried attempt
+        // (after a failover) never hands a partial page sequence twice to a non-idempotent
+        // consumer; consumers still deduplicate.
+        let pages = self.each_master(operation, namespace, |ops, _| {
+            let mut pages = Vec::new();
+            let mut cursor: u64 = 0;
+            loop {
+                let (next, keys): (u64, Vec<Vec<u8>>) = redis::from_redis_value(
+                    ops.run(
+                        redis::cmd("SCAN")
+                            .arg(cursor)
+                            .arg("MATCH")
+                            .arg(pattern)
+                            .arg("COUNT")
+                            .arg(SCAN_COUNT),
+                    )?,
+                )?;
+                if !keys.is_empty() {
+                    pages.push(keys);
+                }
+                if next == 0 {
+                    return Ok(pages);
+                }
+                cursor = next;
             }
-            if next == 0 {
-                return Ok(());
-            }
-            cursor = next;
+        })?;
+        for keys in pages.into_iter().flatten() {
+            page(keys)?;
         }
+        Ok(())
     }
 
-    /// One durable checkpoint shared by all concurrent callers.
+    /// One durable checkpoint shared by all concurrent callers, on every master.
     fn checkpoint(&self) -> Result<()> {
         let outcome = self.checkpoints.run(|| {
-            self.with_conn("index_done_callback", "", |c| {
-                checkpoint_server(c, CHECKPOINT_TIMEOUT)
-            })
-            .map_err(|e| {
-                if e.is_permission_denied() {
-                    return Ok(Durable::Unsupported(format!(
-                        "the Redis user may not run INFO/BGSAVE/CONFIG ({e})"
-                    )));
+            let durable = self.each_master("index_done_callback", "", |ops, _| {
+                checkpoint_server(ops, CHECKPOINT_TIMEOUT)
+            });
+            let why = match durable {
+                Ok(all) => all.into_iter().find_map(|d| match d {
+                    Durable::Yes => None,
+                    Durable::Unsupported(why) => Some(why),
+                }),
+                Err(e) if e.is_permission_denied() => Some(format!(
+                    "the Redis user may not run INFO/BGSAVE/CONFIG ({e})"
+                )),
+                Err(e) => return Err(e.to_string()),
+            };
+            if let Some(why) = why {
+                if !self.warned_no_durability.swap(true, Ordering::Relaxed) {
+                    log::warn!(
+                        "index_done_callback cannot make writes durable: {why}; \
+                         continuing without a checkpoint (warned once)"
+                    );
                 }
-                Err(e.to_string())
-            })
-            .or_else(|r| r)
-            .map(|d| {
-                if let Durable::Unsupported(why) = d {
-                    if !self.warned_no_durability.swap(true, Ordering::Relaxed) {
-                        log::warn!(
-                            "index_done_callback cannot make writes durable: {why}; \
-                             continuing without a checkpoint (warned once)"
-                        );
-                    }
-                }
-            })
+            }
+            Ok(())
         });
         outcome.map_err(|reason| Error::Checkpoint { reason })
     }
@@ -311,14 +445,94 @@ impl RedisShared {
             Err(e) => log::debug!("cannot read maxmemory-policy ({e}); eviction check skipped"),
         }
     }
+
+    /// Waits until `wait_replicas` replicas confirmed this connection's writes of `keys`, when
+    /// asked to.
+    fn wait_for_replicas_cluster(
+        &self,
+        namespace: &str,
+        conn: &mut redis::cluster::ClusterConnection,
+        keys: &[String],
+    ) -> Result<()> {
+        let want = self.config.wait_replicas;
+        if want == 0 {
+            return Ok(());
+        }
+        let got = cluster::wait_for_keys(conn, keys, want, self.config.wait_timeout)
+            .map_err(|e| redis_error("upsert", namespace, e))?;
+        check_replicas(namespace, want, got)
+    }
 }
 
-/// Backoff before retry `attempt` (0-based): 25 ms doubling up to 1 s, with full jitter.
+fn check_replicas(namespace: &str, want: u32, got: i64) -> Result<()> {
+    if got < want as i64 {
+        return Err(Error::Replication {
+            namespace: namespace.to_string(),
+            wanted: want,
+            confirmed: got.max(0) as u32,
+        });
+    }
+    Ok(())
+}
+
+/// True when the connection cannot be reused: a reply may still be in flight, or it points at
+/// a server that is no longer the master.
+fn must_discard(e: &RedisError) -> bool {
+    crate::error::is_connection_error(e) || e.code() == Some("READONLY")
+}
+
+fn pool_error(operation: &'static str, namespace: &str, message: String) -> Error {
+    Error::Pool {
+        operation,
+        namespace: namespace.to_string(),
+        message,
+    }
+}
+
+fn redis_error(operation: &'static str, namespace: &str, source: RedisError) -> Error {
+    Error::Redis {
+        operation,
+        namespace: namespace.to_string(),
+        source,
+    }
+}
+
+/// A pipeline reply item as a result: server errors become `Err`.
+fn value_result(v: Value) -> RedisResult<Value> {
+    match v {
+        Value::ServerError(e) => Err(e.into()),
+        v => Ok(v),
+    }
+}
+
+/// Persistence commands over a single-server connection.
+struct ConnOps<'a>(&'a mut dyn ConnectionLike);
+
+/// Persistence commands routed to one cluster node by address.
+struct NodeOps<'a> {
+    conn: &'a mut redis::cluster::ClusterConnection,
+    host: &'a str,
+    port: u16,
+}
+
+impl PersistOps for ConnOps<'_> {
+    fn run(&mut self, cmd: &Cmd) -> RedisResult<Value> {
+        self.0.req_command(cmd)
+    }
+}
+
+impl PersistOps for NodeOps<'_> {
+    fn run(&mut self, cmd: &Cmd) -> RedisResult<Value> {
+        cluster::on_node(self.conn, self.host, self.port, cmd)
+    }
+}
+
+/// Backoff before retry `attempt` (0-based): 25 ms doubling up to 1 s, with jitter.
 fn backoff(attempt: u32) -> Duration {
-    let cap = Duration::from_millis(25 * 2u64.pow(attempt.min(6))).min(Duration::from_secs(1));
+    let cap = (25u64 << attempt.min(6)).min(1_000);
     // RandomState is seeded randomly per instance: enough jitter without a rand dependency.
     let r = RandomState::new().build_hasher().finish();
-    Duration::from_millis(cap.as_millis() as u64 / 2 + r % (cap.as_millis() as u64 / 2 + 1))
+    Duration::from_millis(cap / 2 + r % (cap / 2 + 1))
 }
 
 /// Escapes Redis glob characters so the string matches only itself in SCAN MATCH.
@@ -357,7 +571,7 @@ impl RedisStore {
         k
     }
 
-    fn decode(&self, id: &str, bytes: &[u8]) -> Result<Value> {
+    fn decode(&self, id: &str, bytes: &[u8]) -> Result<Json> {
         Codec::decode(bytes).map_err(|reason| Error::Decode {
             namespace: self.namespace.clone(),
             key: self.key(id),
@@ -365,11 +579,23 @@ impl RedisStore {
         })
     }
 
-    fn redis_err(&self, operation: &'static str, source: RedisError) -> Error {
+    /// The error for a per-key failure inside a batch.
+    fn key_error(&self, operation: &'static str, id: &str, e: RedisError) -> Error {
+        if e.code() == Some("WRONGTYPE") {
+            return self.wrong_type(id, "non-string value");
+        }
         Error::Redis {
             operation,
             namespace: self.namespace.clone(),
-            source,
+            source: e,
+        }
+    }
+
+    fn wrong_type(&self, id: &str, found: &str) -> Error {
+        Error::WrongType {
+            namespace: self.namespace.clone(),
+            key: self.key(id),
+            found: found.to_string(),
         }
     }
 
@@ -383,36 +609,28 @@ impl RedisStore {
         if existing == 0 {
             return Ok(());
         }
-        let types: Vec<String> = self.shared.with_conn("get_by_ids", &self.namespace, |c| {
-            let mut p = redis::pipe();
-            for k in &keys {
-                p.cmd("TYPE").arg(k);
-            }
-            p.query(c)
-        })?;
-        for (k, t) in keys.into_iter().zip(types) {
-            if t != "none" && t != "string" {
-                return Err(Error::WrongType {
-                    namespace: self.namespace.clone(),
-                    key: k,
-                    found: t,
-                });
+        let cmds: Vec<Cmd> = keys
+            .iter()
+            .map(|k| redis::cmd("TYPE").arg(k).clone())
+            .collect();
+        let types = self.shared.batch("get_by_ids", &self.namespace, cmds)?;
+        for (id, t) in ids.iter().zip(types) {
+            let t: String = t
+                .and_then(|v| Ok(redis::from_redis_value(v)?))
+                .unwrap_or_default();
+            if t != "none" && t != "string" && !t.is_empty() {
+                return Err(self.wrong_type(id, &t));
             }
         }
         Ok(())
     }
 
-    fn encode_items(&self, items: &[Item]) -> Result<Vec<Vec<u8>>> {
-        items
-            .iter()
-            .map(|(id, v)| {
-                self.shared.codec.encode(v).map_err(|reason| Error::Encode {
-                    namespace: self.namespace.clone(),
-                    key: display_id(id),
-                    reason,
-                })
-            })
-            .collect()
+    fn encode(&self, id: &str, v: &Json) -> Result<Vec<u8>> {
+        self.shared.codec.encode(v).map_err(|reason| Error::Encode {
+            namespace: self.namespace.clone(),
+            key: display_id(id),
+            reason,
+        })
     }
 
     fn pattern(&self) -> String {
@@ -435,16 +653,99 @@ impl RedisStore {
             }),
         }
     }
-}
 
-/// Appends `SET key value [EX ttl]` for each item to `pipe`.
-fn add_sets(pipe: &mut redis::Pipeline, keys: &[String], values: &[Vec<u8>], ttl: u64) {
-    for (k, v) in keys.iter().zip(values) {
-        let cmd = pipe.cmd("SET").arg(k).arg(v.as_slice());
-        if ttl > 0 {
-            cmd.arg("EX").arg(ttl);
+    /// One single-key command per id, as a batch; per-key failures name the id.
+    fn per_key(
+        &self,
+        operation: &'static str,
+        command: &str,
+        ids: &[String],
+    ) -> Result<Vec<Value>> {
+        let mut key = String::with_capacity(self.key_prefix.len() + 64);
+        let cmds: Vec<Cmd> = ids
+            .iter()
+            .map(|id| {
+                key.clear();
+                key.push_str(&self.key_prefix);
+                key.push_str(id);
+                let mut c = redis::cmd(command);
+                c.arg(key.as_str());
+                c
+            })
+            .collect();
+        let results = self.shared.batch(operation, &self.namespace, cmds)?;
+        ids.iter()
+            .zip(results)
+            .map(|(id, r)| r.map_err(|e| self.key_error(operation, id, e)))
+            .collect()
+    }
+
+    fn write_chunk(&self, keys: &[String], values: &[Vec<u8>]) -> Result<()> {
+        let ttl = self.ttl;
+        let want = self.shared.config.wait_replicas;
+        let set = |k: &String, v: &Vec<u8>| {
+            let mut c = redis::cmd("SET");
+            c.arg(k).arg(v.as_slice());
+            if ttl > 0 {
+                c.arg("EX").arg(ttl);
+            }
+            c
+        };
+        match &self.shared.conns {
+            Conns::Single(_) => {
+                let confirmed = self.shared.with_conn("upsert", &self.namespace, |c| {
+                    let mut p = redis::pipe();
+                    for (k, v) in keys.iter().zip(values) {
+                        p.add_command(set(k, v)).ignore();
+                    }
+                    if want > 0 {
+                        // WAIT counts the replicas that have every write of this connection.
+                        p.cmd("WAIT")
+                            .arg(want)
+                            .arg(self.shared.config.wait_timeout.as_millis() as u64);
+                        let (n,): (i64,) = p.query(c)?;
+                        Ok(n)
+                    } else {
+                        p.query::<()>(c)?;
+                        Ok(0)
+                    }
+                })?;
+                if want > 0 {
+                    check_replicas(&self.namespace, want, confirmed)?;
+                }
+                Ok(())
+            }
+            Conns::Cluster(pool) => {
+                let cmds: Vec<Cmd> = keys.iter().zip(values).map(|(k, v)| set(k, v)).collect();
+                self.shared.retrying("upsert", &self.namespace, || {
+                    let mut c = pool
+                        .get()
+                        .map_err(|m| pool_error("upsert", &self.namespace, m))?;
+                    let out = cluster::pipeline(&mut c.conn, &cmds);
+                    if out.as_ref().err().is_some_and(must_discard) {
+                        c.mark_broken();
+                    }
+                    let results = out.map_err(|e| redis_error("upsert", &self.namespace, e))?;
+                    if let Some((i, e)) = results
+                        .into_iter()
+                        .enumerate()
+                        .find_map(|(i, r)| r.err().map(|e| (i, e)))
+                    {
+                        return Err(Error::Redis {
+                            operation: "upsert",
+                            namespace: self.namespace.clone(),
+                            source: RedisError::from((
+                                redis::ErrorKind::Extension,
+                                "SET failed",
+                                format!("{}: {e}", display_id(&keys[i])),
+                            )),
+                        });
+                    }
+                    self.shared
+                        .wait_for_replicas_cluster(&self.namespace, &mut c.conn, keys)
+                })
+            }
         }
-        cmd.ignore();
     }
 }
 
@@ -457,10 +758,10 @@ impl KvStore for RedisStore {
         let mut seen = HashSet::new();
         let mut ids = Vec::new();
         self.shared
-            .scan("all_keys", &self.namespace, &self.pattern(), |keys| {
+            .scan("all_keys", &self.namespace, &self.pattern(), &mut |keys| {
                 for k in keys {
                     let id = self.id_of(k)?;
-                    // SCAN may return a key more than once (e.g. during a rehash).
+                    // SCAN may return a key more than once (rehashing, slot migration).
                     if seen.insert(id.clone()) {
                         ids.push(id);
                     }
@@ -470,7 +771,7 @@ impl KvStore for RedisStore {
         Ok(ids)
     }
 
-    fn get_by_id(&self, id: &str) -> Result<Option<Value>> {
+    fn get_by_id(&self, id: &str) -> Result<Option<Json>> {
         validate_id(&self.namespace, id)?;
         let key = self.key(id);
         let bytes: Option<Vec<u8>> = self
@@ -480,50 +781,61 @@ impl KvStore for RedisStore {
             })
             .map_err(|e| match e {
                 Error::Redis { source, .. } if source.code() == Some("WRONGTYPE") => {
-                    Error::WrongType {
-                        namespace: self.namespace.clone(),
-                        key: key.clone(),
-                        found: "non-string value".into(),
-                    }
+                    self.wrong_type(id, "non-string value")
                 }
                 other => other,
             })?;
         bytes.map(|b| self.decode(id, &b)).transpose()
     }
 
-    fn get_by_ids(&self, ids: &[String], fields: Option<&[String]>) -> Result<Vec<Option<Value>>> {
+    fn get_by_ids(&self, ids: &[String], fields: Option<&[String]>) -> Result<Vec<Option<Json>>> {
         validate_ids(&self.namespace, ids)?;
         let mut out = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(READ_CHUNK) {
-            let mut cmd = redis::cmd("MGET");
-            let mut key = String::with_capacity(self.key_prefix.len() + 64);
-            for id in chunk {
-                key.clear();
-                key.push_str(&self.key_prefix);
-                key.push_str(id);
-                cmd.arg(key.as_str());
-            }
-            let values: Vec<Option<Vec<u8>>> =
-                self.shared
-                    .with_conn("get_by_ids", &self.namespace, |c| cmd.query(c))?;
-            if values.len() != chunk.len() {
-                return Err(self.redis_err(
-                    "get_by_ids",
-                    RedisError::from((
-                        redis::ErrorKind::UnexpectedReturnType,
-                        "MGET returned a different number of values than keys asked",
-                    )),
-                ));
-            }
-            let missing: Vec<&String> = chunk
-                .iter()
-                .zip(&values)
-                .filter(|(_, v)| v.is_none())
-                .map(|(id, _)| id)
-                .collect();
-            if !missing.is_empty() {
-                self.check_missing_types(&missing)?;
-            }
+            let values: Vec<Option<Vec<u8>>> = match &self.shared.conns {
+                Conns::Single(_) => {
+                    // One MGET: the cheapest form for the server and the reply parser.
+                    let mut cmd = redis::cmd("MGET");
+                    let mut key = String::with_capacity(self.key_prefix.len() + 64);
+                    for id in chunk {
+                        key.clear();
+                        key.push_str(&self.key_prefix);
+                        key.push_str(id);
+                        cmd.arg(key.as_str());
+                    }
+                    let values: Vec<Option<Vec<u8>>> =
+                        self.shared
+                            .with_conn("get_by_ids", &self.namespace, |c| cmd.query(c))?;
+                    if values.len() != chunk.len() {
+                        return Err(redis_error(
+                            "get_by_ids",
+                            &self.namespace,
+                            RedisError::from((
+                                redis::ErrorKind::Parse,
+                                "MGET returned a different number of values than keys asked",
+                            )),
+                        ));
+                    }
+                    let missing: Vec<&String> = chunk
+                        .iter()
+                        .zip(&values)
+                        .filter(|(_, v)| v.is_none())
+                        .map(|(id, _)| id)
+                        .collect();
+                    if !missing.is_empty() {
+                        self.check_missing_types(&missing)?;
+                    }
+                    values
+                }
+                // A cluster gets single-key GETs (never a multi-slot MGET): WRONGTYPE then
+                // comes back per key.
+                Conns::Cluster(_) => self
+                    .per_key("get_by_ids", "GET", chunk)?
+                    .into_iter()
+                    .map(|v| redis::from_redis_value(v).map_err(RedisError::from))
+                    .collect::<RedisResult<_>>()
+                    .map_err(|e| redis_error("get_by_ids", &self.namespace, e))?,
+            };
             for (id, v) in chunk.iter().zip(values) {
                 out.push(match v {
                     None => None,
@@ -538,14 +850,9 @@ impl KvStore for RedisStore {
         validate_ids(&self.namespace, ids)?;
         let mut present = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(READ_CHUNK) {
-            let mut p = redis::pipe();
-            for id in chunk {
-                p.cmd("EXISTS").arg(self.key(id));
+            for v in self.per_key("filter_keys", "EXISTS", chunk)? {
+                present.push(matches!(v, Value::Int(n) if n > 0));
             }
-            let found: Vec<bool> = self
-                .shared
-                .with_conn("filter_keys", &self.namespace, |c| p.query(c))?;
-            present.extend(found);
         }
         Ok(missing_in_order(ids, |i| present[i]))
     }
@@ -559,10 +866,7 @@ impl KvStore for RedisStore {
             let mut bytes = 0usize;
             let mut values = Vec::new();
             while end < items.len() && end - start < WRITE_CHUNK && bytes < WRITE_CHUNK_BYTES {
-                let v = self
-                    .encode_items(&items[end..end + 1])?
-                    .pop()
-                    .unwrap_or_default();
+                let v = self.encode(&items[end].0, &items[end].1)?;
                 bytes += v.len();
                 values.push(v);
                 end += 1;
@@ -571,10 +875,7 @@ impl KvStore for RedisStore {
                 .iter()
                 .map(|(id, _)| self.key(id))
                 .collect();
-            let mut pipe = redis::pipe();
-            add_sets(&mut pipe, &keys, &values, self.ttl);
-            self.shared
-                .with_conn("upsert", &self.namespace, |c| pipe.query::<()>(c))?;
+            self.write_chunk(&keys, &values)?;
             start = end;
         }
         Ok(())
@@ -583,22 +884,39 @@ impl KvStore for RedisStore {
     fn delete_by_ids(&self, ids: &[String]) -> Result<()> {
         validate_ids(&self.namespace, ids)?;
         for chunk in ids.chunks(READ_CHUNK) {
-            let keys: Vec<String> = chunk.iter().map(|id| self.key(id)).collect();
-            self.shared
-                .with_conn("delete_by_ids", &self.namespace, |c| {
-                    redis::cmd("UNLINK").arg(&keys).query::<()>(c)
-                })?;
+            match &self.shared.conns {
+                Conns::Single(_) => {
+                    let keys: Vec<String> = chunk.iter().map(|id| self.key(id)).collect();
+                    self.shared
+                        .with_conn("delete_by_ids", &self.namespace, |c| {
+                            redis::cmd("UNLINK").arg(&keys).query::<()>(c)
+                        })?;
+                }
+                Conns::Cluster(_) => {
+                    self.per_key("delete_by_ids", "UNLINK", chunk)?;
+                }
+            }
         }
         Ok(())
     }
 
     fn clear(&self) -> Result<()> {
-        let shared = &self.shared;
-        shared.scan("clear", &self.namespace, &self.pattern(), |keys| {
-            shared.with_conn("clear", &self.namespace, |c| {
-                redis::cmd("UNLINK").arg(&keys).query::<()>(c)
-            })
-        })
+        let mut keys = Vec::new();
+        self.shared
+            .scan("clear", &self.namespace, &self.pattern(), &mut |page| {
+                keys.extend(page);
+                Ok(())
+            })?;
+        for chunk in keys.chunks(READ_CHUNK) {
+            let cmds: Vec<Cmd> = chunk
+                .iter()
+                .map(|k| redis::cmd("UNLINK").arg(k.as_slice()).clone())
+                .collect();
+            for r in self.shared.batch("clear", &self.namespace, cmds)? {
+                r.map_err(|e| redis_error("clear", &self.namespace, e))?;
+            }
+        }
+        Ok(())
     }
 
     fn index_start_callback(&self) -> Result<()> {
@@ -616,7 +934,7 @@ impl KvStore for RedisStore {
         let mut count = 0u64;
         let mut sample: Vec<Vec<u8>> = Vec::new();
         self.shared
-            .scan("stats", &self.namespace, &self.pattern(), |keys| {
+            .scan("stats", &self.namespace, &self.pattern(), &mut |keys| {
                 count += keys.len() as u64;
                 let room = STATS_SAMPLE.saturating_sub(sample.len());
                 sample.extend(keys.into_iter().take(room));
@@ -625,14 +943,19 @@ impl KvStore for RedisStore {
         let bytes = if sample.is_empty() {
             0
         } else {
-            let lens: Vec<u64> = self.shared.with_conn("stats", &self.namespace, |c| {
-                let mut p = redis::pipe();
-                for k in &sample {
-                    p.cmd("STRLEN").arg(k.as_slice());
-                }
-                p.query(c)
-            })?;
-            let total: u64 = lens.iter().sum();
+            let cmds: Vec<Cmd> = sample
+                .iter()
+                .map(|k| redis::cmd("STRLEN").arg(k.as_slice()).clone())
+                .collect();
+            let total: u64 = self
+                .shared
+                .batch("stats", &self.namespace, cmds)?
+                .into_iter()
+                .map(|r| match r {
+                    Ok(Value::Int(n)) => n.max(0) as u64,
+                    _ => 0,
+                })
+                .sum();
             total * count / sample.len() as u64
         };
         Ok(NamespaceStats {

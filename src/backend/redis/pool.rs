@@ -13,11 +13,18 @@ use redis::{Client, Connection, ConnectionLike, RedisError};
 use crate::config::RedisConfig;
 
 /// Opens connections with a connect timeout and sets the socket timeouts on them.
-#[derive(Debug)]
 pub(crate) struct Manager {
-    client: Client,
+    connector: Connector,
     connection_timeout: Duration,
     socket_timeout: Duration,
+}
+
+/// Where new connections go: a fixed server, or the master that Sentinel names at that moment.
+enum Connector {
+    Direct(Client),
+    /// Asked again for every new connection, so after a failover new connections reach the new
+    /// master; connections to the old one fail (or answer READONLY) and are discarded.
+    Sentinel(redis::sentinel::LockedSentinelClient),
 }
 
 /// A pooled connection with the bookkeeping the health check needs.
@@ -41,9 +48,12 @@ impl r2d2::ManageConnection for Manager {
     type Error = RedisError;
 
     fn connect(&self) -> Result<PooledConn, RedisError> {
-        let conn = self
-            .client
-            .get_connection_with_timeout(self.connection_timeout)?;
+        let conn = match &self.connector {
+            Connector::Direct(client) => {
+                client.get_connection_with_timeout(self.connection_timeout)?
+            }
+            Connector::Sentinel(sentinel) => sentinel.get_connection()?,
+        };
         conn.set_read_timeout(Some(self.socket_timeout))?;
         conn.set_write_timeout(Some(self.socket_timeout))?;
         Ok(PooledConn {
@@ -65,7 +75,7 @@ impl r2d2::ManageConnection for Manager {
 /// Logs pool-level connection failures at debug level: the operation that waited for the
 /// connection reports the failure itself, once, with context.
 #[derive(Debug)]
-struct QuietErrors;
+pub(crate) struct QuietErrors;
 
 impl r2d2::HandleError<RedisError> for QuietErrors {
     fn handle_error(&self, error: RedisError) {
@@ -84,18 +94,35 @@ impl RedisPool {
     /// A pool for `config`. Opens no connection yet (`build_unchecked`), so a store can be
     /// created while the server is down; the first operation reports the failure.
     pub(crate) fn new(config: &RedisConfig) -> Result<RedisPool, RedisError> {
-        let mut info = redis::IntoConnectionInfo::into_connection_info(config.url.as_str())?;
-        let mut settings = info.redis_settings().clone();
-        if let Some(u) = &config.username {
-            settings = settings.set_username(u);
-        }
-        if let Some(p) = &config.password {
-            settings = settings.set_password(p);
-        }
-        info = info.set_redis_settings(settings);
-        let client = Client::open(info)?;
+        let connector = if config.sentinel_urls.is_empty() {
+            let url = config
+                .urls()
+                .first()
+                .copied()
+                .unwrap_or(config.url.as_str());
+            let mut info = redis::IntoConnectionInfo::into_connection_info(url)?;
+            let settings = with_credentials(info.redis_settings().clone(), config);
+            info = info.set_redis_settings(settings);
+            Connector::Direct(Client::open(info)?)
+        } else {
+            // Credentials apply to the data nodes; the sentinels' own come from their URLs.
+            let node =
+                redis::sentinel::SentinelNodeConnectionInfo::default().set_redis_connection_info(
+                    with_credentials(redis::RedisConnectionInfo::default(), config),
+                );
+            let client = redis::sentinel::SentinelClient::build(
+                config.sentinel_urls.iter().map(String::as_str).collect(),
+                config
+                    .sentinel_master
+                    .clone()
+                    .unwrap_or_else(|| "mymaster".to_string()),
+                Some(node),
+                redis::sentinel::SentinelServerType::Master,
+            )?;
+            Connector::Sentinel(redis::sentinel::LockedSentinelClient::new(client))
+        };
         let manager = Manager {
-            client,
+            connector,
             connection_timeout: config.connection_timeout,
             socket_timeout: config.socket_timeout,
         };
@@ -184,4 +211,18 @@ impl ConnectionLike for PooledConn {
     fn is_open(&self) -> bool {
         self.conn.is_open()
     }
+}
+
+/// Applies `REDIS_USERNAME` / `REDIS_PASSWORD`, which override credentials in the URL.
+fn with_credentials(
+    mut settings: redis::RedisConnectionInfo,
+    config: &RedisConfig,
+) -> redis::RedisConnectionInfo {
+    if let Some(u) = &config.username {
+        settings = settings.set_username(u);
+    }
+    if let Some(p) = &config.password {
+        settings = settings.set_password(p);
+    }
+    settings
 }
