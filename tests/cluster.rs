@@ -275,3 +275,72 @@ fn sentinel_failover_keeps_writes_going() {
     let ids: Vec<String> = (0..200).map(|i| format!("a{i}")).collect();
     assert!(s.filter_keys(&ids).unwrap().is_empty());
 }
+
+/// Runs the `graphrag-kv` command with only the given variables set.
+fn cli(vars: &[(&str, String)], args: &[&str]) -> std::process::Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_graphrag-kv"));
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default());
+    for (k, v) in vars {
+        cmd.env(k, v);
+    }
+    cmd.args(args).output().unwrap()
+}
+
+#[test]
+fn command_line_works_on_cluster_and_through_sentinel() {
+    let cluster = RedisCluster::start();
+    let set = RedisSentinelSet::start();
+    let setups: Vec<Vec<(&str, String)>> = vec![
+        vec![
+            ("STORAGE_KV_BACKEND", "redis".into()),
+            ("REDIS_URL", cluster.url_list()),
+        ],
+        vec![
+            ("STORAGE_KV_BACKEND", "redis".into()),
+            ("REDIS_SENTINEL_URLS", set.sentinel_url_list()),
+            ("REDIS_SENTINEL_MASTER", set.master_name().to_string()),
+        ],
+    ];
+    for vars in setups {
+        for i in 0..20 {
+            let out = cli(
+                &vars,
+                &[
+                    "put",
+                    "text_chunks",
+                    &format!("id-{i}"),
+                    &format!("{{\"n\": {i}}}"),
+                ],
+            );
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let out = cli(&vars, &["get", "text_chunks", "id-7"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap(),
+            json!({"n": 7})
+        );
+        let out = cli(&vars, &["keys", "text_chunks"]);
+        assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 20);
+        let out = cli(&vars, &["stats", "--json"]);
+        let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(stats["namespaces"]["text_chunks"]["keys"], 20, "{stats}");
+        let out = cli(&vars, &["clear", "text_chunks"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = cli(&vars, &["get", "text_chunks", "id-7"]);
+        assert_eq!(out.status.code(), Some(1));
+    }
+}
