@@ -5,7 +5,7 @@
 //! |---|---|---|
 //! | `STORAGE_KV_BACKEND` | `json` | `json` or `redis` |
 //! | `STORAGE_WORKING_DIR` | `./nano_graphrag_cache` | directory of the JSON files |
-//! | `REDIS_URL` | `redis://localhost:6379` | server URL (`rediss://` for TLS is not built in) |
+//! | `REDIS_URL` | `redis://localhost:6379` | server URL; `rediss://` for TLS |
 //! | `REDIS_USERNAME`, `REDIS_PASSWORD` | none | ACL credentials; override the URL's |
 //! | `REDIS_MAX_CONNECTIONS` | 50 | connection pool size |
 //! | `REDIS_CONNECTION_TIMEOUT` | 5.0 | seconds to open a connection |
@@ -22,17 +22,30 @@
 //! | `REDIS_TTL_CHUNKS` | 0 | TTL of `text_chunks` |
 //! | `REDIS_TTL_DOCS` | 0 | TTL of `full_docs` |
 //! | `REDIS_TTL_<NAME>` | 0 | TTL of any other namespace |
+//! | `KV_FALLBACK` | `none` | `json`: journal writes locally while Redis is unreachable |
+//! | `KV_FALLBACK_DIR` | `STORAGE_WORKING_DIR/journal` | directory of the journals |
 //! | `REDIS_CLUSTER` | `auto` | `auto`, `true` or `false` |
 //! | `REDIS_READ_FROM_REPLICAS` | false | cluster reads from replicas (may be stale) |
 //! | `REDIS_WAIT_REPLICAS` | 0 | replicas that must confirm each write batch |
 //! | `REDIS_WAIT_TIMEOUT` | 2.0 | seconds to wait for those confirmations |
 //! | `REDIS_SENTINEL_URLS` | none | sentinel URLs, comma-separated |
 //! | `REDIS_SENTINEL_MASTER` | `mymaster` | the master's name for Sentinel |
+//! | `REDIS_TLS_CA_CERT` | none | PEM file of the CA(s) to trust for `rediss://` instead of the system's |
+//! | `REDIS_TLS_CLIENT_CERT` | none | PEM certificate (chain) for mutual TLS; needs `REDIS_TLS_CLIENT_KEY` |
+//! | `REDIS_TLS_CLIENT_KEY` | none | PEM private key (PKCS#8, PKCS#1 or SEC1) of that certificate |
+//!
+//! The TLS files are read when the configuration is built (so a missing or malformed file is
+//! reported there, naming the variable and the file) and again when the connections are
+//! created. Setting any of them requires `rediss://` URLs: a plain `redis://` URL would send
+//! everything, the password included, in clear text.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::error::{Error, Result};
 use crate::store::{
@@ -138,6 +151,14 @@ pub struct RedisConfig {
     pub sentinel_urls: Vec<String>,
     /// The master's name for Sentinel. Defaults to none (`mymaster` when `sentinel_urls` is set).
     pub sentinel_master: Option<String>,
+    /// PEM file of the certificate authorities trusted for `rediss://` connections, replacing
+    /// the system's trust store. Defaults to none (the system's roots).
+    pub tls_ca_cert: Option<PathBuf>,
+    /// PEM certificate (or chain) presented to the server for mutual TLS. Defaults to none.
+    pub tls_client_cert: Option<PathBuf>,
+    /// PEM private key of `tls_client_cert`. Defaults to none. Only the path is kept here: the
+    /// key is read when connections are created and never printed.
+    pub tls_client_key: Option<PathBuf>,
 }
 
 /// How the Redis backend finds its keys.
@@ -161,6 +182,155 @@ impl RedisConfig {
             .filter(|u| !u.is_empty())
             .collect()
     }
+
+    /// True when the URLs use TLS (`rediss://`).
+    pub fn uses_tls(&self) -> bool {
+        self.urls().iter().any(|u| is_tls_url(u))
+    }
+
+    /// True when a CA file or a client certificate or key is configured.
+    fn has_tls_files(&self) -> bool {
+        self.tls_ca_cert.is_some()
+            || self.tls_client_cert.is_some()
+            || self.tls_client_key.is_some()
+    }
+
+    /// Checks the TLS settings: `rediss://` URLs when TLS files are set, both halves of a
+    /// client identity, and files that can be read and parsed.
+    fn check_tls(&self) -> Result<()> {
+        if !self.has_tls_files() {
+            return Ok(());
+        }
+        if !self.sentinel_urls.is_empty() {
+            return Err(config_error(
+                "REDIS_SENTINEL_URLS",
+                &redact_url(&self.sentinel_urls.join(",")),
+                "no Sentinel when REDIS_TLS_CA_CERT, REDIS_TLS_CLIENT_CERT or \
+                 REDIS_TLS_CLIENT_KEY is set: TLS through Sentinel is not supported",
+            ));
+        }
+        if let Some(u) = self.urls().into_iter().find(|u| !is_tls_url(u)) {
+            return Err(config_error(
+                "REDIS_URL",
+                &redact_url(u),
+                "rediss:// URLs when REDIS_TLS_CA_CERT, REDIS_TLS_CLIENT_CERT or \
+                 REDIS_TLS_CLIENT_KEY is set (a redis:// URL would send the data and the \
+                 password in clear text)",
+            ));
+        }
+        self.tls_certificates().map(|_| ())
+    }
+
+    /// The TLS files' contents as the `redis` crate takes them; `None` when no file is set
+    /// (a `rediss://` URL then trusts the system's roots).
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the variable and the file: unreadable, not PEM, no certificate
+    /// or key in it, or a client certificate without its key (or the reverse).
+    pub(crate) fn tls_certificates(&self) -> Result<Option<redis::TlsCertificates>> {
+        if !self.has_tls_files() {
+            return Ok(None);
+        }
+        let root_cert = match &self.tls_ca_cert {
+            None => None,
+            Some(path) => {
+                let pem = read_tls_file("REDIS_TLS_CA_CERT", path, "CA certificates")?;
+                let mut roots = rustls::RootCertStore::empty();
+                for cert in parse_certificates("REDIS_TLS_CA_CERT", path, &pem)? {
+                    roots.add(cert).map_err(|e| {
+                        tls_file_error(
+                            "REDIS_TLS_CA_CERT",
+                            path,
+                            &format!("a usable CA certificate in it ({e})"),
+                        )
+                    })?;
+                }
+                Some(pem)
+            }
+        };
+        let client_tls = match (&self.tls_client_cert, &self.tls_client_key) {
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(config_error(
+                    "REDIS_TLS_CLIENT_KEY",
+                    "",
+                    "the private key of REDIS_TLS_CLIENT_CERT (mutual TLS needs both)",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(config_error(
+                    "REDIS_TLS_CLIENT_CERT",
+                    "",
+                    "the certificate of REDIS_TLS_CLIENT_KEY (mutual TLS needs both)",
+                ))
+            }
+            (Some(cert_path), Some(key_path)) => {
+                let client_cert =
+                    read_tls_file("REDIS_TLS_CLIENT_CERT", cert_path, "a client certificate")?;
+                parse_certificates("REDIS_TLS_CLIENT_CERT", cert_path, &client_cert)?;
+                let client_key = read_tls_file("REDIS_TLS_CLIENT_KEY", key_path, "a private key")?;
+                // The parser's message is left out: it may quote a line of the key file.
+                PrivateKeyDer::from_pem_slice(&client_key).map_err(|_| {
+                    tls_file_error(
+                        "REDIS_TLS_CLIENT_KEY",
+                        key_path,
+                        "a PEM private key (PKCS#8, PKCS#1 or SEC1) in it; none found",
+                    )
+                })?;
+                Some(redis::ClientTlsConfig {
+                    client_cert,
+                    client_key,
+                })
+            }
+        };
+        Ok(Some(redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        }))
+    }
+}
+
+/// True for a URL with a TLS scheme (`rediss://`, or Valkey's `valkeys://`).
+fn is_tls_url(url: &str) -> bool {
+    let u = url.trim_start().to_ascii_lowercase();
+    u.starts_with("rediss://") || u.starts_with("valkeys://")
+}
+
+fn tls_file_error(variable: &str, path: &Path, expected: &str) -> Error {
+    Error::Config {
+        variable: variable.to_string(),
+        value: path.display().to_string(),
+        expected: expected.to_string(),
+    }
+}
+
+fn read_tls_file(variable: &str, path: &Path, what: &str) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| {
+        tls_file_error(
+            variable,
+            path,
+            &format!("a readable PEM file of {what} (cannot read it: {e})"),
+        )
+    })
+}
+
+/// The certificates of a PEM file: at least one.
+fn parse_certificates(
+    variable: &str,
+    path: &Path,
+    pem: &[u8],
+) -> Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| tls_file_error(variable, path, &format!("a valid PEM file ({e})")))?;
+    if certs.is_empty() {
+        return Err(tls_file_error(
+            variable,
+            path,
+            "a PEM file with at least one CERTIFICATE block; none found",
+        ));
+    }
+    Ok(certs)
 }
 
 impl fmt::Debug for RedisConfig {
@@ -193,6 +363,10 @@ impl fmt::Debug for RedisConfig {
                     .collect::<Vec<_>>(),
             )
             .field("sentinel_master", &self.sentinel_master)
+            // Paths only: the files' contents (a private key) are never held here.
+            .field("tls_ca_cert", &self.tls_ca_cert)
+            .field("tls_client_cert", &self.tls_client_cert)
+            .field("tls_client_key", &self.tls_client_key)
             .finish()
     }
 }
@@ -220,6 +394,9 @@ impl Default for RedisConfig {
             wait_timeout: Duration::from_secs(2),
             sentinel_urls: Vec::new(),
             sentinel_master: None,
+            tls_ca_cert: None,
+            tls_client_cert: None,
+            tls_client_key: None,
         }
     }
 }
@@ -307,6 +484,13 @@ fn is_reserved_ttl_name(name: &str) -> bool {
     })
 }
 
+/// Where writes go while Redis is unreachable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FallbackConfig {
+    /// Directory of the journals. Defaults to `STORAGE_WORKING_DIR/journal`.
+    pub dir: PathBuf,
+}
+
 /// Everything needed to open stores. Build it with [`StoreConfig::builder`] or
 /// [`StoreConfig::from_env`].
 #[derive(Debug, Clone, PartialEq)]
@@ -317,6 +501,9 @@ pub struct StoreConfig {
     pub json: JsonConfig,
     /// Redis backend settings.
     pub redis: RedisConfig,
+    /// Journal writes locally while Redis is unreachable (`KV_FALLBACK=json`). Defaults to
+    /// none: a Redis outage is an error for the caller.
+    pub fallback: Option<FallbackConfig>,
 }
 
 impl Default for StoreConfig {
@@ -327,6 +514,7 @@ impl Default for StoreConfig {
                 working_dir: PathBuf::from("./nano_graphrag_cache"),
             },
             redis: RedisConfig::default(),
+            fallback: None,
         }
     }
 }
@@ -395,6 +583,17 @@ impl StoreConfigBuilder {
         }
         if let Some(v) = get("STORAGE_WORKING_DIR") {
             c.json.working_dir = PathBuf::from(v);
+        }
+        match get("KV_FALLBACK").map(|v| v.trim().to_ascii_lowercase()) {
+            None => {}
+            Some(v) if v == "none" || v == "false" || v == "0" || v == "no" => {}
+            Some(v) if v == "json" => {
+                let dir = get("KV_FALLBACK_DIR")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| c.json.working_dir.join("journal"));
+                c.fallback = Some(FallbackConfig { dir });
+            }
+            Some(v) => return Err(config_error("KV_FALLBACK", &v, "json or none")),
         }
         let r = &mut c.redis;
         if let Some(v) = get("REDIS_URL") {
@@ -475,6 +674,15 @@ impl StoreConfigBuilder {
         }
         if let Some(v) = get("REDIS_SENTINEL_MASTER") {
             r.sentinel_master = Some(v.trim().to_string());
+        }
+        if let Some(v) = get("REDIS_TLS_CA_CERT") {
+            r.tls_ca_cert = Some(PathBuf::from(v.trim()));
+        }
+        if let Some(v) = get("REDIS_TLS_CLIENT_CERT") {
+            r.tls_client_cert = Some(PathBuf::from(v.trim()));
+        }
+        if let Some(v) = get("REDIS_TLS_CLIENT_KEY") {
+            r.tls_client_key = Some(PathBuf::from(v.trim()));
         }
         for (namespace, documented, reference) in TTL_VARIABLES {
             let a = get(documented)
@@ -608,6 +816,27 @@ impl StoreConfigBuilder {
         self.config.redis.sentinel_master = Some(master.into());
         self
     }
+    /// Journals writes in `dir` while Redis is unreachable.
+    pub fn fallback_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.config.fallback = Some(FallbackConfig { dir: dir.into() });
+        self
+    }
+    /// Trusts the CAs of this PEM file for `rediss://` connections instead of the system's.
+    pub fn tls_ca_cert(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config.redis.tls_ca_cert = Some(path.into());
+        self
+    }
+    /// Presents this PEM certificate (chain) to the server, for mutual TLS; needs
+    /// [`StoreConfigBuilder::tls_client_key`].
+    pub fn tls_client_cert(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config.redis.tls_client_cert = Some(path.into());
+        self
+    }
+    /// The PEM private key of [`StoreConfigBuilder::tls_client_cert`].
+    pub fn tls_client_key(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config.redis.tls_client_key = Some(path.into());
+        self
+    }
     /// Sets the TTL of one namespace, in seconds (0 = no expiry).
     pub fn ttl(mut self, namespace: &str, seconds: u64) -> Self {
         self.config.redis.ttl.set(namespace, seconds);
@@ -677,6 +906,7 @@ impl StoreConfigBuilder {
                     }
                 }
             }
+            r.check_tls()?;
             if !r.sentinel_urls.is_empty() && r.cluster == ClusterMode::Cluster {
                 return Err(config_error(
                     "REDIS_CLUSTER",

@@ -62,6 +62,7 @@ pub mod backend;
 pub mod codec;
 pub mod config;
 pub mod error;
+pub mod fallback;
 pub mod llm_hash;
 mod open;
 pub mod store;

@@ -6,6 +6,7 @@ use crate::backend::json_file::JsonDir;
 use crate::backend::redis::RedisShared;
 use crate::config::{BackendKind, RedisConfig, StoreConfig};
 use crate::error::Result;
+use crate::fallback::{Fallback, FallbackGuard};
 use crate::store::KvStore;
 
 /// Opens namespaces of one configured backend, sharing what they can: one Redis connection
@@ -20,7 +21,15 @@ pub struct Storage {
 #[derive(Debug, Clone)]
 enum Inner {
     Json(Arc<JsonDir>),
-    Redis(Arc<RedisShared>),
+    Redis(Arc<RedisShared>, Option<FallbackParts>),
+}
+
+/// The fallback of a Redis storage and the guard of its prober thread (stopped when the last
+/// clone of the storage and of its stores is gone).
+#[derive(Debug, Clone)]
+struct FallbackParts {
+    fallback: Arc<Fallback>,
+    guard: Arc<FallbackGuard>,
 }
 
 impl Storage {
@@ -35,7 +44,34 @@ impl Storage {
     pub fn open(config: &StoreConfig) -> Result<Storage> {
         let inner = match config.backend {
             BackendKind::Json => Inner::Json(JsonDir::open(&config.json.working_dir)?),
-            BackendKind::Redis => Inner::Redis(shared_redis(config)?),
+            BackendKind::Redis => match &config.fallback {
+                None => Inner::Redis(shared_redis(config)?, None),
+                Some(fb) => {
+                    // With a fallback the store must open while Redis is down: no PING here.
+                    let shared = match shared_redis(config) {
+                        Ok(s) => s,
+                        Err(e) if e.is_connection() || e.is_timeout() => {
+                            log::warn!("Redis is unreachable at start ({e}); opening anyway");
+                            RedisShared::new_unchecked(&config.redis)?
+                        }
+                        Err(e) => return Err(e),
+                    };
+                    let for_replay = shared.clone();
+                    let (fallback, guard) = Fallback::open(
+                        &fb.dir,
+                        Box::new(move |ns: &str| {
+                            Ok(Arc::new(for_replay.namespace(ns)?) as Arc<dyn KvStore>)
+                        }),
+                    )?;
+                    Inner::Redis(
+                        shared,
+                        Some(FallbackParts {
+                            fallback,
+                            guard: Arc::new(guard),
+                        }),
+                    )
+                }
+            },
         };
         Ok(Storage { inner })
     }
@@ -49,7 +85,7 @@ impl Storage {
     pub fn open_read_only(config: &StoreConfig) -> Result<Storage> {
         let inner = match config.backend {
             BackendKind::Json => Inner::Json(JsonDir::open_read_only(&config.json.working_dir)),
-            BackendKind::Redis => Inner::Redis(shared_redis(config)?),
+            BackendKind::Redis => Inner::Redis(shared_redis(config)?, None),
         };
         Ok(Storage { inner })
     }
@@ -69,7 +105,11 @@ impl Storage {
     pub fn namespace(&self, namespace: &str) -> Result<Arc<dyn KvStore>> {
         Ok(match &self.inner {
             Inner::Json(dir) => dir.namespace(namespace)?,
-            Inner::Redis(shared) => Arc::new(shared.namespace(namespace)?),
+            Inner::Redis(shared, None) => Arc::new(shared.namespace(namespace)?),
+            Inner::Redis(shared, Some(fb)) => Arc::new(
+                fb.fallback
+                    .wrap(shared.namespace(namespace)?, Some(fb.guard.clone())),
+            ),
         })
     }
 
@@ -80,7 +120,7 @@ impl Storage {
     pub fn list_namespaces(&self) -> Result<Vec<String>> {
         match &self.inner {
             Inner::Json(dir) => dir.list_namespaces(),
-            Inner::Redis(shared) => shared.list_namespaces(),
+            Inner::Redis(shared, _) => shared.list_namespaces(),
         }
     }
 
@@ -89,7 +129,15 @@ impl Storage {
     pub fn redis(&self) -> Option<&Arc<RedisShared>> {
         match &self.inner {
             Inner::Json(_) => None,
-            Inner::Redis(shared) => Some(shared),
+            Inner::Redis(shared, _) => Some(shared),
+        }
+    }
+
+    /// The fallback's state (online or not, writes pending) when `KV_FALLBACK` is on.
+    pub fn fallback(&self) -> Option<&Arc<Fallback>> {
+        match &self.inner {
+            Inner::Redis(_, Some(fb)) => Some(&fb.fallback),
+            _ => None,
         }
     }
 
@@ -97,7 +145,7 @@ impl Storage {
     pub fn backend(&self) -> BackendKind {
         match &self.inner {
             Inner::Json(_) => BackendKind::Json,
-            Inner::Redis(_) => BackendKind::Redis,
+            Inner::Redis(..) => BackendKind::Redis,
         }
     }
 }

@@ -119,6 +119,17 @@ impl ClusterPool {
             builder =
                 builder.read_routing_strategy(redis::cluster_read_routing::RandomReplicaStrategy);
         }
+        if config.uses_tls() {
+            super::pool::ensure_crypto_provider();
+        }
+        // The same CA and client identity for every node: the client also opens connections to
+        // nodes it learns from CLUSTER SLOTS, over TLS when the seeds use `rediss://`.
+        if let Some(certs) = config
+            .tls_certificates()
+            .map_err(super::pool::tls_config_error)?
+        {
+            builder = builder.certs(certs);
+        }
         let client = builder.build()?;
         let pool = r2d2::Pool::builder()
             .max_size(config.max_connections)

@@ -5,10 +5,15 @@
 //! [`RedisPool::get`] PINGs only a connection that sat idle longer than the health-check interval
 //! (the reference design's `health_check_interval`), and a connection that failed with an I/O
 //! error or timeout is marked broken so r2d2 drops it instead of handing it out again.
+//!
+//! TLS (`rediss://`) uses the `redis` crate's rustls support: the files of `REDIS_TLS_CA_CERT`,
+//! `REDIS_TLS_CLIENT_CERT` and `REDIS_TLS_CLIENT_KEY` are read here, when the pool is created,
+//! and handed to the client; see [`tls_client`] and [`ensure_crypto_provider`].
 
+use std::sync::Once;
 use std::time::{Duration, Instant};
 
-use redis::{Client, Connection, ConnectionLike, RedisError};
+use redis::{Client, Connection, ConnectionAddr, ConnectionInfo, ConnectionLike, RedisError};
 
 use crate::config::RedisConfig;
 
@@ -103,8 +108,15 @@ impl RedisPool {
             let mut info = redis::IntoConnectionInfo::into_connection_info(url)?;
             let settings = with_credentials(info.redis_settings().clone(), config);
             info = info.set_redis_settings(settings);
-            Connector::Direct(Client::open(info)?)
+            Connector::Direct(tls_client(info, config)?)
         } else {
+            if config.sentinel_urls.iter().any(|u| {
+                u.trim_start()
+                    .get(..9)
+                    .is_some_and(|s| s.eq_ignore_ascii_case("rediss://"))
+            }) {
+                ensure_crypto_provider();
+            }
             // Credentials apply to the data nodes; the sentinels' own come from their URLs.
             let node =
                 redis::sentinel::SentinelNodeConnectionInfo::default().set_redis_connection_info(
@@ -211,6 +223,50 @@ impl ConnectionLike for PooledConn {
     fn is_open(&self) -> bool {
         self.conn.is_open()
     }
+}
+
+/// A client for `info`: with the configured CA and client identity when TLS files are set,
+/// with the system's trust store for a plain `rediss://` URL, without TLS for `redis://`.
+///
+/// # Errors
+/// A TLS file that cannot be read or parsed (normally caught earlier, by
+/// [`crate::StoreConfigBuilder::build`]); a client certificate with a non-TLS URL.
+pub(crate) fn tls_client(info: ConnectionInfo, config: &RedisConfig) -> redis::RedisResult<Client> {
+    if matches!(info.addr(), ConnectionAddr::TcpTls { .. }) {
+        ensure_crypto_provider();
+    }
+    match config.tls_certificates().map_err(tls_config_error)? {
+        Some(certs) => Client::build_with_tls(info, certs),
+        None => Client::open(info),
+    }
+}
+
+/// A configuration error about TLS files, as the `RedisError` the pool constructors return. The
+/// text names the variable and the file (never their contents).
+pub(crate) fn tls_config_error(e: crate::Error) -> RedisError {
+    RedisError::from((
+        redis::ErrorKind::InvalidClientConfig,
+        "TLS configuration",
+        e.to_string(),
+    ))
+}
+
+/// Installs rustls's `ring` provider as the process default, once, unless the application has
+/// installed one already.
+///
+/// redis 1.8 builds each TLS connection's config with `rustls::ClientConfig::builder()`, which
+/// uses the process-default provider and panics when there is none and rustls's crate features
+/// do not name exactly one (as soon as anything else in the application enables `aws-lc-rs`
+/// too). Called only when a `rediss://` connection is configured, so an application that never
+/// uses TLS keeps its freedom to pick its own provider later.
+pub(crate) fn ensure_crypto_provider() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        if rustls::crypto::CryptoProvider::get_default().is_none() {
+            // Losing a race with another thread installing one is fine: that one is used.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
+    });
 }
 
 /// Applies `REDIS_USERNAME` / `REDIS_PASSWORD`, which override credentials in the URL.
