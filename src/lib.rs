@@ -23,6 +23,9 @@
 //! - `codec`: values to bytes for Redis (plain JSON, or lz4 behind a header).
 //! - `backend::json_file`: nano-graphrag's `kv_store_{namespace}.json` files.
 //! - `backend::redis`: the Redis backend on an r2d2 pool, with durable checkpoints.
+//! - `fallback`: `FallbackStore`, a local journal that keeps writes going while Redis is down.
+//! - `llm`: the LLM interface, a deterministic local stand-in, an OpenAI-compatible client.
+//! - `llm_cache`: `LlmCache`, the shared response cache with single-flight across processes.
 //! - `llm_hash`: nano-graphrag's id and LLM-cache key hashing, byte for byte.
 //! - `bin/graphrag-kv`: the command line.
 //!
@@ -54,7 +57,8 @@
 //!
 //! ## Feature flags
 //!
-//! None yet: the JSON and Redis backends are always built.
+//! - `openai`: `llm::OpenAiClient`, an OpenAI-compatible chat-completions client on `ureq`
+//!   (synchronous, rustls). Off by default; the JSON and Redis backends are always built.
 
 #![deny(missing_docs)]
 
@@ -63,6 +67,8 @@ pub mod codec;
 pub mod config;
 pub mod error;
 pub mod fallback;
+pub mod llm;
+pub mod llm_cache;
 pub mod llm_hash;
 mod open;
 pub mod store;

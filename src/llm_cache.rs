@@ -1,0 +1,667 @@
+//! A shared LLM response cache with single-flight: each distinct prompt is paid for once.
+//!
+//! [`LlmCache`] keeps answers in the `llm_response_cache` namespace exactly as nano-graphrag
+//! does: the id is [`compute_args_hash`]`(model, messages)` (the md5 of Python's
+//! `str((model, messages))`) and the value `{"return": answer, "model": model}`, so Rust and
+//! Python workers read each other's entries.
+//!
+//! [`LlmCache::get_or_compute`] adds single-flight on a miss:
+//!
+//! - **Threads** of one process that miss the same key at the same time: exactly one (the
+//!   leader) calls the LLM; the others block until its answer is stored and return it. If the
+//!   leader fails (or panics), one of the waiters becomes the leader and calls the LLM itself.
+//! - **Processes** sharing a Redis backend: before calling the LLM, the leader takes a Redis lock
+//!   (`SET {lock key} {token} NX PX {ttl}`, with a random owner token). A process that finds the
+//!   lock taken polls the cache key and the lock every [`LlmCache::poll_interval`] until the
+//!   answer appears or the lock is free. The holder renews the lock while the LLM works and
+//!   releases it (only if it still owns it, by a compare-and-delete script) after storing the
+//!   answer, or after failing. A holder that dies stops renewing: its lock expires after the TTL
+//!   and a waiter takes over.
+//!
+//! Lock keys are `{prefix}::lock:{namespace}:{hash}`. A namespace can never be empty, so no
+//! namespace's keys (`{prefix}:{namespace}:*`) include them: `all_keys`, `clear`, `stats`,
+//! export and migration never see a lock, and `list_namespaces` skips them.
+//!
+//! On the JSON backend only the in-process single-flight applies: a JSON working directory has
+//! one writing process at a time anyway (its directory lock).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use serde_json::Value;
+
+use crate::backend::redis::RedisShared;
+use crate::error::{Error, Result};
+use crate::llm::LlmClient;
+use crate::llm_hash::{compute_args_hash, Message};
+use crate::open::Storage;
+use crate::store::{KvStore, LLM_RESPONSE_CACHE};
+
+/// Counters of [`LlmCache::get_or_compute`] calls, as returned by [`LlmCache::stats`].
+///
+/// Every successful call counts once, as a hit, a miss or a wait; a failed call counts as a miss
+/// when it called the LLM, else not at all.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct LlmCacheStats {
+    /// Answered from the cache without waiting for anyone.
+    pub hits: u64,
+    /// Called the LLM (the computing function), whether it succeeded or not.
+    pub misses: u64,
+    /// Answered by waiting for another thread or process that was computing the same prompt.
+    pub waits: u64,
+}
+
+/// Answers of the `llm_response_cache` namespace, keyed as nano-graphrag keys them, with
+/// single-flight across threads (and across processes on Redis). See the [module
+/// docs](self).
+///
+/// Share one `LlmCache` between all worker threads of a process (`&self` everywhere; wrap it in
+/// an `Arc`): single-flight between threads works within one `LlmCache`.
+///
+/// # Examples
+///
+/// ```
+/// use graphrag_kv::llm::{LlmClient, LocalLlm};
+/// use graphrag_kv::llm_cache::LlmCache;
+/// use graphrag_kv::llm_hash::Message;
+/// use graphrag_kv::{Storage, StoreConfig};
+///
+/// # fn main() -> graphrag_kv::Result<()> {
+/// # let dir = tempfile::tempdir().unwrap();
+/// let storage = Storage::open(&StoreConfig::builder().working_dir(dir.path()).build()?)?;
+/// let cache = LlmCache::open(&storage)?; // with the Redis lock when the backend is Redis
+/// let llm = LocalLlm::new();
+/// let prompt = [Message::new("user", "Summarise: the tide comes in twice a day.")];
+///
+/// let first = cache.get_or_compute("gpt-4o-mini", &prompt, || llm.complete("gpt-4o-mini", &prompt))?;
+/// let again = cache.get_or_compute("gpt-4o-mini", &prompt, || unreachable!("cached"))?;
+/// assert_eq!(first, again);
+/// assert_eq!((cache.stats().misses, cache.stats().hits), (1, 1));
+/// assert_eq!(llm.calls(), 1);
+/// # Ok(())
+/// # }
+/// ```
+pub struct LlmCache {
+    store: Arc<dyn KvStore>,
+    /// The cross-process lock; `None` on JSON (in-process single-flight only).
+    lock: Option<RedisLock>,
+    /// Computations in progress in this process, by cache key. A `std::sync::Mutex` held only
+    /// to look up or insert an entry (never across the LLM call): contention is one map
+    /// operation per miss, negligible next to an LLM call.
+    flights: Mutex<HashMap<String, Arc<Flight>>>,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    waits: AtomicU64,
+}
+
+impl std::fmt::Debug for LlmCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LlmCache")
+            .field("namespace", &self.store.namespace())
+            .field("cross_process_lock", &self.lock.is_some())
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl LlmCache {
+    /// Default lock TTL: 30 s. The holder renews its lock every third of the TTL while the LLM
+    /// works, so this bounds only how long waiters wait for a holder that died.
+    pub const DEFAULT_LOCK_TTL: Duration = Duration::from_secs(30);
+    /// Default pause between two polls of a process waiting for another process: 20 ms.
+    pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+    /// A cache over `store` (normally the `llm_response_cache` namespace) with in-process
+    /// single-flight only. Add [`LlmCache::with_redis_lock`] for processes sharing a Redis
+    /// store, or use [`LlmCache::open`], which does both.
+    pub fn new(store: Arc<dyn KvStore>) -> LlmCache {
+        LlmCache {
+            store,
+            lock: None,
+            flights: Mutex::new(HashMap::new()),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            waits: AtomicU64::new(0),
+        }
+    }
+
+    /// The `llm_response_cache` namespace of `storage`, with the cross-process lock when the
+    /// backend is Redis.
+    ///
+    /// # Errors
+    /// As [`Storage::namespace`].
+    pub fn open(storage: &Storage) -> Result<LlmCache> {
+        let cache = LlmCache::new(storage.namespace(LLM_RESPONSE_CACHE)?);
+        Ok(match storage.redis() {
+            Some(shared) => cache.with_redis_lock(shared.clone()),
+            None => cache,
+        })
+    }
+
+    /// Adds single-flight across processes through locks in `shared`'s Redis. `shared` must be
+    /// the Redis the store lives in (waiters poll the store for the holder's answer).
+    pub fn with_redis_lock(mut self, shared: Arc<RedisShared>) -> LlmCache {
+        let key_prefix = format!(
+            "{}::lock:{}:",
+            shared.config().key_prefix,
+            self.store.namespace()
+        );
+        self.lock = Some(RedisLock {
+            shared,
+            key_prefix,
+            ttl: Self::DEFAULT_LOCK_TTL,
+            poll: Self::DEFAULT_POLL_INTERVAL,
+        });
+        self
+    }
+
+    /// Sets the TTL of the cross-process lock (no effect without one). Defaults to
+    /// [`Self::DEFAULT_LOCK_TTL`]; at least 30 ms.
+    pub fn with_lock_ttl(mut self, ttl: Duration) -> LlmCache {
+        if let Some(lock) = &mut self.lock {
+            lock.ttl = ttl.max(Duration::from_millis(30));
+        }
+        self
+    }
+
+    /// Sets the pause between two polls of a process waiting for another process (no effect
+    /// without a cross-process lock). Defaults to [`Self::DEFAULT_POLL_INTERVAL`].
+    pub fn with_poll_interval(mut self, poll: Duration) -> LlmCache {
+        if let Some(lock) = &mut self.lock {
+            lock.poll = poll.max(Duration::from_millis(1));
+        }
+        self
+    }
+
+    /// The lock TTL, or `None` without a cross-process lock.
+    pub fn lock_ttl(&self) -> Option<Duration> {
+        self.lock.as_ref().map(|l| l.ttl)
+    }
+
+    /// The pause between polls, or `None` without a cross-process lock.
+    pub fn poll_interval(&self) -> Option<Duration> {
+        self.lock.as_ref().map(|l| l.poll)
+    }
+
+    /// The store answers are kept in.
+    pub fn store(&self) -> &Arc<dyn KvStore> {
+        &self.store
+    }
+
+    /// The cache key of a prompt: nano-graphrag's `compute_args_hash(model, messages)`.
+    pub fn key(model: &str, messages: &[Message]) -> String {
+        compute_args_hash(model, messages)
+    }
+
+    /// The Redis key of the lock guarding a prompt, or `None` without a cross-process lock.
+    pub fn lock_key(&self, model: &str, messages: &[Message]) -> Option<String> {
+        self.lock
+            .as_ref()
+            .map(|l| l.key(&Self::key(model, messages)))
+    }
+
+    /// The cached answer to a prompt, if any. Does not touch the counters.
+    ///
+    /// # Errors
+    /// Backend failures; [`Error::Decode`] when the stored value has no string `"return"`.
+    pub fn get(&self, model: &str, messages: &[Message]) -> Result<Option<String>> {
+        self.get_key(&Self::key(model, messages))
+    }
+
+    /// Stores `answer` for a prompt, as `{"return": answer, "model": model}`.
+    ///
+    /// # Errors
+    /// Backend failures.
+    pub fn put(&self, model: &str, messages: &[Message], answer: &str) -> Result<()> {
+        self.put_key(&Self::key(model, messages), model, answer)
+    }
+
+    /// The cached answer to a prompt, or `f`'s answer, stored before it is returned.
+    ///
+    /// On a miss, callers of the same prompt (threads of this `LlmCache`; processes too with a
+    /// Redis lock) are serialised: one calls its `f`, the others wait and return that answer.
+    /// A waiter calls its own `f` only when the one computing failed, or (across processes)
+    /// when the lock holder's lock expired. `f` runs on the calling thread, with no lock of
+    /// this cache held.
+    ///
+    /// # Errors
+    /// `f`'s error (waiters do not see it: one of them computes instead); backend failures,
+    /// including a failure to store `f`'s answer.
+    pub fn get_or_compute(
+        &self,
+        model: &str,
+        messages: &[Message],
+        f: impl FnOnce() -> Result<String>,
+    ) -> Result<String> {
+        match self.run(model, messages, Wait::Yes, f)? {
+            Some(answer) => Ok(answer),
+            None => unreachable!("a call that waits always ends with an answer or an error"),
+        }
+    }
+
+    /// [`LlmCache::get_or_compute`] without waiting: `Ok(None)` at once when another thread
+    /// or process is computing this prompt right now, instead of waiting for its answer.
+    ///
+    /// A batch job can set such a prompt aside, do other work, and come back to it later
+    /// (with `get_or_compute`, by then most likely a hit), so that its workers never sit idle
+    /// while there are prompts no one is computing. A `None` is not counted in
+    /// [`LlmCache::stats`].
+    ///
+    /// # Errors
+    /// As [`LlmCache::get_or_compute`].
+    pub fn try_get_or_compute(
+        &self,
+        model: &str,
+        messages: &[Message],
+        f: impl FnOnce() -> Result<String>,
+    ) -> Result<Option<String>> {
+        self.run(model, messages, Wait::No, f)
+    }
+
+    /// [`LlmCache::get_or_compute`] with `llm.complete(model, messages)` as the computation.
+    ///
+    /// # Errors
+    /// As [`LlmCache::get_or_compute`].
+    pub fn complete(
+        &self,
+        llm: &dyn LlmClient,
+        model: &str,
+        messages: &[Message],
+    ) -> Result<String> {
+        self.get_or_compute(model, messages, || llm.complete(model, messages))
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> LlmCacheStats {
+        LlmCacheStats {
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+            waits: self.waits.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Both flavours of `get_or_compute`: `None` only with `Wait::No`.
+    fn run(
+        &self,
+        model: &str,
+        messages: &[Message],
+        wait: Wait,
+        f: impl FnOnce() -> Result<String>,
+    ) -> Result<Option<String>> {
+        let key = Self::key(model, messages);
+        if let Some(answer) = self.get_key(&key)? {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(Some(answer));
+        }
+        let mut waited = false;
+        loop {
+            let leader = {
+                let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
+                match flights.get(&key) {
+                    Some(flight) => Err(flight.clone()),
+                    None => {
+                        let flight = Arc::new(Flight::default());
+                        flights.insert(key.clone(), flight.clone());
+                        Ok(flight)
+                    }
+                }
+            };
+            match leader {
+                Err(_) if wait == Wait::No => return Ok(None),
+                Err(flight) => {
+                    waited = true;
+                    if let Some(answer) = flight.wait() {
+                        self.waits.fetch_add(1, Ordering::Relaxed);
+                        return Ok(Some(answer));
+                    }
+                    // The leader failed: try to lead.
+                }
+                Ok(flight) => {
+                    // Ends the flight however `lead` returns (or unwinds): waiters are woken
+                    // with the answer, or told to take over.
+                    let mut guard = FlightGuard {
+                        cache: self,
+                        key: &key,
+                        flight,
+                        answer: None,
+                    };
+                    let result = self.lead(&key, model, waited, wait, f);
+                    if let Ok(Some(answer)) = &result {
+                        guard.answer = Some(answer.clone());
+                    }
+                    return result;
+                }
+            }
+        }
+    }
+
+    /// The leader's work: re-check the cache, take the cross-process lock if any, compute.
+    fn lead(
+        &self,
+        key: &str,
+        model: &str,
+        mut waited: bool,
+        wait: Wait,
+        f: impl FnOnce() -> Result<String>,
+    ) -> Result<Option<String>> {
+        // A leader that finished just before this one took its place stored its answer first.
+        if let Some(answer) = self.get_key(key)? {
+            self.count_answered(waited);
+            return Ok(Some(answer));
+        }
+        let Some(lock) = &self.lock else {
+            return self.compute(key, model, f).map(Some);
+        };
+        loop {
+            if let Some(held) = lock.try_acquire(key)? {
+                // The previous holder may have stored its answer and released the lock between
+                // our last look at the cache and our acquisition.
+                if let Some(answer) = self.get_key(key)? {
+                    drop(held);
+                    self.count_answered(waited);
+                    return Ok(Some(answer));
+                }
+                let result = self.compute(key, model, f);
+                drop(held); // released after the answer is stored: waiters find it
+                return result.map(Some);
+            }
+            if wait == Wait::No {
+                return Ok(None);
+            }
+            waited = true;
+            std::thread::sleep(lock.poll);
+            if let Some(answer) = self.get_key(key)? {
+                self.waits.fetch_add(1, Ordering::Relaxed);
+                return Ok(Some(answer));
+            }
+        }
+    }
+
+    fn count_answered(&self, waited: bool) {
+        let counter = if waited { &self.waits } else { &self.hits };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn compute(
+        &self,
+        key: &str,
+        model: &str,
+        f: impl FnOnce() -> Result<String>,
+    ) -> Result<String> {
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        let answer = f()?;
+        self.put_key(key, model, &answer)?;
+        Ok(answer)
+    }
+
+    fn get_key(&self, key: &str) -> Result<Option<String>> {
+        let Some(value) = self.store.get_by_id(key)? else {
+            return Ok(None);
+        };
+        match value.get("return") {
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            _ => Err(Error::Decode {
+                namespace: self.store.namespace().to_string(),
+                key: key.to_string(),
+                reason: "an LLM cache entry must be an object with a string \"return\"".into(),
+            }),
+        }
+    }
+
+    fn put_key(&self, key: &str, model: &str, answer: &str) -> Result<()> {
+        let value = serde_json::json!({ "return": answer, "model": model });
+        self.store.upsert(vec![(key.to_string(), value)])
+    }
+}
+
+/// Whether a caller waits for another caller computing the same prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    Yes,
+    No,
+}
+
+/// One computation in progress, awaited by the threads that missed the same key meanwhile.
+#[derive(Default)]
+struct Flight {
+    state: Mutex<FlightState>,
+    done: Condvar,
+}
+
+#[derive(Default)]
+enum FlightState {
+    #[default]
+    Running,
+    Done(String),
+    Failed,
+}
+
+impl Flight {
+    /// Blocks until the leader finishes: its answer, or `None` when it failed.
+    fn wait(&self) -> Option<String> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            match &*state {
+                FlightState::Running => {
+                    state = self.done.wait(state).unwrap_or_else(|p| p.into_inner());
+                }
+                FlightState::Done(answer) => return Some(answer.clone()),
+                FlightState::Failed => return None,
+            }
+        }
+    }
+}
+
+/// Ends a flight when the leader returns, fails or panics: publishes the outcome, wakes the
+/// waiters and removes the flight from the map (a panicking `f` must not leave waiters blocked
+/// forever).
+struct FlightGuard<'a> {
+    cache: &'a LlmCache,
+    key: &'a str,
+    flight: Arc<Flight>,
+    /// Set on success; `None` when dropped means the leader failed.
+    answer: Option<String>,
+}
+
+impl Drop for FlightGuard<'_> {
+    fn drop(&mut self) {
+        {
+            let mut state = self.flight.state.lock().unwrap_or_else(|p| p.into_inner());
+            *state = match self.answer.take() {
+                Some(answer) => FlightState::Done(answer),
+                None => FlightState::Failed,
+            };
+        }
+        self.flight.done.notify_all();
+        let mut flights = self.cache.flights.lock().unwrap_or_else(|p| p.into_inner());
+        if flights
+            .get(self.key)
+            .is_some_and(|f| Arc::ptr_eq(f, &self.flight))
+        {
+            flights.remove(self.key);
+        }
+    }
+}
+
+// The lock scripts run with EVAL, not EVALSHA: they are tiny, and EVAL needs no SCRIPT LOAD,
+// which a cluster would route to another node than the key's.
+
+/// Takes the lock, or renews it when the caller already owns it (so a retry after a lost reply
+/// is harmless): 1 when the caller owns the lock afterwards, 0 when someone else does.
+const ACQUIRE: &str =
+    "if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end \
+     if redis.call('GET', KEYS[1]) == ARGV[1] then \
+       redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 \
+     end \
+     return 0";
+
+/// Extends the lock's TTL only if the caller still owns it.
+const RENEW: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+       return redis.call('PEXPIRE', KEYS[1], ARGV[2]) \
+     end \
+     return 0";
+
+/// Deletes the lock only if the caller still owns it.
+const RELEASE: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+       return redis.call('DEL', KEYS[1]) \
+     end \
+     return 0";
+
+/// `EVAL script 1 key token [ttl_ms]`.
+fn eval(script: &str, key: &str, token: &str, ttl_ms: Option<u64>) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(script).arg(1).arg(key).arg(token);
+    if let Some(ms) = ttl_ms {
+        cmd.arg(ms);
+    }
+    cmd
+}
+
+/// Cross-process locks in Redis, one per cache key.
+struct RedisLock {
+    shared: Arc<RedisShared>,
+    /// `{prefix}::lock:{namespace}:`.
+    key_prefix: String,
+    ttl: Duration,
+    poll: Duration,
+}
+
+impl RedisLock {
+    fn key(&self, cache_key: &str) -> String {
+        format!("{}{cache_key}", self.key_prefix)
+    }
+
+    /// Takes the lock of `cache_key`: `Some` (holding it, renewed in the background until
+    /// dropped) or `None` when another owner holds it.
+    fn try_acquire(&self, cache_key: &str) -> Result<Option<HeldLock>> {
+        let key = self.key(cache_key);
+        let token = owner_token();
+        let ttl_ms = millis(self.ttl);
+        let namespace = LLM_RESPONSE_CACHE;
+        let acquire = eval(ACQUIRE, &key, &token, Some(ttl_ms));
+        let owned: i64 = self
+            .shared
+            .with_conn("llm_cache_lock", namespace, |c| acquire.query(c))?;
+        if owned != 1 {
+            return Ok(None);
+        }
+        let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
+        let renewer = {
+            let shared = self.shared.clone();
+            let (key, token) = (key.clone(), token.clone());
+            let every = self.ttl / 3;
+            std::thread::Builder::new()
+                .name("llm-cache-lock".into())
+                .spawn(move || renew_until_stopped(&shared, &key, &token, ttl_ms, every, stopped))
+                .map_err(|e| Error::Unavailable {
+                    namespace: namespace.into(),
+                    reason: format!("cannot start the lock renewal thread: {e}"),
+                })?
+        };
+        Ok(Some(HeldLock {
+            shared: self.shared.clone(),
+            key,
+            token,
+            stop: Some(stop),
+            renewer: Some(renewer),
+        }))
+    }
+}
+
+/// Renews the lock every `every` until the sender is dropped. A failed renewal is logged: the
+/// lock may then expire while the LLM works, and another process may compute the same prompt
+/// (a duplicate call, never a wrong answer).
+fn renew_until_stopped(
+    shared: &RedisShared,
+    key: &str,
+    token: &str,
+    ttl_ms: u64,
+    every: Duration,
+    stopped: Receiver<()>,
+) {
+    loop {
+        match stopped.recv_timeout(every) {
+            Err(RecvTimeoutError::Timeout) => {}
+            Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
+        }
+        let renew = eval(RENEW, key, token, Some(ttl_ms));
+        let renewed: Result<i64> =
+            shared.with_conn("llm_cache_lock", LLM_RESPONSE_CACHE, |c| renew.query(c));
+        match renewed {
+            Ok(1) => {}
+            Ok(_) => {
+                log::warn!("lost the LLM cache lock {key} (it expired); another process may compute the same prompt");
+                return;
+            }
+            Err(e) => log::warn!("cannot renew the LLM cache lock {key}: {e}"),
+        }
+    }
+}
+
+/// A lock this process owns. Dropping it stops the renewal thread (and joins it), then
+/// releases the lock if it is still ours.
+struct HeldLock {
+    shared: Arc<RedisShared>,
+    key: String,
+    token: String,
+    /// Dropped to stop the renewal thread: a closed channel wakes it at once.
+    stop: Option<Sender<()>>,
+    renewer: Option<JoinHandle<()>>,
+}
+
+impl Drop for HeldLock {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.renewer.take() {
+            let _ = t.join();
+        }
+        let release = eval(RELEASE, &self.key, &self.token, None);
+        let released: Result<i64> =
+            self.shared
+                .with_conn("llm_cache_lock", LLM_RESPONSE_CACHE, |c| release.query(c));
+        if let Err(e) = released {
+            // Not fatal: the lock expires by itself; waiters see the answer before that anyway.
+            log::warn!("cannot release the LLM cache lock {}: {e}", self.key);
+        }
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+/// A token no other lock owner uses: 128 random bits, the process id and a counter.
+fn owner_token() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    // RandomState is seeded randomly per instance: enough randomness without a rand crate.
+    let r = || {
+        std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish()
+    };
+    format!(
+        "{:016x}{:016x}-{}-{}",
+        r(),
+        r(),
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owner_tokens_differ() {
+        let a = owner_token();
+        let b = owner_token();
+        assert_ne!(a, b);
+        assert!(a.len() >= 34, "{a}");
+    }
+}
