@@ -24,6 +24,13 @@
 //! | `REDIS_TTL_<NAME>` | 0 | TTL of any other namespace |
 //! | `KV_FALLBACK` | `none` | `json`: journal writes locally while Redis is unreachable |
 //! | `KV_FALLBACK_DIR` | `STORAGE_WORKING_DIR/journal` | directory of the journals |
+//! | `KV_WRITE_BEHIND` | false | queue writes, send them in batches (see `write_behind`) |
+//! | `KV_WRITE_BEHIND_BATCH` | 256 | items per batch |
+//! | `KV_WRITE_BEHIND_BATCH_BYTES` | 4194304 | bytes per batch |
+//! | `KV_WRITE_BEHIND_DELAY_MS` | 5 | longest a queued write waits before it is sent |
+//! | `KV_WRITE_BEHIND_CAPACITY` | 16384 | queued items before producers block |
+//! | `KV_WRITE_BEHIND_ENQUEUE_TIMEOUT_MS` | 30000 | how long a producer blocks on a full queue |
+//! | `KV_WRITE_BEHIND_FLUSH_TIMEOUT_MS` | 30000 | deadline of flush, close and drop |
 //! | `REDIS_CLUSTER` | `auto` | `auto`, `true` or `false` |
 //! | `REDIS_READ_FROM_REPLICAS` | false | cluster reads from replicas (may be stale) |
 //! | `REDIS_WAIT_REPLICAS` | 0 | replicas that must confirm each write batch |
@@ -504,6 +511,8 @@ pub struct StoreConfig {
     /// Journal writes locally while Redis is unreachable (`KV_FALLBACK=json`). Defaults to
     /// none: a Redis outage is an error for the caller.
     pub fallback: Option<FallbackConfig>,
+    /// Write-behind queue (`KV_WRITE_BEHIND=true`). Defaults to none: writes are synchronous.
+    pub write_behind: Option<crate::write_behind::WriteBehindConfig>,
 }
 
 impl Default for StoreConfig {
@@ -515,6 +524,7 @@ impl Default for StoreConfig {
             },
             redis: RedisConfig::default(),
             fallback: None,
+            write_behind: None,
         }
     }
 }
@@ -716,6 +726,7 @@ impl StoreConfigBuilder {
             }
             r.ttl.by_env_name.insert(name.to_string(), parse_ttl(k, v)?);
         }
+        b.config.write_behind = crate::write_behind::WriteBehindConfig::from_vars(vars)?;
         Ok(b)
     }
 
@@ -814,6 +825,11 @@ impl StoreConfigBuilder {
     pub fn sentinel(mut self, urls: Vec<String>, master: impl Into<String>) -> Self {
         self.config.redis.sentinel_urls = urls;
         self.config.redis.sentinel_master = Some(master.into());
+        self
+    }
+    /// Queues writes and sends them in batches from a background thread.
+    pub fn write_behind(mut self, c: crate::write_behind::WriteBehindConfig) -> Self {
+        self.config.write_behind = Some(c);
         self
     }
     /// Journals writes in `dir` while Redis is unreachable.

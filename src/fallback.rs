@@ -427,6 +427,50 @@ impl Fallback {
     }
 }
 
+/// Writes a write-behind queue could not send before its shutdown deadline: journaled like any
+/// offline write, and replayed when Redis answers (by this process, or by the next one to open
+/// the journal directory).
+impl crate::write_behind::UnsentSink for Fallback {
+    fn save_unsent(
+        &self,
+        namespace: &str,
+        writes: Vec<crate::write_behind::UnsentWrite>,
+    ) -> Result<()> {
+        use crate::write_behind::UnsentWrite;
+        let mut st = self.state.write().unwrap_or_else(|p| p.into_inner());
+        if st.online {
+            st.online = false;
+            log::warn!(
+                "{} writes of {namespace:?} could not reach Redis before shutdown: journaled in {}",
+                writes.len(),
+                self.dir.display()
+            );
+        }
+        // Consecutive writes of one kind become one journal entry; order is kept.
+        let mut entries: Vec<Entry> = Vec::new();
+        for w in writes {
+            match (w, entries.last_mut()) {
+                (UnsentWrite::Upsert { id, value }, Some(Entry::Upsert { items, .. })) => {
+                    items.push((id, value))
+                }
+                (UnsentWrite::Delete { id }, Some(Entry::Delete { ids, .. })) => ids.push(id),
+                (UnsentWrite::Upsert { id, value }, _) => entries.push(Entry::Upsert {
+                    ns: namespace.to_string(),
+                    items: vec![(id, value)],
+                }),
+                (UnsentWrite::Delete { id }, _) => entries.push(Entry::Delete {
+                    ns: namespace.to_string(),
+                    ids: vec![id],
+                }),
+            }
+        }
+        for e in entries {
+            self.journal(&mut st, e)?;
+        }
+        Ok(())
+    }
+}
+
 fn unavailable(namespace: &str, reason: &str) -> Error {
     Error::Unavailable {
         namespace: namespace.to_string(),

@@ -24,6 +24,8 @@
 //! - `backend::json_file`: nano-graphrag's `kv_store_{namespace}.json` files.
 //! - `backend::redis`: the Redis backend on an r2d2 pool, with durable checkpoints.
 //! - `fallback`: `FallbackStore`, a local journal that keeps writes going while Redis is down.
+//! - `write_behind`: `WriteBehind<S>`, writes queued and sent in batches by a background
+//!   thread, with read-your-writes.
 //! - `llm`: the LLM interface, a deterministic local stand-in, an OpenAI-compatible client.
 //! - `llm_cache`: `LlmCache`, the shared response cache with single-flight across processes.
 //! - `llm_hash`: nano-graphrag's id and LLM-cache key hashing, byte for byte.
@@ -72,6 +74,7 @@ pub mod llm_cache;
 pub mod llm_hash;
 mod open;
 pub mod store;
+pub mod write_behind;
 
 pub use backend::json_file::{JsonDir, JsonFileStore};
 pub use backend::redis::{RedisShared, RedisStore};
@@ -85,3 +88,4 @@ pub use store::{
     NamespaceStats, TextChunk, COMMUNITY_REPORTS, FULL_DOCS, LLM_RESPONSE_CACHE, MAX_ID_BYTES,
     NAMESPACES, TEXT_CHUNKS,
 };
+pub use write_behind::{WriteBehind, WriteBehindConfig};

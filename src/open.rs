@@ -1,5 +1,6 @@
 //! Opening namespaces from one configuration: the one place that decides the backend.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 
 use crate::backend::json_file::JsonDir;
@@ -8,6 +9,7 @@ use crate::config::{BackendKind, RedisConfig, StoreConfig};
 use crate::error::Result;
 use crate::fallback::{Fallback, FallbackGuard};
 use crate::store::KvStore;
+use crate::write_behind::{WriteBehind, WriteBehindConfig};
 
 /// Opens namespaces of one configured backend, sharing what they can: one Redis connection
 /// pool and checkpoint, or one JSON working directory and its write lock.
@@ -16,6 +18,8 @@ use crate::store::KvStore;
 #[derive(Debug, Clone)]
 pub struct Storage {
     inner: Inner,
+    /// Wrap each namespace in a write-behind queue (never for read-only storages).
+    write_behind: Option<WriteBehindConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -73,7 +77,10 @@ impl Storage {
                 }
             },
         };
-        Ok(Storage { inner })
+        Ok(Storage {
+            inner,
+            write_behind: config.write_behind.clone(),
+        })
     }
 
     /// Opens the configured backend for reading only. For JSON no lock is taken, so this works
@@ -87,7 +94,10 @@ impl Storage {
             BackendKind::Json => Inner::Json(JsonDir::open_read_only(&config.json.working_dir)),
             BackendKind::Redis => Inner::Redis(shared_redis(config)?, None),
         };
-        Ok(Storage { inner })
+        Ok(Storage {
+            inner,
+            write_behind: None,
+        })
     }
 
     /// Opens the backend configured in the environment (see [`StoreConfig::from_env`]).
@@ -103,14 +113,45 @@ impl Storage {
     /// # Errors
     /// [`crate::Error::InvalidNamespace`]; for JSON, a file that cannot be read or parsed.
     pub fn namespace(&self, namespace: &str) -> Result<Arc<dyn KvStore>> {
-        Ok(match &self.inner {
+        // The whole stack of a namespace is decided here, innermost first:
+        // backend -> FallbackStore (KV_FALLBACK) -> WriteBehind (KV_WRITE_BEHIND).
+        let base: Arc<dyn KvStore> = match &self.inner {
             Inner::Json(dir) => dir.namespace(namespace)?,
             Inner::Redis(shared, None) => Arc::new(shared.namespace(namespace)?),
             Inner::Redis(shared, Some(fb)) => Arc::new(
                 fb.fallback
                     .wrap(shared.namespace(namespace)?, Some(fb.guard.clone())),
             ),
-        })
+        };
+        let Some(config) = &self.write_behind else {
+            return Ok(base);
+        };
+        // One queue per namespace and backend in the process: two queues for one namespace
+        // would have separate read-your-writes overlays.
+        let backend = match &self.inner {
+            Inner::Json(dir) => Arc::as_ptr(dir) as usize,
+            Inner::Redis(shared, _) => Arc::as_ptr(shared) as usize,
+        };
+        let mut guard = WRITE_BEHIND_QUEUES
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let queues = guard.get_or_insert_with(HashMap::new);
+        queues.retain(|_, w| w.strong_count() > 0);
+        let key = (backend, namespace.to_string());
+        if let Some(q) = queues.get(&key).and_then(Weak::upgrade) {
+            return Ok(q);
+        }
+        let queue: Arc<dyn KvStore> = match &self.inner {
+            // Writes the queue cannot send before its shutdown deadline go to the journal.
+            Inner::Redis(_, Some(fb)) => Arc::new(WriteBehind::with_unsent_sink(
+                base,
+                config.clone(),
+                fb.fallback.clone(),
+            )),
+            _ => Arc::new(WriteBehind::new(base, config.clone())),
+        };
+        queues.insert(key, Arc::downgrade(&queue));
+        Ok(queue)
     }
 
     /// Namespaces that hold data: JSON files present, or key groups under the Redis prefix.
@@ -125,7 +166,7 @@ impl Storage {
     }
 
     /// The shared Redis pool when the backend is Redis, `None` for JSON: for work outside the
-    /// namespaces, such as `LlmCache`'s cross-process locks.
+    /// namespaces, such as [`crate::llm_cache::LlmCache`]'s cross-process locks.
     pub fn redis(&self) -> Option<&Arc<RedisShared>> {
         match &self.inner {
             Inner::Json(_) => None,
@@ -180,3 +221,7 @@ fn shared_redis(config: &StoreConfig) -> Result<Arc<RedisShared>> {
     pools.push((config.redis.clone(), Arc::downgrade(&shared)));
     Ok(shared)
 }
+
+/// Write-behind queues of this process, by backend object and namespace.
+type Queues = HashMap<(usize, String), Weak<dyn KvStore>>;
+static WRITE_BEHIND_QUEUES: Mutex<Option<Queues>> = Mutex::new(None);

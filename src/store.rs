@@ -129,6 +129,45 @@ pub trait KvStore: Send + Sync {
     fn stats(&self) -> Result<NamespaceStats>;
 }
 
+/// A shared store is a store, so wrappers can hold the `Arc<dyn KvStore>` that
+/// [`crate::Storage`] returns. Every method forwards: a batch never decays into single calls.
+#[deny(clippy::missing_trait_methods)]
+impl<S: KvStore + ?Sized> KvStore for std::sync::Arc<S> {
+    fn namespace(&self) -> &str {
+        (**self).namespace()
+    }
+    fn all_keys(&self) -> Result<Vec<String>> {
+        (**self).all_keys()
+    }
+    fn get_by_id(&self, id: &str) -> Result<Option<Value>> {
+        (**self).get_by_id(id)
+    }
+    fn get_by_ids(&self, ids: &[String], fields: Option<&[String]>) -> Result<Vec<Option<Value>>> {
+        (**self).get_by_ids(ids, fields)
+    }
+    fn filter_keys(&self, ids: &[String]) -> Result<Vec<String>> {
+        (**self).filter_keys(ids)
+    }
+    fn upsert(&self, items: Vec<Item>) -> Result<()> {
+        (**self).upsert(items)
+    }
+    fn delete_by_ids(&self, ids: &[String]) -> Result<()> {
+        (**self).delete_by_ids(ids)
+    }
+    fn clear(&self) -> Result<()> {
+        (**self).clear()
+    }
+    fn index_start_callback(&self) -> Result<()> {
+        (**self).index_start_callback()
+    }
+    fn index_done_callback(&self) -> Result<()> {
+        (**self).index_done_callback()
+    }
+    fn stats(&self) -> Result<NamespaceStats> {
+        (**self).stats()
+    }
+}
+
 /// Typed conveniences over any [`KvStore`]: values go through serde, so a struct such as
 /// [`TextChunk`] round-trips without hand conversion.
 ///

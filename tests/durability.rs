@@ -259,3 +259,49 @@ fn store_opens_while_redis_is_down() {
     store.index_done_callback().unwrap();
     assert!(!storage.fallback().unwrap().is_online());
 }
+
+#[test]
+fn write_behind_over_fallback_loses_nothing_through_an_outage() {
+    let mut server = RedisServer::start_with(&["--appendonly", "yes"]);
+    let dir = tempfile::tempdir().unwrap();
+    let vars: std::collections::HashMap<String, String> = [
+        ("STORAGE_KV_BACKEND", "redis".to_string()),
+        ("REDIS_URL", server.url()),
+        ("REDIS_KEY_PREFIX", "wbf".into()),
+        ("REDIS_RETRIES", "1".into()),
+        ("REDIS_POOL_TIMEOUT", "0.5".into()),
+        ("REDIS_CONNECTION_TIMEOUT", "0.3".into()),
+        ("KV_FALLBACK", "json".into()),
+        ("KV_FALLBACK_DIR", dir.path().display().to_string()),
+        ("KV_WRITE_BEHIND", "true".into()),
+        ("KV_WRITE_BEHIND_FLUSH_TIMEOUT_MS", "3000".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let wb_config = StoreConfigBuilder::from_vars(&vars)
+        .unwrap()
+        .build()
+        .unwrap();
+    let ids: Vec<String> = (0..3000).map(|i| format!("q-{i}")).collect();
+    {
+        let storage = Storage::open(&wb_config).unwrap();
+        let store = storage.namespace("text_chunks").unwrap();
+        // Same namespace, same queue: a second handle sees the first one's queued writes.
+        let again = storage.namespace("text_chunks").unwrap();
+        for (n, id) in ids.iter().enumerate() {
+            store.upsert(vec![(id.clone(), json!({"n": n}))]).unwrap();
+            if n == 1000 {
+                server.stop();
+            }
+        }
+        assert_eq!(again.get_by_id("q-2999").unwrap(), Some(json!({"n": 2999})));
+        // Dropping flushes into the fallback, which journals what Redis cannot take.
+    }
+    server.restart();
+    let storage = Storage::open(&wb_config).unwrap();
+    let store = storage.namespace("text_chunks").unwrap();
+    store.index_done_callback().unwrap();
+    let plain = Storage::open(&config(&server).key_prefix("wbf").build().unwrap()).unwrap();
+    assert_all_present(&*plain.namespace("text_chunks").unwrap(), &ids);
+}

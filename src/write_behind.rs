@@ -1,0 +1,1668 @@
+//! [`WriteBehind`]: writes are queued and sent in batches by a background thread, while reads
+//! still see them at once.
+//!
+//! An indexer's worker threads each upsert one chunk or one cache entry at a time. Sent one by
+//! one, each write waits a full round trip. Through `WriteBehind`, `upsert` and `delete_by_ids`
+//! only queue the write and return. One flusher thread takes the queue in FIFO order and sends
+//! it to the inner store in batches. A batch goes when it reaches
+//! [`WriteBehindConfig::batch_items`] items, [`WriteBehindConfig::batch_bytes`] bytes, or when
+//! its oldest write is [`WriteBehindConfig::max_delay`] old, whichever comes first.
+//!
+//! # What it guarantees
+//!
+//! - **Same results as synchronous writes.** For each id, the last write wins, exactly as if
+//!   each call had been applied when it returned, across threads and across any mix of upserts
+//!   and deletes. One flusher takes one FIFO queue, and every write gets its sequence number in
+//!   the order it enters that queue.
+//! - **Read-your-writes, from any thread.** `get_by_id`, `get_by_ids`, `filter_keys` and
+//!   `all_keys` see writes that are queued but not yet sent. An overlay (id → newest pending
+//!   write) answers for those ids. An id leaves the overlay only after the inner store has
+//!   acknowledged its newest write. So a reader that finds no entry knows the inner store
+//!   already holds the newest value, and it never sees an older value after a newer one.
+//! - **Backpressure, never silent loss.** When [`WriteBehindConfig::capacity`] items are queued,
+//!   the writer waits up to [`WriteBehindConfig::enqueue_timeout`]. After that the call fails and
+//!   the write is not taken: it is not queued and not visible.
+//! - **Backend failures.** After a retryable error ([`Error::is_retryable`]: connection
+//!   errors, timeouts, LOADING ...), the flusher keeps the batch and retries it. The backoff
+//!   starts at 10 ms and doubles up to 1 s. Nothing is reordered. Writers keep queueing until the
+//!   queue is full. A batch that the backend *refuses* (a non-retryable error such as a value
+//!   too large) is split and sent item by item, so only the refused writes are dropped. The
+//!   error is logged at once and returned by the next [`WriteBehind::flush`] or
+//!   `index_done_callback`, so nothing fails silently.
+//!
+//! # What it costs
+//!
+//! A write is **durable only after [`WriteBehind::flush`], `index_done_callback`,
+//! [`WriteBehind::close`] or drop**. When `upsert` returns, the write is only queued in this
+//! process. If the process dies, everything still queued (at most `capacity` items plus one
+//! batch) is lost. Also, a refused write is reported later, by `flush`, not by the `upsert` that
+//! queued it. `stats`, `clear` and `index_done_callback` flush first, so they cost one flush.
+//!
+//! There is one case where accepted writes are not persisted: at close or drop, the backend is
+//! still unreachable after [`WriteBehindConfig::flush_timeout`]. The unsent writes then go to
+//! the [`UnsentSink`] if one was given (the fallback journal's hook). Otherwise their number is
+//! logged at error level, and `close` returns an error.
+//!
+//! # Where it goes in a stack
+//!
+//! ```text
+//! Metered<WriteBehind<FallbackStore<RedisStore>>>      right
+//! Metered<FallbackStore<WriteBehind<RedisStore>>>      wrong: an outage stalls the queue
+//! WriteBehind<Metered<..>>                             wrong: metrics time batches, not callers
+//! ```
+//!
+//! Put it *outside* the fallback store. Then the flusher writes into the fallback, and an
+//! outage fills the fallback's journal instead of stalling the queue. Inside the fallback, the
+//! fallback would see only fast, successful enqueues and never notice the outage, while
+//! accepted writes piled up in memory until producers blocked. Put it *inside* the metrics
+//! wrapper, so the metrics count and time what callers see (enqueue latency). Outside the
+//! metrics wrapper, the metrics would time the flusher's batches instead of the callers' calls.
+//!
+//! # Environment
+//!
+//! | variable | default | meaning |
+//! |---|---|---|
+//! | `KV_WRITE_BEHIND` | false | `true`/`1`/`yes` turns write-behind on |
+//! | `KV_WRITE_BEHIND_BATCH` | 256 | most writes per batch |
+//! | `KV_WRITE_BEHIND_BATCH_BYTES` | 4194304 | most bytes of JSON per batch (estimated) |
+//! | `KV_WRITE_BEHIND_DELAY_MS` | 5 | most time a write waits for its batch to fill |
+//! | `KV_WRITE_BEHIND_CAPACITY` | 16384 | most writes queued before writers block |
+//! | `KV_WRITE_BEHIND_ENQUEUE_TIMEOUT_MS` | 30000 | how long a writer blocks on a full queue |
+//! | `KV_WRITE_BEHIND_FLUSH_TIMEOUT_MS` | 30000 | deadline of `flush`, `close` and drop |
+//!
+//! # Example
+//!
+//! ```
+//! use graphrag_kv::write_behind::{WriteBehind, WriteBehindConfig};
+//! use graphrag_kv::{JsonDir, KvStore};
+//! use serde_json::json;
+//!
+//! # fn main() -> graphrag_kv::Result<()> {
+//! # let dir = tempfile::tempdir().unwrap();
+//! let chunks = JsonDir::open(dir.path())?.namespace("text_chunks")?;
+//! # struct Shared(std::sync::Arc<graphrag_kv::JsonFileStore>);
+//! # impl KvStore for Shared {
+//! #     fn namespace(&self) -> &str { self.0.namespace() }
+//! #     fn all_keys(&self) -> graphrag_kv::Result<Vec<String>> { self.0.all_keys() }
+//! #     fn get_by_id(&self, id: &str) -> graphrag_kv::Result<Option<serde_json::Value>> { self.0.get_by_id(id) }
+//! #     fn get_by_ids(&self, ids: &[String], f: Option<&[String]>) -> graphrag_kv::Result<Vec<Option<serde_json::Value>>> { self.0.get_by_ids(ids, f) }
+//! #     fn filter_keys(&self, ids: &[String]) -> graphrag_kv::Result<Vec<String>> { self.0.filter_keys(ids) }
+//! #     fn upsert(&self, items: Vec<graphrag_kv::Item>) -> graphrag_kv::Result<()> { self.0.upsert(items) }
+//! #     fn delete_by_ids(&self, ids: &[String]) -> graphrag_kv::Result<()> { self.0.delete_by_ids(ids) }
+//! #     fn clear(&self) -> graphrag_kv::Result<()> { self.0.clear() }
+//! #     fn index_start_callback(&self) -> graphrag_kv::Result<()> { self.0.index_start_callback() }
+//! #     fn index_done_callback(&self) -> graphrag_kv::Result<()> { self.0.index_done_callback() }
+//! #     fn stats(&self) -> graphrag_kv::Result<graphrag_kv::NamespaceStats> { self.0.stats() }
+//! # }
+//! # let chunks = Shared(chunks);
+//! let store = WriteBehind::new(chunks, WriteBehindConfig::default());
+//! store.upsert(vec![("chunk-1".into(), json!({"content": "queued"}))])?; // returns at once
+//! assert_eq!(store.filter_keys(&["chunk-1".into()])?, Vec::<String>::new()); // already visible
+//! store.index_done_callback()?; // sent, then made durable
+//! let stats = store.stats_snapshot();
+//! assert_eq!(stats.items_sent, 1);
+//! store.close()?;
+//! # Ok(())
+//! # }
+//! ```
+
+use std::collections::hash_map::RandomState;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::fmt;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use serde_json::Value;
+
+use crate::config::parse_bool;
+use crate::error::{Error, Result};
+use crate::store::{
+    missing_in_order, project, validate_id, validate_ids, Item, KvStore, NamespaceStats,
+};
+
+// ---------------------------------------------------------------------------------------------
+// Configuration
+
+/// Default of [`WriteBehindConfig::batch_items`].
+pub const DEFAULT_BATCH_ITEMS: usize = 256;
+/// Default of [`WriteBehindConfig::batch_bytes`]: 4 MiB.
+pub const DEFAULT_BATCH_BYTES: usize = 4 * 1024 * 1024;
+/// Default of [`WriteBehindConfig::max_delay`].
+pub const DEFAULT_MAX_DELAY: Duration = Duration::from_millis(5);
+/// Default of [`WriteBehindConfig::capacity`].
+pub const DEFAULT_CAPACITY: usize = 16_384;
+/// Default of [`WriteBehindConfig::enqueue_timeout`].
+pub const DEFAULT_ENQUEUE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default of [`WriteBehindConfig::flush_timeout`].
+pub const DEFAULT_FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How [`WriteBehind`] batches and bounds its queue. Build it with
+/// [`WriteBehindConfig::builder`], [`WriteBehindConfig::from_env`] or
+/// [`WriteBehindConfig::from_vars`].
+///
+/// The defaults were chosen by measurement: see `docs/BENCHMARKS.md` and the bench
+/// `benches/write_behind.rs`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriteBehindConfig {
+    /// Most writes per batch. Defaults to 256.
+    ///
+    /// Measured with 8 threads of single 2 KB upserts into Redis: batches of 32 to 512 gave the
+    /// same throughput within noise, while 1024 was slower (the client encodes a whole batch
+    /// before Redis sees any of it, so the two stop overlapping). 256 is in the flat part. It
+    /// stays one pipeline of the Redis backend (its chunk is 1000), and it keeps small what one
+    /// retry re-sends.
+    pub batch_items: usize,
+    /// Most bytes of JSON per batch, estimated without serializing. Defaults to 4 MiB.
+    ///
+    /// This bounds one batch when values are large: 256 documents of 100 KB would otherwise
+    /// make a 25 MB pipeline.
+    pub batch_bytes: usize,
+    /// Most time a write waits for its batch to fill before the batch is sent anyway. Defaults
+    /// to 5 ms.
+    ///
+    /// Under load, batches fill by count long before this: 0 and 5 ms measured the same. At a
+    /// trickle of writes, it trades a few milliseconds for far fewer round trips.
+    pub max_delay: Duration,
+    /// Most writes queued (accepted and not yet taken by the flusher) before writers block.
+    /// Defaults to 16384 (64 batches: about 32 MB of 2 KB values).
+    ///
+    /// It bounds memory and what a crash can lose. 64 batches let writers run on while one
+    /// batch is in flight, and they absorb short stalls: at the ~50k writes/s measured here,
+    /// about 0.3 s of writes. A longer outage makes writers wait (backpressure, not loss).
+    /// A single call larger than this is accepted when the queue is empty.
+    pub capacity: usize,
+    /// How long a writer waits for room in a full queue before its call fails (the write is
+    /// then not taken). Defaults to 30 s.
+    ///
+    /// That is long enough to ride out a Redis restart or failover. A write that cannot get in
+    /// after that much time means the backend is down, which the caller must hear about.
+    pub enqueue_timeout: Duration,
+    /// Deadline of [`WriteBehind::flush`] (and of `index_done_callback`, `clear` and `stats`,
+    /// which flush first), and of the final flush at [`WriteBehind::close`] and drop. Defaults
+    /// to 30 s.
+    pub flush_timeout: Duration,
+}
+
+impl Default for WriteBehindConfig {
+    fn default() -> Self {
+        WriteBehindConfig {
+            batch_items: DEFAULT_BATCH_ITEMS,
+            batch_bytes: DEFAULT_BATCH_BYTES,
+            max_delay: DEFAULT_MAX_DELAY,
+            capacity: DEFAULT_CAPACITY,
+            enqueue_timeout: DEFAULT_ENQUEUE_TIMEOUT,
+            flush_timeout: DEFAULT_FLUSH_TIMEOUT,
+        }
+    }
+}
+
+/// The variable that turns write-behind on.
+pub const ENV_ENABLED: &str = "KV_WRITE_BEHIND";
+/// Variable of [`WriteBehindConfig::batch_items`].
+pub const ENV_BATCH: &str = "KV_WRITE_BEHIND_BATCH";
+/// Variable of [`WriteBehindConfig::batch_bytes`].
+pub const ENV_BATCH_BYTES: &str = "KV_WRITE_BEHIND_BATCH_BYTES";
+/// Variable of [`WriteBehindConfig::max_delay`], in milliseconds.
+pub const ENV_DELAY_MS: &str = "KV_WRITE_BEHIND_DELAY_MS";
+/// Variable of [`WriteBehindConfig::capacity`].
+pub const ENV_CAPACITY: &str = "KV_WRITE_BEHIND_CAPACITY";
+/// Variable of [`WriteBehindConfig::enqueue_timeout`], in milliseconds.
+pub const ENV_ENQUEUE_TIMEOUT_MS: &str = "KV_WRITE_BEHIND_ENQUEUE_TIMEOUT_MS";
+/// Variable of [`WriteBehindConfig::flush_timeout`], in milliseconds.
+pub const ENV_FLUSH_TIMEOUT_MS: &str = "KV_WRITE_BEHIND_FLUSH_TIMEOUT_MS";
+
+/// Accepted ranges: (variable, min, max).
+const LIMITS: [(&str, u64, u64); 6] = [
+    (ENV_BATCH, 1, 1_000_000),
+    (ENV_BATCH_BYTES, 1, 1 << 30),
+    (ENV_DELAY_MS, 0, 3_600_000),
+    (ENV_CAPACITY, 1, 100_000_000),
+    (ENV_ENQUEUE_TIMEOUT_MS, 0, 86_400_000),
+    (ENV_FLUSH_TIMEOUT_MS, 1, 86_400_000),
+];
+
+impl WriteBehindConfig {
+    /// A builder starting from the defaults.
+    pub fn builder() -> WriteBehindConfigBuilder {
+        WriteBehindConfigBuilder {
+            config: WriteBehindConfig::default(),
+        }
+    }
+
+    /// The configuration from the process environment: `None` unless `KV_WRITE_BEHIND` is true
+    /// (see the module docs for the variables).
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the first variable whose value cannot be used (including one
+    /// that is not valid UTF-8).
+    pub fn from_env() -> Result<Option<WriteBehindConfig>> {
+        let mut vars = HashMap::new();
+        for (k, v) in std::env::vars_os() {
+            let Some(k) = k.to_str() else { continue };
+            if !k.starts_with(ENV_ENABLED) {
+                continue;
+            }
+            match v.into_string() {
+                Ok(v) => {
+                    vars.insert(k.to_string(), v);
+                }
+                Err(_) => return Err(config_error(k, "<not UTF-8>", "UTF-8 text")),
+            }
+        }
+        Self::from_vars(&vars)
+    }
+
+    /// The configuration from the given variables, as [`WriteBehindConfig::from_env`] reads
+    /// them from the environment.
+    ///
+    /// Returns `None` when `KV_WRITE_BEHIND` is unset, empty or false. The other variables are
+    /// checked even then, so a typo is reported before the day it is switched on.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the variable whose value cannot be used.
+    pub fn from_vars(vars: &HashMap<String, String>) -> Result<Option<WriteBehindConfig>> {
+        let get = |k: &str| {
+            vars.get(k)
+                .map(String::as_str)
+                .filter(|v| !v.trim().is_empty())
+        };
+        let enabled = match get(ENV_ENABLED) {
+            Some(v) => parse_bool(ENV_ENABLED, v)?,
+            None => false,
+        };
+        let mut b = WriteBehindConfig::builder();
+        for (variable, min, max) in LIMITS {
+            let Some(v) = get(variable) else { continue };
+            let n = parse_u64(variable, v, min, max)?;
+            b = match variable {
+                ENV_BATCH => b.batch_items(n as usize),
+                ENV_BATCH_BYTES => b.batch_bytes(n as usize),
+                ENV_DELAY_MS => b.max_delay(Duration::from_millis(n)),
+                ENV_CAPACITY => b.capacity(n as usize),
+                ENV_ENQUEUE_TIMEOUT_MS => b.enqueue_timeout(Duration::from_millis(n)),
+                _ => b.flush_timeout(Duration::from_millis(n)),
+            };
+        }
+        let config = b.build()?;
+        Ok(enabled.then_some(config))
+    }
+}
+
+/// Builds a [`WriteBehindConfig`]; every setter takes and returns `self`.
+#[derive(Debug, Clone)]
+pub struct WriteBehindConfigBuilder {
+    config: WriteBehindConfig,
+}
+
+impl WriteBehindConfigBuilder {
+    /// Sets the most writes per batch.
+    pub fn batch_items(mut self, n: usize) -> Self {
+        self.config.batch_items = n;
+        self
+    }
+    /// Sets the most bytes of JSON per batch.
+    pub fn batch_bytes(mut self, n: usize) -> Self {
+        self.config.batch_bytes = n;
+        self
+    }
+    /// Sets the most time a write waits for its batch to fill.
+    pub fn max_delay(mut self, d: Duration) -> Self {
+        self.config.max_delay = d;
+        self
+    }
+    /// Sets the most writes queued before writers block.
+    pub fn capacity(mut self, n: usize) -> Self {
+        self.config.capacity = n;
+        self
+    }
+    /// Sets how long a writer waits on a full queue.
+    pub fn enqueue_timeout(mut self, d: Duration) -> Self {
+        self.config.enqueue_timeout = d;
+        self
+    }
+    /// Sets the deadline of `flush`, `close` and drop.
+    pub fn flush_timeout(mut self, d: Duration) -> Self {
+        self.config.flush_timeout = d;
+        self
+    }
+
+    /// Checks the settings and returns the configuration.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the variable of a setting that is 0 (all but the delay and the
+    /// enqueue timeout must be above 0).
+    pub fn build(self) -> Result<WriteBehindConfig> {
+        let c = &self.config;
+        for (variable, zero) in [
+            (ENV_BATCH, c.batch_items == 0),
+            (ENV_BATCH_BYTES, c.batch_bytes == 0),
+            (ENV_CAPACITY, c.capacity == 0),
+            (ENV_FLUSH_TIMEOUT_MS, c.flush_timeout.is_zero()),
+        ] {
+            if zero {
+                return Err(config_error(variable, "0", "a whole number above 0"));
+            }
+        }
+        Ok(self.config)
+    }
+}
+
+fn config_error(variable: &str, value: &str, expected: &str) -> Error {
+    Error::Config {
+        variable: variable.to_string(),
+        value: value.to_string(),
+        expected: expected.to_string(),
+    }
+}
+
+fn parse_u64(variable: &str, value: &str, min: u64, max: u64) -> Result<u64> {
+    match value.trim().parse::<u64>() {
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        _ => Err(config_error(
+            variable,
+            value,
+            &format!("an integer from {min} to {max}"),
+        )),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Public figures and hooks
+
+/// A snapshot of the queue's figures, as returned by [`WriteBehind::stats_snapshot`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WriteBehindStats {
+    /// Writes accepted and not yet taken by the flusher (the flusher holds up to one more
+    /// batch).
+    pub queue_depth: u64,
+    /// Ids whose newest write the backend has not yet acknowledged (the overlay's size).
+    pub pending_ids: u64,
+    /// Batches acknowledged by the backend.
+    pub batches_sent: u64,
+    /// Writes acknowledged by the backend (before coalescing repeated ids within a batch).
+    pub items_sent: u64,
+    /// Writes in the last batch sent.
+    pub last_batch_items: u64,
+    /// Attempts that failed with a retryable error and were retried.
+    pub retries: u64,
+    /// Writes dropped because the backend refused them (non-retryable errors).
+    pub failed_writes: u64,
+    /// Time to send the last batch, retries included.
+    pub last_flush_latency: Duration,
+    /// Time spent sending batches since the start, retries included.
+    pub total_flush_latency: Duration,
+}
+
+/// One write that was accepted but could not be sent, handed to an [`UnsentSink`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum UnsentWrite {
+    /// An upsert of one id.
+    Upsert {
+        /// The id.
+        id: String,
+        /// The value.
+        value: Value,
+    },
+    /// A delete of one id.
+    Delete {
+        /// The id.
+        id: String,
+    },
+}
+
+/// Where [`WriteBehind`] puts accepted writes that are still unsent when its final flush
+/// reaches [`WriteBehindConfig::flush_timeout`] at close or drop. The fallback journal
+/// implements this, so that an outage at shutdown loses nothing. Without a sink, their count is
+/// logged at error level.
+pub trait UnsentSink: Send + Sync {
+    /// Takes the unsent writes of `namespace`, in the order they were accepted (replaying them
+    /// in that order gives the state the caller expected).
+    ///
+    /// # Errors
+    /// When they cannot be kept. The writes are then lost, and their count is logged.
+    fn save_unsent(&self, namespace: &str, writes: Vec<UnsentWrite>) -> Result<()>;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Internals
+
+/// The newest accepted write of an id, as readers see it until the backend acknowledges it.
+#[derive(Clone)]
+enum Pending {
+    /// `Arc`: the same value sits in the queue and in the overlay, and a reader clones it
+    /// outside the lock.
+    Upsert(Arc<Value>),
+    Delete,
+}
+
+struct Entry {
+    seq: u64,
+    pending: Pending,
+}
+
+/// One queued write.
+struct Op {
+    /// Position in the queue: increasing in queue order.
+    seq: u64,
+    id: String,
+    /// `None` for a delete.
+    value: Option<Arc<Value>>,
+    /// Estimated JSON bytes, for the batch byte limit.
+    bytes: usize,
+    /// When the call was accepted, for the age limit.
+    at: Instant,
+}
+
+enum Msg {
+    /// The writes of one call.
+    Ops(Vec<Op>),
+    /// Someone waits in `flush`: send what came before this without lingering.
+    Flush,
+    /// Last message: send everything, then exit.
+    Shutdown,
+}
+
+/// What producers, readers and the flusher share, under one mutex.
+///
+/// One `std::sync::Mutex` for all of it, and not a lock-free queue: a write must take a
+/// sequence number, enter the overlay and enter the channel as one step. Otherwise two threads
+/// writing the same id could enter the overlay in one order and the queue in the other, and
+/// readers would see a different winner than the backend ends up with. Each critical section is
+/// a few hash-map operations, and the flusher takes the lock once per batch, not per write.
+struct State {
+    /// id → newest accepted write not yet acknowledged by the inner store.
+    overlay: HashMap<String, Entry>,
+    /// The last sequence number handed out.
+    last_seq: u64,
+    /// Every write with a sequence number up to this one has been acknowledged (or dropped after
+    /// a refusal, or handed off at shutdown). Writes are acknowledged in queue order.
+    acked_seq: u64,
+    /// Writes accepted and not yet taken by the flusher: the quantity `capacity` bounds.
+    queued: usize,
+    /// The first refusal (non-retryable error) not yet reported by a flush, and how many writes
+    /// were dropped since the last report.
+    failure: Option<(Error, u64)>,
+    /// The latest retryable error while the flusher is stuck on a batch; cleared when a batch
+    /// gets through. A flush that times out returns it.
+    last_error: Option<Error>,
+    /// False once the flusher thread has exited (after shutdown, or after a panic).
+    flusher_alive: bool,
+}
+
+/// Counters read by `stats_snapshot`. Atomics, so reading them never blocks the flusher.
+#[derive(Default)]
+struct Counters {
+    batches: AtomicU64,
+    items: AtomicU64,
+    last_batch_items: AtomicU64,
+    retries: AtomicU64,
+    failed: AtomicU64,
+    last_latency_ns: AtomicU64,
+    total_latency_ns: AtomicU64,
+}
+
+/// The shutdown signal: the deadline of the final flush, and a condvar that cuts the flusher's
+/// retry pauses short. Separate from `State` so a retry pause never holds the main lock.
+#[derive(Default)]
+struct Shutdown {
+    deadline: Mutex<Option<Instant>>,
+    wake: Condvar,
+}
+
+impl Shutdown {
+    fn request(&self, deadline: Instant) {
+        *lock(&self.deadline) = Some(deadline);
+        self.wake.notify_all();
+    }
+
+    /// Sleeps `pause`, or less if the shutdown deadline comes first. Returns false when the
+    /// deadline has passed.
+    fn pause(&self, pause: Duration) -> bool {
+        let until = Instant::now() + pause;
+        let mut deadline = lock(&self.deadline);
+        loop {
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
+                return false;
+            }
+            let wake = deadline.map_or(until, |d| d.min(until));
+            if now >= wake {
+                return !deadline.is_some_and(|d| Instant::now() >= d);
+            }
+            deadline = self
+                .wake
+                .wait_timeout(deadline, wake - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+}
+
+struct Shared<S> {
+    inner: S,
+    config: WriteBehindConfig,
+    sink: Option<Arc<dyn UnsentSink>>,
+    state: Mutex<State>,
+    /// Signalled when the flusher takes writes from the queue, or exits.
+    not_full: Condvar,
+    /// Signalled when `acked_seq` moves, or the flusher exits.
+    acked: Condvar,
+    /// Unbounded on purpose: the bound is `capacity` in *items*, enforced under `state`. A call of
+    /// n items must be taken whole or not at all, which a channel bounded in messages cannot
+    /// express. Sends happen under `state`, so they never race, and the channel order is the
+    /// sequence order.
+    tx: Sender<Msg>,
+    shutdown: Arc<Shutdown>,
+    counters: Counters,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere never leaves these structures half-updated in a way that matters more
+    // than losing the whole store would: keep going.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl<S: KvStore> Shared<S> {
+    fn namespace(&self) -> &str {
+        self.inner.namespace()
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    fn stopped_error(&self) -> Error {
+        Error::Unavailable {
+            namespace: self.namespace().to_string(),
+            reason: "the write-behind flusher thread has stopped (see the error log); \
+                     writes can no longer be queued"
+                .into(),
+        }
+    }
+
+    /// Queues one call's writes: all of them or, on timeout, none.
+    fn enqueue(&self, writes: Vec<(String, Option<Arc<Value>>)>) -> Result<()> {
+        let n = writes.len();
+        // Work that needs no lock is done before taking it: sizes, the overlay's id copies.
+        let at = Instant::now();
+        let mut prepared: Vec<(String, Op)> = writes
+            .into_iter()
+            .map(|(id, value)| {
+                let bytes = id.len() + value.as_deref().map_or(8, json_size);
+                (
+                    id.clone(),
+                    Op {
+                        seq: 0,
+                        id,
+                        value,
+                        bytes,
+                        at,
+                    },
+                )
+            })
+            .collect();
+        let deadline = at.checked_add(self.config.enqueue_timeout);
+        let mut st = self.state();
+        loop {
+            if !st.flusher_alive {
+                return Err(self.stopped_error());
+            }
+            if st.queued == 0 || st.queued + n <= self.config.capacity {
+                break;
+            }
+            let now = Instant::now();
+            let left = deadline.map_or(Duration::from_secs(3600), |d| {
+                d.saturating_duration_since(now)
+            });
+            if left.is_zero() {
+                return Err(Error::Unavailable {
+                    namespace: self.namespace().to_string(),
+                    reason: format!(
+                        "the write-behind queue stayed full ({} of {} writes queued) for {:?}: \
+                         the backend is down or not keeping up; this write of {n} item(s) was \
+                         not taken",
+                        st.queued, self.config.capacity, self.config.enqueue_timeout
+                    ),
+                });
+            }
+            st = self
+                .not_full
+                .wait_timeout(st, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        st.queued += n;
+        let mut ops = Vec::with_capacity(n);
+        for (key, mut op) in prepared.drain(..) {
+            st.last_seq += 1;
+            op.seq = st.last_seq;
+            let pending = match &op.value {
+                Some(v) => Pending::Upsert(v.clone()),
+                None => Pending::Delete,
+            };
+            st.overlay.insert(
+                key,
+                Entry {
+                    seq: op.seq,
+                    pending,
+                },
+            );
+            ops.push(op);
+        }
+        // Sent under the lock: the channel's order must be the sequence order. The receiver
+        // lives as long as the flusher, which `flusher_alive` (checked above, under this lock)
+        // says is running.
+        let _ = self.tx.send(Msg::Ops(ops));
+        Ok(())
+    }
+
+    /// The overlay's answer for each id: `None` when the id has no pending write.
+    fn lookup(&self, ids: &[String]) -> Option<Vec<Option<Pending>>> {
+        let st = self.state();
+        if st.overlay.is_empty() {
+            return None;
+        }
+        let found: Vec<Option<Pending>> = ids
+            .iter()
+            .map(|id| st.overlay.get(id.as_str()).map(|e| e.pending.clone()))
+            .collect();
+        drop(st);
+        found.iter().any(Option::is_some).then_some(found)
+    }
+
+    fn flush_timeout(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now().checked_add(timeout);
+        let mut st = self.state();
+        let target = st.last_seq;
+        if st.acked_seq < target {
+            drop(st);
+            // Cut the flusher's wait for a full batch short. Only if it is alive: otherwise
+            // nobody reads the channel, and the messages would pile up.
+            let _ = self.tx.send(Msg::Flush);
+            st = self.state();
+        }
+        while st.acked_seq < target {
+            if !st.flusher_alive {
+                return Err(self.stopped_error());
+            }
+            let now = Instant::now();
+            let left = deadline.map_or(Duration::from_secs(3600), |d| {
+                d.saturating_duration_since(now)
+            });
+            if left.is_zero() {
+                let unsent = target - st.acked_seq;
+                return Err(st.last_error.take().unwrap_or_else(|| Error::Unavailable {
+                    namespace: self.namespace().to_string(),
+                    reason: format!(
+                        "write-behind flush did not finish within {timeout:?}: up to {unsent} \
+                         queued writes are not yet acknowledged by the backend (still retrying)"
+                    ),
+                }));
+            }
+            st = self
+                .acked
+                .wait_timeout(st, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        self.take_failure(&mut st)
+    }
+
+    /// Reports (once) the writes the backend refused.
+    fn take_failure(&self, st: &mut State) -> Result<()> {
+        match st.failure.take() {
+            None => Ok(()),
+            Some((e, n)) => {
+                if n > 1 {
+                    log::error!(
+                        "write-behind: the backend refused {n} queued writes of namespace {:?} \
+                         since the last flush; the first error follows",
+                        self.namespace()
+                    );
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Estimated length of `v` as JSON, without serializing it (escapes are not counted).
+fn json_size(v: &Value) -> usize {
+    match v {
+        Value::Null => 4,
+        Value::Bool(_) => 5,
+        Value::Number(_) => 8,
+        Value::String(s) => s.len() + 2,
+        Value::Array(a) => 2 + a.iter().map(|v| json_size(v) + 1).sum::<usize>(),
+        Value::Object(m) => {
+            2 + m
+                .iter()
+                .map(|(k, v)| k.len() + 4 + json_size(v))
+                .sum::<usize>()
+        }
+    }
+}
+
+/// Pause before retry `attempt` (0-based): 10 ms doubling up to 1 s, with jitter so that many
+/// processes do not hammer a restarted server in step.
+fn backoff(attempt: u32) -> Duration {
+    let cap_ms = (10u64 << attempt.min(7)).min(1000);
+    // RandomState is seeded randomly per instance: enough jitter without a rand dependency.
+    let r = RandomState::new().build_hasher().finish();
+    Duration::from_millis(cap_ms / 2 + r % (cap_ms / 2 + 1))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The flusher thread
+
+/// Why a send stopped.
+enum Stop {
+    /// The shutdown deadline passed while the backend kept failing.
+    GaveUp,
+    /// A non-retryable error.
+    Refused(Error),
+}
+
+/// Marks the flusher dead when the thread ends, normally or by a panic, and wakes everyone
+/// who waits for it.
+struct AliveGuard<S: KvStore> {
+    shared: Arc<Shared<S>>,
+}
+
+impl<S: KvStore> Drop for AliveGuard<S> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            log::error!(
+                "write-behind flusher of namespace {:?} panicked: queued writes are lost and \
+                 further writes are refused",
+                self.shared.namespace()
+            );
+        }
+        self.shared.state().flusher_alive = false;
+        self.shared.not_full.notify_all();
+        self.shared.acked.notify_all();
+    }
+}
+
+struct Flusher<S: KvStore> {
+    shared: Arc<Shared<S>>,
+    rx: Receiver<Msg>,
+    /// Writes taken from the channel, not yet sent. At most one batch plus one call.
+    backlog: VecDeque<Op>,
+    backlog_bytes: usize,
+    /// Writes taken from the channel not yet subtracted from `State::queued`: subtracted once
+    /// per batch (or before waiting), so the flusher takes the lock once per batch, not per call.
+    untracked: usize,
+    /// A `Flush` message arrived: no lingering until the backlog is empty.
+    flush_requested: bool,
+    /// The `Shutdown` message arrived: nothing follows it.
+    shutting_down: bool,
+}
+
+impl<S: KvStore> Flusher<S> {
+    fn run(mut self) -> Result<()> {
+        loop {
+            if self.backlog.is_empty() {
+                if self.shutting_down {
+                    return Ok(());
+                }
+                self.release();
+                match self.rx.recv() {
+                    Ok(m) => self.take(m),
+                    Err(_) => return Ok(()),
+                }
+                continue;
+            }
+            self.gather();
+            let batch = self.next_batch();
+            self.release();
+            if let Err(Stop::GaveUp) = self.send(&batch) {
+                return self.give_up(batch);
+            }
+        }
+    }
+
+    fn take(&mut self, msg: Msg) {
+        match msg {
+            Msg::Ops(ops) => {
+                self.untracked += ops.len();
+                for op in ops {
+                    self.backlog_bytes += op.bytes;
+                    self.backlog.push_back(op);
+                }
+            }
+            Msg::Flush => self.flush_requested = true,
+            Msg::Shutdown => self.shutting_down = true,
+        }
+    }
+
+    fn full(&self) -> bool {
+        let c = &self.shared.config;
+        self.backlog.len() >= c.batch_items || self.backlog_bytes >= c.batch_bytes
+    }
+
+    /// Fills the backlog up to one batch: first with what is already queued, then, unless
+    /// someone waits in flush or at shutdown, by waiting until the oldest write is
+    /// `max_delay` old.
+    fn gather(&mut self) {
+        while !self.full() {
+            match self.rx.try_recv() {
+                Ok(m) => self.take(m),
+                Err(_) => break,
+            }
+        }
+        if self.full() || self.flush_requested || self.shutting_down {
+            return;
+        }
+        let Some(due) = self
+            .backlog
+            .front()
+            .and_then(|op| op.at.checked_add(self.shared.config.max_delay))
+        else {
+            return;
+        };
+        // Writers blocked on a full queue must not wait for this pause.
+        self.release();
+        while !self.full() && !self.flush_requested && !self.shutting_down {
+            match self.rx.recv_deadline(due) {
+                Ok(m) => self.take(m),
+                Err(RecvTimeoutError::Timeout) => break,
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.shutting_down = true;
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Takes the next batch off the front of the backlog (at least one write).
+    fn next_batch(&mut self) -> Vec<Op> {
+        let c = &self.shared.config;
+        let mut batch = Vec::with_capacity(self.backlog.len().min(c.batch_items));
+        let mut bytes = 0;
+        while let Some(op) = self.backlog.front() {
+            if !batch.is_empty()
+                && (batch.len() >= c.batch_items || bytes + op.bytes > c.batch_bytes)
+            {
+                break;
+            }
+            bytes += op.bytes;
+            batch.extend(self.backlog.pop_front());
+        }
+        self.backlog_bytes -= bytes;
+        if self.backlog.is_empty() {
+            self.flush_requested = false;
+        }
+        batch
+    }
+
+    /// Subtracts the writes taken from the channel from `queued`, and wakes blocked writers.
+    fn release(&mut self) {
+        if self.untracked == 0 {
+            return;
+        }
+        let mut st = self.shared.state();
+        st.queued -= self.untracked;
+        drop(st);
+        self.untracked = 0;
+        self.shared.not_full.notify_all();
+    }
+
+    /// Sends one batch, retrying retryable errors, then acknowledges it.
+    fn send(&mut self, batch: &[Op]) -> Result<(), Stop> {
+        let start = Instant::now();
+        // Only the last write of each id matters: the overlay shows it to readers until the
+        // whole batch is acknowledged, so the intermediate states are never observable. What is
+        // left touches each id once, so the upserts and the deletes are disjoint and can go in
+        // two calls in either order.
+        let mut last: HashMap<&str, &Op> = HashMap::with_capacity(batch.len());
+        for op in batch {
+            last.insert(op.id.as_str(), op);
+        }
+        let mut upserts: Vec<(&str, &Arc<Value>)> = Vec::new();
+        let mut deletes: Vec<String> = Vec::new();
+        for op in batch {
+            if !std::ptr::eq(last[op.id.as_str()], op) {
+                continue;
+            }
+            match &op.value {
+                Some(v) => upserts.push((&op.id, v)),
+                None => deletes.push(op.id.clone()),
+            }
+        }
+        let mut dropped = 0;
+        if !upserts.is_empty() {
+            dropped += self.send_upserts(&upserts)?;
+        }
+        if !deletes.is_empty() {
+            dropped += self.send_deletes(&deletes)?;
+        }
+        // Counted before the acknowledgement, so that a flush that returns sees its batch in
+        // `stats_snapshot` (the state lock in `acknowledge` orders these stores before it).
+        let elapsed = start.elapsed();
+        let c = &self.shared.counters;
+        c.batches.fetch_add(1, Ordering::Relaxed);
+        c.items
+            .fetch_add(batch.len() as u64 - dropped, Ordering::Relaxed);
+        c.last_batch_items
+            .store(batch.len() as u64, Ordering::Relaxed);
+        let ns = elapsed.as_nanos().min(u64::MAX as u128) as u64;
+        c.last_latency_ns.store(ns, Ordering::Relaxed);
+        c.total_latency_ns.fetch_add(ns, Ordering::Relaxed);
+        self.acknowledge(batch);
+        Ok(())
+    }
+
+    /// Sends upserts; on a refusal, item by item so that only the refused ones are dropped.
+    /// Returns how many were dropped.
+    fn send_upserts(&self, items: &[(&str, &Arc<Value>)]) -> Result<u64, Stop> {
+        // The values are cloned for each attempt: the inner store takes ownership, and the
+        // queue's copy must survive a failed attempt.
+        let attempt = || {
+            self.shared.inner.upsert(
+                items
+                    .iter()
+                    .map(|(id, v)| (id.to_string(), Value::clone(v)))
+                    .collect(),
+            )
+        };
+        match self.with_retries(attempt) {
+            Ok(()) => Ok(0),
+            Err(Stop::GaveUp) => Err(Stop::GaveUp),
+            Err(Stop::Refused(e)) if items.len() == 1 => {
+                self.record_refusal(e, 1);
+                Ok(1)
+            }
+            Err(Stop::Refused(e)) => {
+                log::warn!(
+                    "write-behind: namespace {:?} refused a batch of {} upserts ({e}); \
+                     sending them one by one to find the refused ones",
+                    self.shared.namespace(),
+                    items.len()
+                );
+                items
+                    .iter()
+                    .map(|item| self.send_upserts(std::slice::from_ref(item)))
+                    .sum()
+            }
+        }
+    }
+
+    /// Sends deletes, as `send_upserts`.
+    fn send_deletes(&self, ids: &[String]) -> Result<u64, Stop> {
+        match self.with_retries(|| self.shared.inner.delete_by_ids(ids)) {
+            Ok(()) => Ok(0),
+            Err(Stop::GaveUp) => Err(Stop::GaveUp),
+            Err(Stop::Refused(e)) if ids.len() == 1 => {
+                self.record_refusal(e, 1);
+                Ok(1)
+            }
+            Err(Stop::Refused(_)) => ids
+                .iter()
+                .map(|id| self.send_deletes(std::slice::from_ref(id)))
+                .sum(),
+        }
+    }
+
+    /// Runs `call` until it succeeds, fails with a non-retryable error, or the shutdown
+    /// deadline passes. Retrying is safe because upserts and deletes of whole values are
+    /// idempotent, and nothing later in the queue is sent meanwhile, so nothing is reordered.
+    fn with_retries(&self, mut call: impl FnMut() -> Result<()>) -> Result<(), Stop> {
+        let mut attempt = 0u32;
+        loop {
+            match call() {
+                Ok(()) => {
+                    if attempt > 0 {
+                        log::info!(
+                            "write-behind: namespace {:?} is writable again after {attempt} \
+                             retries",
+                            self.shared.namespace()
+                        );
+                    }
+                    return Ok(());
+                }
+                Err(e) if e.is_retryable() => {
+                    self.shared.counters.retries.fetch_add(1, Ordering::Relaxed);
+                    let pause = backoff(attempt);
+                    if attempt == 0 {
+                        log::warn!(
+                            "write-behind: sending to namespace {:?} failed ({e}); retrying \
+                             with backoff, writers continue until the queue is full",
+                            self.shared.namespace()
+                        );
+                    } else {
+                        log::debug!(
+                            "write-behind: retry {attempt} failed ({e}); next in {pause:?}"
+                        );
+                    }
+                    self.shared.state().last_error = Some(e);
+                    if !self.shared.shutdown.pause(pause) {
+                        return Err(Stop::GaveUp);
+                    }
+                    attempt += 1;
+                }
+                Err(e) => return Err(Stop::Refused(e)),
+            }
+        }
+    }
+
+    fn record_refusal(&self, e: Error, n: u64) {
+        log::error!(
+            "write-behind: namespace {:?} refused {n} queued write(s), which are dropped: {e} \
+             (reported again by the next flush)",
+            self.shared.namespace()
+        );
+        self.shared.counters.failed.fetch_add(n, Ordering::Relaxed);
+        let mut st = self.shared.state();
+        match &mut st.failure {
+            Some((_, count)) => *count += n,
+            None => st.failure = Some((e, n)),
+        }
+    }
+
+    /// The batch is in the inner store (or dropped): its ids leave the overlay, unless a newer
+    /// write of the same id is pending. Only after this may readers go to the inner store for
+    /// them.
+    fn acknowledge(&self, batch: &[Op]) {
+        let mut st = self.shared.state();
+        for op in batch {
+            if st
+                .overlay
+                .get(op.id.as_str())
+                .is_some_and(|e| e.seq == op.seq)
+            {
+                st.overlay.remove(op.id.as_str());
+            }
+        }
+        if let Some(op) = batch.last() {
+            st.acked_seq = st.acked_seq.max(op.seq);
+        }
+        st.last_error = None;
+        drop(st);
+        self.shared.acked.notify_all();
+    }
+
+    /// The shutdown deadline passed: everything not yet acknowledged goes to the sink, or is
+    /// counted in the error log. Returns the error `close` reports.
+    fn give_up(mut self, batch: Vec<Op>) -> Result<()> {
+        let mut unsent = batch;
+        unsent.extend(self.backlog.drain(..));
+        while let Ok(m) = self.rx.try_recv() {
+            if let Msg::Ops(ops) = m {
+                unsent.extend(ops);
+            }
+        }
+        self.release();
+        let namespace = self.shared.namespace().to_string();
+        let last_error = self
+            .shared
+            .state()
+            .last_error
+            .as_ref()
+            .map_or_else(|| "none recorded".to_string(), |e| e.to_string());
+        let n = unsent.len();
+        let timeout = self.shared.config.flush_timeout;
+        let writes: Vec<UnsentWrite> = unsent
+            .iter()
+            .map(|op| match &op.value {
+                Some(v) => UnsentWrite::Upsert {
+                    id: op.id.clone(),
+                    value: Value::clone(v),
+                },
+                None => UnsentWrite::Delete { id: op.id.clone() },
+            })
+            .collect();
+        let reason = match &self.shared.sink {
+            Some(sink) => match sink.save_unsent(&namespace, writes) {
+                Ok(()) => {
+                    log::warn!(
+                        "write-behind: {n} writes of namespace {namespace:?} could not be sent \
+                         within {timeout:?} at shutdown (last error: {last_error}); handed to \
+                         the fallback sink"
+                    );
+                    format!("{n} writes were handed to the fallback sink instead")
+                }
+                Err(e) => {
+                    log::error!(
+                        "write-behind: {n} accepted writes of namespace {namespace:?} are LOST: \
+                         not sent within {timeout:?} at shutdown (last error: {last_error}), \
+                         and the fallback sink refused them: {e}"
+                    );
+                    format!("{n} writes are lost (the fallback sink refused them: {e})")
+                }
+            },
+            None => {
+                log::error!(
+                    "write-behind: {n} accepted writes of namespace {namespace:?} are LOST: not \
+                     sent within {timeout:?} at shutdown (last error: {last_error}) and no \
+                     fallback sink is configured"
+                );
+                format!("{n} writes are lost (no fallback sink is configured)")
+            }
+        };
+        self.acknowledge(&unsent);
+        Err(Error::Unavailable {
+            namespace,
+            reason: format!(
+                "write-behind could not send its queue within {timeout:?} at shutdown (last \
+                 error: {last_error}); {reason}"
+            ),
+        })
+    }
+}
+
+/// Owns the flusher thread: dropping it requests shutdown (with the flush deadline), lets the
+/// thread drain the queue, and joins it.
+struct FlusherGuard {
+    handle: Option<JoinHandle<Result<()>>>,
+    tx: Sender<Msg>,
+    shutdown: Arc<Shutdown>,
+    timeout: Duration,
+    namespace: String,
+}
+
+impl FlusherGuard {
+    /// Requests shutdown and waits for the thread: the queue is sent, or handed off after the
+    /// deadline. A send in progress when the deadline passes finishes first (the backend's own
+    /// timeouts bound it).
+    fn stop(&mut self) -> Result<()> {
+        let Some(handle) = self.handle.take() else {
+            return Ok(());
+        };
+        self.shutdown.request(
+            Instant::now()
+                .checked_add(self.timeout)
+                .unwrap_or_else(far_future),
+        );
+        // Nothing can be queued after this: stopping needs `&mut` or ownership of the store.
+        let _ = self.tx.send(Msg::Shutdown);
+        match handle.join() {
+            Ok(result) => result,
+            Err(_) => Err(Error::Unavailable {
+                namespace: self.namespace.clone(),
+                reason: "the write-behind flusher thread panicked; its queued writes are lost"
+                    .into(),
+            }),
+        }
+    }
+}
+
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(86_400 * 365)
+}
+
+impl Drop for FlusherGuard {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop() {
+            // Already logged by the flusher with the details; this line ties it to the drop.
+            log::error!("write-behind: dropped with writes not sent: {e}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The wrapper
+
+/// A [`KvStore`] wrapper that queues `upsert` and `delete_by_ids` and sends them in batches
+/// from a background thread. Reads see the queued writes. See the [module docs](self) for
+/// what it guarantees and costs, and where it goes in a stack.
+///
+/// The inner store sits behind an `Arc`, not in a plain `inner: S` field: the flusher thread
+/// and the callers use it at the same time. [`WriteBehind::into_inner`] gets it back once the
+/// thread is joined.
+pub struct WriteBehind<S: KvStore + 'static> {
+    shared: Arc<Shared<S>>,
+    flusher: FlusherGuard,
+}
+
+impl<S: KvStore + 'static> fmt::Debug for WriteBehind<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WriteBehind")
+            .field("namespace", &self.shared.namespace())
+            .field("config", &self.shared.config)
+            .field("stats", &self.stats_snapshot())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: KvStore + 'static> WriteBehind<S> {
+    /// Wraps `inner` and starts the flusher thread. Unsent writes at a failed shutdown are
+    /// counted in the error log.
+    ///
+    /// # Panics
+    /// When the operating system cannot start a thread.
+    pub fn new(inner: S, config: WriteBehindConfig) -> WriteBehind<S> {
+        Self::start(inner, config, None)
+    }
+
+    /// As [`WriteBehind::new`], with a sink for writes still unsent when the final flush at
+    /// close or drop reaches its deadline (the fallback journal).
+    ///
+    /// # Panics
+    /// When the operating system cannot start a thread.
+    pub fn with_unsent_sink(
+        inner: S,
+        config: WriteBehindConfig,
+        sink: Arc<dyn UnsentSink>,
+    ) -> WriteBehind<S> {
+        Self::start(inner, config, Some(sink))
+    }
+
+    fn start(
+        inner: S,
+        config: WriteBehindConfig,
+        sink: Option<Arc<dyn UnsentSink>>,
+    ) -> WriteBehind<S> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let shutdown = Arc::new(Shutdown::default());
+        let timeout = config.flush_timeout;
+        let shared = Arc::new(Shared {
+            inner,
+            config,
+            sink,
+            state: Mutex::new(State {
+                overlay: HashMap::new(),
+                last_seq: 0,
+                acked_seq: 0,
+                queued: 0,
+                failure: None,
+                last_error: None,
+                flusher_alive: true,
+            }),
+            not_full: Condvar::new(),
+            acked: Condvar::new(),
+            tx: tx.clone(),
+            shutdown: shutdown.clone(),
+            counters: Counters::default(),
+        });
+        let flusher = Flusher {
+            shared: shared.clone(),
+            rx,
+            backlog: VecDeque::new(),
+            backlog_bytes: 0,
+            untracked: 0,
+            flush_requested: false,
+            shutting_down: false,
+        };
+        let alive = AliveGuard {
+            shared: shared.clone(),
+        };
+        let namespace = shared.namespace().to_string();
+        let handle = std::thread::Builder::new()
+            .name(format!("kv-write-behind-{namespace}"))
+            .spawn(move || {
+                let _alive = alive;
+                flusher.run()
+            })
+            .expect("starting the write-behind flusher thread");
+        WriteBehind {
+            shared,
+            flusher: FlusherGuard {
+                handle: Some(handle),
+                tx,
+                shutdown,
+                timeout,
+                namespace,
+            },
+        }
+    }
+
+    /// The inner store.
+    pub fn inner(&self) -> &S {
+        &self.shared.inner
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &WriteBehindConfig {
+        &self.shared.config
+    }
+
+    /// Blocks until every write accepted before the call has been acknowledged by the inner
+    /// store, for at most [`WriteBehindConfig::flush_timeout`].
+    ///
+    /// # Errors
+    /// - The backend's last error when it keeps failing until the deadline (the flusher keeps
+    ///   retrying after that), or [`Error::Unavailable`] if none was recorded.
+    /// - The first error of writes the backend refused since the last report (they were
+    ///   dropped); the count is logged.
+    /// - [`Error::Unavailable`] when the flusher thread has stopped.
+    pub fn flush(&self) -> Result<()> {
+        self.shared.flush_timeout(self.shared.config.flush_timeout)
+    }
+
+    /// [`WriteBehind::flush`] with its own deadline.
+    ///
+    /// # Errors
+    /// As [`WriteBehind::flush`].
+    pub fn flush_timeout(&self, timeout: Duration) -> Result<()> {
+        self.shared.flush_timeout(timeout)
+    }
+
+    /// The queue's figures: depth, batches, latencies, retries.
+    pub fn stats_snapshot(&self) -> WriteBehindStats {
+        let (queue_depth, pending_ids) = {
+            let st = self.shared.state();
+            (st.queued as u64, st.overlay.len() as u64)
+        };
+        let c = &self.shared.counters;
+        WriteBehindStats {
+            queue_depth,
+            pending_ids,
+            batches_sent: c.batches.load(Ordering::Relaxed),
+            items_sent: c.items.load(Ordering::Relaxed),
+            last_batch_items: c.last_batch_items.load(Ordering::Relaxed),
+            retries: c.retries.load(Ordering::Relaxed),
+            failed_writes: c.failed.load(Ordering::Relaxed),
+            last_flush_latency: Duration::from_nanos(c.last_latency_ns.load(Ordering::Relaxed)),
+            total_flush_latency: Duration::from_nanos(c.total_latency_ns.load(Ordering::Relaxed)),
+        }
+    }
+
+    /// Sends everything queued and stops the flusher thread. The final flush has a deadline of
+    /// [`WriteBehindConfig::flush_timeout`]. Dropping the store does the same, but can only log
+    /// the outcome.
+    ///
+    /// # Errors
+    /// [`Error::Unavailable`] when writes were still unsent at the deadline (handed to the
+    /// [`UnsentSink`], or lost and counted in the error log). Also the first error of writes the
+    /// backend refused and no flush reported yet.
+    pub fn close(mut self) -> Result<()> {
+        let stopped = self.flusher.stop();
+        let refused = self.shared.take_failure(&mut self.shared.state());
+        stopped.and(refused)
+    }
+
+    /// Closes the store as [`WriteBehind::close`] does (logging a failure), and returns the inner
+    /// store.
+    pub fn into_inner(self) -> S {
+        let WriteBehind {
+            shared,
+            mut flusher,
+        } = self;
+        if let Err(e) = flusher
+            .stop()
+            .and_then(|()| shared.take_failure(&mut shared.state()))
+        {
+            log::error!("write-behind: closed with an error: {e}");
+        }
+        drop(flusher);
+        match Arc::try_unwrap(shared) {
+            Ok(shared) => shared.inner,
+            // The flusher thread was joined and it held the only other reference.
+            Err(_) => unreachable!("the write-behind flusher still holds the store after join"),
+        }
+    }
+}
+
+#[deny(clippy::missing_trait_methods)]
+impl<S: KvStore + 'static> KvStore for WriteBehind<S> {
+    fn namespace(&self) -> &str {
+        self.shared.namespace()
+    }
+
+    /// The inner store's ids, plus the ids of queued upserts, minus the ids of queued deletes.
+    fn all_keys(&self) -> Result<Vec<String>> {
+        // Read the overlay before the inner store. A write acknowledged during the inner scan
+        // might be missed by the scan, but it is in this snapshot.
+        let (added, removed): (Vec<String>, HashSet<String>) = {
+            let st = self.shared.state();
+            let mut added = Vec::new();
+            let mut removed = HashSet::new();
+            for (id, e) in &st.overlay {
+                match e.pending {
+                    Pending::Upsert(_) => added.push(id.clone()),
+                    Pending::Delete => {
+                        removed.insert(id.clone());
+                    }
+                }
+            }
+            (added, removed)
+        };
+        let mut keys = self.shared.inner.all_keys()?;
+        if added.is_empty() && removed.is_empty() {
+            return Ok(keys);
+        }
+        keys.retain(|k| !removed.contains(k));
+        let mut seen: HashSet<String> = keys.iter().cloned().collect();
+        for id in added {
+            if seen.insert(id.clone()) {
+                keys.push(id);
+            }
+        }
+        Ok(keys)
+    }
+
+    fn get_by_id(&self, id: &str) -> Result<Option<Value>> {
+        validate_id(self.namespace(), id)?;
+        let pending = {
+            let st = self.shared.state();
+            st.overlay.get(id).map(|e| e.pending.clone())
+        };
+        match pending {
+            Some(Pending::Upsert(v)) => Ok(Some(Value::clone(&v))),
+            Some(Pending::Delete) => Ok(None),
+            // No pending write: the inner store already holds the newest value.
+            None => self.shared.inner.get_by_id(id),
+        }
+    }
+
+    fn get_by_ids(&self, ids: &[String], fields: Option<&[String]>) -> Result<Vec<Option<Value>>> {
+        validate_ids(self.namespace(), ids)?;
+        let Some(found) = self.shared.lookup(ids) else {
+            return self.shared.inner.get_by_ids(ids, fields);
+        };
+        let misses: Vec<String> = ids
+            .iter()
+            .zip(&found)
+            .filter(|(_, f)| f.is_none())
+            .map(|(id, _)| id.clone())
+            .collect();
+        let mut fetched = if misses.is_empty() {
+            Vec::new()
+        } else {
+            self.shared.inner.get_by_ids(&misses, fields)?
+        }
+        .into_iter();
+        found
+            .into_iter()
+            .map(|f| match f {
+                Some(Pending::Upsert(v)) => Ok(Some(project(Value::clone(&v), fields))),
+                Some(Pending::Delete) => Ok(None),
+                None => fetched.next().ok_or_else(|| Error::Unavailable {
+                    namespace: self.namespace().to_string(),
+                    reason: "the inner store returned fewer values than ids asked".into(),
+                }),
+            })
+            .collect()
+    }
+
+    fn filter_keys(&self, ids: &[String]) -> Result<Vec<String>> {
+        validate_ids(self.namespace(), ids)?;
+        let Some(found) = self.shared.lookup(ids) else {
+            return self.shared.inner.filter_keys(ids);
+        };
+        let misses: Vec<String> = ids
+            .iter()
+            .zip(&found)
+            .filter(|(_, f)| f.is_none())
+            .map(|(id, _)| id.clone())
+            .collect();
+        let missing: HashSet<String> = if misses.is_empty() {
+            HashSet::new()
+        } else {
+            self.shared
+                .inner
+                .filter_keys(&misses)?
+                .into_iter()
+                .collect()
+        };
+        Ok(missing_in_order(ids, |i| match &found[i] {
+            Some(Pending::Upsert(_)) => true,
+            Some(Pending::Delete) => false,
+            None => !missing.contains(&ids[i]),
+        }))
+    }
+
+    /// Queues the items and returns; they are visible to reads at once.
+    ///
+    /// # Errors
+    /// An invalid id (nothing is queued). [`Error::Unavailable`] when the queue stayed full for
+    /// [`WriteBehindConfig::enqueue_timeout`] (nothing is queued), or the flusher has stopped.
+    /// Errors from the backend come later, from [`WriteBehind::flush`].
+    fn upsert(&self, items: Vec<Item>) -> Result<()> {
+        validate_ids(self.namespace(), items.iter().map(|(id, _)| id))?;
+        if items.is_empty() {
+            return Ok(());
+        }
+        self.shared.enqueue(
+            items
+                .into_iter()
+                .map(|(id, v)| (id, Some(Arc::new(v))))
+                .collect(),
+        )
+    }
+
+    /// Queues the deletes and returns; reads see the ids as gone at once.
+    ///
+    /// # Errors
+    /// As [`WriteBehind::upsert`](#method.upsert).
+    fn delete_by_ids(&self, ids: &[String]) -> Result<()> {
+        validate_ids(self.namespace(), ids)?;
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.shared
+            .enqueue(ids.iter().map(|id| (id.clone(), None)).collect())
+    }
+
+    /// Flushes, then clears the inner store, so no write queued before the call resurfaces.
+    fn clear(&self) -> Result<()> {
+        self.flush()?;
+        self.shared.inner.clear()
+    }
+
+    fn index_start_callback(&self) -> Result<()> {
+        self.shared.inner.index_start_callback()
+    }
+
+    /// Flushes, then runs the inner store's checkpoint.
+    fn index_done_callback(&self) -> Result<()> {
+        self.flush()?;
+        self.shared.inner.index_done_callback()
+    }
+
+    /// Flushes, then returns the inner store's figures. Flushing first makes the counts exact.
+    /// Adjusting them by the overlay instead would need to know which queued upserts replace
+    /// an existing id, which costs a lookup per pending id.
+    fn stats(&self) -> Result<NamespaceStats> {
+        self.flush()?;
+        self.shared.inner.stats()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn off_unless_enabled() {
+        assert_eq!(WriteBehindConfig::from_vars(&vars(&[])).unwrap(), None);
+        for off in ["false", "0", "no", "NO", " "] {
+            let v = vars(&[(ENV_ENABLED, off), (ENV_BATCH, "10")]);
+            assert_eq!(WriteBehindConfig::from_vars(&v).unwrap(), None, "{off:?}");
+        }
+        for on in ["true", "1", "yes", "TRUE"] {
+            let c = WriteBehindConfig::from_vars(&vars(&[(ENV_ENABLED, on)]))
+                .unwrap()
+                .unwrap();
+            assert_eq!(c, WriteBehindConfig::default(), "{on}");
+        }
+    }
+
+    #[test]
+    fn every_variable_is_read() {
+        let c = WriteBehindConfig::from_vars(&vars(&[
+            (ENV_ENABLED, "yes"),
+            (ENV_BATCH, "64"),
+            (ENV_BATCH_BYTES, "1048576"),
+            (ENV_DELAY_MS, "0"),
+            (ENV_CAPACITY, "100"),
+            (ENV_ENQUEUE_TIMEOUT_MS, "250"),
+            (ENV_FLUSH_TIMEOUT_MS, "1500"),
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            c,
+            WriteBehindConfig {
+                batch_items: 64,
+                batch_bytes: 1 << 20,
+                max_delay: Duration::ZERO,
+                capacity: 100,
+                enqueue_timeout: Duration::from_millis(250),
+                flush_timeout: Duration::from_millis(1500),
+            }
+        );
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        for (k, v, needle) in [
+            (ENV_ENABLED, "maybe", "yes/no"),
+            (ENV_BATCH, "0", "from 1"),
+            (ENV_BATCH, "-3", "an integer"),
+            (ENV_BATCH_BYTES, "4MB", "an integer"),
+            (ENV_DELAY_MS, "1.5", "an integer"),
+            (ENV_CAPACITY, "0", "from 1"),
+            (ENV_ENQUEUE_TIMEOUT_MS, "x", "an integer"),
+            (ENV_FLUSH_TIMEOUT_MS, "0", "from 1"),
+        ] {
+            // Checked even when write-behind is off.
+            for enabled in ["true", "false"] {
+                let e = WriteBehindConfig::from_vars(&vars(&[(ENV_ENABLED, enabled), (k, v)]));
+                if k == ENV_ENABLED && enabled == "false" {
+                    continue;
+                }
+                let e = e.unwrap_err();
+                assert!(matches!(e, Error::Config { .. }), "{e:?}");
+                let text = e.to_string();
+                assert!(text.contains(k) && text.contains(needle), "{k}={v}: {text}");
+            }
+        }
+        let e = WriteBehindConfig::builder()
+            .capacity(0)
+            .build()
+            .unwrap_err();
+        assert!(e.to_string().contains(ENV_CAPACITY), "{e}");
+    }
+
+    #[test]
+    fn json_size_is_close() {
+        let v = serde_json::json!({"content": "x".repeat(2000), "tokens": 12, "tags": ["a", "b"], "ok": true, "n": null});
+        let real = serde_json::to_vec(&v).unwrap().len();
+        let est = json_size(&v);
+        assert!(
+            est >= real * 9 / 10 && est <= real * 11 / 10,
+            "{est} vs {real}"
+        );
+    }
+
+    #[test]
+    fn backoff_is_capped() {
+        for a in 0..40 {
+            assert!(backoff(a) <= Duration::from_secs(1));
+        }
+        assert!(backoff(0) <= Duration::from_millis(10));
+    }
+}
