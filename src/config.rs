@@ -3,7 +3,8 @@
 //!
 //! | variable | default | meaning |
 //! |---|---|---|
-//! | `STORAGE_KV_BACKEND` | `json` | `json` or `redis` |
+//! | `STORAGE_KV_BACKEND` | `json` | `json`, `redis`, or `dual` (both, during a migration) |
+//! | `KV_DUAL_PRIMARY` | `json` | with `dual`: the store reads come from |
 //! | `STORAGE_WORKING_DIR` | `./nano_graphrag_cache` | directory of the JSON files |
 //! | `REDIS_URL` | `redis://localhost:6379` | server URL; `rediss://` for TLS |
 //! | `REDIS_USERNAME`, `REDIS_PASSWORD` | none | ACL credentials; override the URL's |
@@ -491,6 +492,15 @@ fn is_reserved_ttl_name(name: &str) -> bool {
     })
 }
 
+/// Dual-write during a migration (`STORAGE_KV_BACKEND=dual`): writes go to the JSON files and
+/// to Redis, reads come from the primary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DualConfig {
+    /// The store reads come from and whose failures fail a write (`KV_DUAL_PRIMARY`).
+    /// Defaults to [`BackendKind::Json`], the data in service when a migration starts.
+    pub primary: BackendKind,
+}
+
 /// Where writes go while Redis is unreachable.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FallbackConfig {
@@ -513,6 +523,8 @@ pub struct StoreConfig {
     pub fallback: Option<FallbackConfig>,
     /// Write-behind queue (`KV_WRITE_BEHIND=true`). Defaults to none: writes are synchronous.
     pub write_behind: Option<crate::write_behind::WriteBehindConfig>,
+    /// Dual-write to JSON and Redis (`STORAGE_KV_BACKEND=dual`). Defaults to none.
+    pub dual: Option<DualConfig>,
 }
 
 impl Default for StoreConfig {
@@ -525,6 +537,7 @@ impl Default for StoreConfig {
             redis: RedisConfig::default(),
             fallback: None,
             write_behind: None,
+            dual: None,
         }
     }
 }
@@ -589,7 +602,17 @@ impl StoreConfigBuilder {
         let mut b = StoreConfig::builder();
         let c = &mut b.config;
         if let Some(v) = get("STORAGE_KV_BACKEND") {
-            c.backend = BackendKind::parse("STORAGE_KV_BACKEND", v)?;
+            if v.trim().eq_ignore_ascii_case("dual") {
+                let primary = match get("KV_DUAL_PRIMARY") {
+                    None => BackendKind::Json,
+                    Some(p) => BackendKind::parse("KV_DUAL_PRIMARY", p)?,
+                };
+                c.dual = Some(DualConfig { primary });
+                c.backend = primary;
+            } else {
+                c.backend = BackendKind::parse("STORAGE_KV_BACKEND", v)
+                    .map_err(|_| config_error("STORAGE_KV_BACKEND", v, "json, redis or dual"))?;
+            }
         }
         if let Some(v) = get("STORAGE_WORKING_DIR") {
             c.json.working_dir = PathBuf::from(v);
@@ -827,6 +850,12 @@ impl StoreConfigBuilder {
         self.config.redis.sentinel_master = Some(master.into());
         self
     }
+    /// Writes to both JSON and Redis, reading from `primary`.
+    pub fn dual(mut self, primary: BackendKind) -> Self {
+        self.config.dual = Some(DualConfig { primary });
+        self.config.backend = primary;
+        self
+    }
     /// Queues writes and sends them in batches from a background thread.
     pub fn write_behind(mut self, c: crate::write_behind::WriteBehindConfig) -> Self {
         self.config.write_behind = Some(c);
@@ -891,7 +920,7 @@ impl StoreConfigBuilder {
         for ns in r.ttl.by_namespace.keys() {
             validate_namespace(ns)?;
         }
-        if self.config.backend == BackendKind::Redis {
+        if self.config.backend == BackendKind::Redis || self.config.dual.is_some() {
             // Parse now so a bad URL is reported at build time, not at first use. The URL may
             // hold a password: only the redacted form goes into the error.
             let urls = r.urls();
@@ -1099,7 +1128,7 @@ mod tests {
             ("REDIS_MAX_CONNECTIONS", "abc", "an integer"),
             ("REDIS_TTL_CHUNKS", "-5", "0 or more"),
             ("REDIS_TTL_OTHER", "x", "0 or more"),
-            ("STORAGE_KV_BACKEND", "mongo", "json or redis"),
+            ("STORAGE_KV_BACKEND", "mongo", "json, redis or dual"),
             ("REDIS_RETRY_ON_TIMEOUT", "maybe", "yes/no"),
             ("REDIS_SOCKET_TIMEOUT", "0", "above 0"),
             ("REDIS_CONNECTION_TIMEOUT", "nan", "above 0"),

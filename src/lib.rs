@@ -26,6 +26,9 @@
 //! - `fallback`: `FallbackStore`, a local journal that keeps writes going while Redis is down.
 //! - `write_behind`: `WriteBehind<S>`, writes queued and sent in batches by a background
 //!   thread, with read-your-writes.
+//! - `dual_write`: `DualWrite<P, S>`, one namespace written to two stores during a migration.
+//! - `metrics`: Prometheus metrics: the `Metered<S>` wrapper, pool and server gauges.
+//! - `migrate`: copying and comparing namespaces between backends (`migrate`, `verify`).
 //! - `llm`: the LLM interface, a deterministic local stand-in, an OpenAI-compatible client.
 //! - `llm_cache`: `LlmCache`, the shared response cache with single-flight across processes.
 //! - `llm_hash`: nano-graphrag's id and LLM-cache key hashing, byte for byte.
@@ -67,11 +70,14 @@
 pub mod backend;
 pub mod codec;
 pub mod config;
+pub mod dual_write;
 pub mod error;
 pub mod fallback;
 pub mod llm;
 pub mod llm_cache;
 pub mod llm_hash;
+pub mod metrics;
+pub mod migrate;
 mod open;
 pub mod store;
 pub mod write_behind;
@@ -81,7 +87,9 @@ pub use backend::redis::{RedisShared, RedisStore};
 pub use config::{
     BackendKind, ClusterMode, Compression, RedisConfig, StoreConfig, StoreConfigBuilder,
 };
+pub use dual_write::DualWrite;
 pub use error::{Error, Result};
+pub use metrics::{Metered, Metrics};
 pub use open::{open_from_env, Storage};
 pub use store::{
     validate_id, validate_namespace, FullDoc, Item, KvStore, KvStoreExt, LlmCacheEntry,

@@ -6,8 +6,10 @@ use std::sync::{Arc, Mutex, Weak};
 use crate::backend::json_file::JsonDir;
 use crate::backend::redis::RedisShared;
 use crate::config::{BackendKind, RedisConfig, StoreConfig};
+use crate::dual_write::DualWrite;
 use crate::error::Result;
 use crate::fallback::{Fallback, FallbackGuard};
+use crate::metrics::{Metered, Metrics};
 use crate::store::KvStore;
 use crate::write_behind::{WriteBehind, WriteBehindConfig};
 
@@ -20,12 +22,20 @@ pub struct Storage {
     inner: Inner,
     /// Wrap each namespace in a write-behind queue (never for read-only storages).
     write_behind: Option<WriteBehindConfig>,
+    /// Count and time every call (outermost layer), when set with [`Storage::with_metrics`].
+    metrics: Option<Metrics>,
 }
 
 #[derive(Debug, Clone)]
 enum Inner {
     Json(Arc<JsonDir>),
     Redis(Arc<RedisShared>, Option<FallbackParts>),
+    /// Both, during a migration: writes go to each, reads come from `primary`.
+    Dual {
+        json: Arc<JsonDir>,
+        redis: Arc<RedisShared>,
+        primary: BackendKind,
+    },
 }
 
 /// The fallback of a Redis storage and the guard of its prober thread (stopped when the last
@@ -46,6 +56,17 @@ impl Storage {
     /// [`crate::Error::Locked`] when another process writes the JSON directory; connection
     /// errors when Redis does not answer.
     pub fn open(config: &StoreConfig) -> Result<Storage> {
+        if let Some(dual) = config.dual {
+            return Ok(Storage {
+                inner: Inner::Dual {
+                    json: JsonDir::open(&config.json.working_dir)?,
+                    redis: shared_redis(config)?,
+                    primary: dual.primary,
+                },
+                write_behind: config.write_behind.clone(),
+                metrics: None,
+            });
+        }
         let inner = match config.backend {
             BackendKind::Json => Inner::Json(JsonDir::open(&config.json.working_dir)?),
             BackendKind::Redis => match &config.fallback {
@@ -80,6 +101,7 @@ impl Storage {
         Ok(Storage {
             inner,
             write_behind: config.write_behind.clone(),
+            metrics: None,
         })
     }
 
@@ -97,6 +119,7 @@ impl Storage {
         Ok(Storage {
             inner,
             write_behind: None,
+            metrics: None,
         })
     }
 
@@ -113,9 +136,45 @@ impl Storage {
     /// # Errors
     /// [`crate::Error::InvalidNamespace`]; for JSON, a file that cannot be read or parsed.
     pub fn namespace(&self, namespace: &str) -> Result<Arc<dyn KvStore>> {
+        let store = self.stack(namespace)?;
+        Ok(match &self.metrics {
+            Some(m) => Arc::new(Metered::new(store, m)),
+            None => store,
+        })
+    }
+
+    /// Counts and times every call of every namespace opened from now on (the outermost layer,
+    /// so it sees what callers see), and reports the Redis pool's size.
+    pub fn with_metrics(mut self, metrics: &Metrics) -> Storage {
+        if let Some(shared) = self.redis() {
+            metrics.pool().watch_redis(shared);
+        }
+        self.metrics = Some(metrics.clone());
+        self
+    }
+
+    fn stack(&self, namespace: &str) -> Result<Arc<dyn KvStore>> {
         // The whole stack of a namespace is decided here, innermost first:
-        // backend -> FallbackStore (KV_FALLBACK) -> WriteBehind (KV_WRITE_BEHIND).
+        // backend -> FallbackStore (KV_FALLBACK) | DualWrite (dual) -> WriteBehind
+        // (KV_WRITE_BEHIND) -> Metered (with_metrics).
         let base: Arc<dyn KvStore> = match &self.inner {
+            Inner::Dual {
+                json,
+                redis,
+                primary,
+            } => {
+                let j: Arc<dyn KvStore> = json.namespace(namespace)?;
+                let r: Arc<dyn KvStore> = Arc::new(redis.namespace(namespace)?);
+                let (p, s, names) = match primary {
+                    BackendKind::Json => (j, r, ("json", "redis")),
+                    BackendKind::Redis => (r, j, ("redis", "json")),
+                };
+                let mut dual = DualWrite::new(p, s).with_names(names.0, names.1);
+                if let Some(m) = &self.metrics {
+                    dual = dual.with_metrics(m);
+                }
+                Arc::new(dual)
+            }
             Inner::Json(dir) => dir.namespace(namespace)?,
             Inner::Redis(shared, None) => Arc::new(shared.namespace(namespace)?),
             Inner::Redis(shared, Some(fb)) => Arc::new(
@@ -130,7 +189,9 @@ impl Storage {
         // would have separate read-your-writes overlays.
         let backend = match &self.inner {
             Inner::Json(dir) => Arc::as_ptr(dir) as usize,
-            Inner::Redis(shared, _) => Arc::as_ptr(shared) as usize,
+            Inner::Redis(shared, _) | Inner::Dual { redis: shared, .. } => {
+                Arc::as_ptr(shared) as usize
+            }
         };
         let mut guard = WRITE_BEHIND_QUEUES
             .lock()
@@ -162,6 +223,13 @@ impl Storage {
         match &self.inner {
             Inner::Json(dir) => dir.list_namespaces(),
             Inner::Redis(shared, _) => shared.list_namespaces(),
+            Inner::Dual { json, redis, .. } => {
+                let mut names = json.list_namespaces()?;
+                names.extend(redis.list_namespaces()?);
+                names.sort();
+                names.dedup();
+                Ok(names)
+            }
         }
     }
 
@@ -170,7 +238,7 @@ impl Storage {
     pub fn redis(&self) -> Option<&Arc<RedisShared>> {
         match &self.inner {
             Inner::Json(_) => None,
-            Inner::Redis(shared, _) => Some(shared),
+            Inner::Redis(shared, _) | Inner::Dual { redis: shared, .. } => Some(shared),
         }
     }
 
@@ -187,6 +255,7 @@ impl Storage {
         match &self.inner {
             Inner::Json(_) => BackendKind::Json,
             Inner::Redis(..) => BackendKind::Redis,
+            Inner::Dual { primary, .. } => *primary,
         }
     }
 }

@@ -235,6 +235,7 @@ both_backends!(
     stats_json_shape,
     stats_table,
     input_errors,
+    migrate_and_verify_against_the_other_backend,
 );
 
 fn put_get_keys_delete_clear(b: &Backend) {
@@ -458,11 +459,19 @@ fn stats_json_shape(b: &Backend) {
 
     let all: Value = serde_json::from_str(&ok(b.run(&["stats", "--json"]))).unwrap();
     let top = all.as_object().unwrap();
-    assert_eq!(
-        top.keys().collect::<Vec<_>>(),
-        ["backend", "namespaces"],
-        "{all}"
-    );
+    // Redis adds the server's figures (INFO); JSON has no server.
+    let expected_top: &[&str] = match b.kind {
+        Kind::Json => &["backend", "namespaces"],
+        Kind::Redis => &["backend", "namespaces", "server"],
+    };
+    assert_eq!(top.keys().collect::<Vec<_>>(), expected_top, "{all}");
+    if b.kind == Kind::Redis {
+        let server = &all["server"];
+        assert!(server["used_memory"].as_u64().unwrap() > 0, "{server}");
+        assert_eq!(server["evicted_keys"], json!(0), "{server}");
+        assert_eq!(server["maxmemory_policy"], json!("noeviction"), "{server}");
+        assert!(server["keys"].as_u64().unwrap() >= 3, "{server}");
+    }
     let backend = match b.kind {
         Kind::Json => "json",
         Kind::Redis => "redis",
@@ -527,6 +536,20 @@ fn stats_table(b: &Backend) {
         .unwrap_or_else(|| panic!("no text_chunks row in:\n{table}"));
     let cells: Vec<_> = row.split_whitespace().collect();
     assert_eq!(cells[1], "1", "{table}");
+    // Redis: the server's memory, limit, policy and evictions follow the table.
+    let server_lines = [
+        "used_memory",
+        "maxmemory ",
+        "maxmemory-policy  noeviction",
+        "evicted_keys      0",
+    ];
+    for needle in server_lines {
+        assert_eq!(
+            table.contains(needle),
+            b.kind == Kind::Redis,
+            "{needle:?} in:\n{table}"
+        );
+    }
 }
 
 fn input_errors(b: &Backend) {
@@ -581,6 +604,84 @@ fn input_errors(b: &Backend) {
     fails(b.run(&["keys", "ns", "--bogus"]), &["--bogus"]);
     fails(b.run(&["--backend", "mongo", "keys", "ns"]), &["mongo"]);
     fails(b.run::<&str>(&[]), &["command"]);
+}
+
+/// The SPEC naming this backend on the command line.
+fn spec(b: &Backend) -> String {
+    match b.kind {
+        Kind::Json => format!("json:{}", b.store_dir().display()),
+        Kind::Redis => b.server().url(),
+    }
+}
+
+/// `migrate` from this backend to a JSON directory and back into a second namespace set,
+/// `verify` both ways, exit 1 on a difference; the environment's key prefix applies to SPECs.
+fn migrate_and_verify_against_the_other_backend(b: &Backend) {
+    ok(b.run(&["put", "full_docs", "d1", r#"{"content": "Grüße"}"#]));
+    ok(b.run(&["put", "text_chunks", "c1", r#"{"content": "世界"}"#]));
+    let copy = format!("json:{}", b.file("copy").display());
+    let out = b.run(&["migrate", "--from", &spec(b), "--to", &copy]);
+    assert_eq!(out.code, 0, "{out:#?}");
+    assert!(
+        out.stdout
+            .contains("full_docs: 1 id in the source: 1 copied"),
+        "{out:#?}"
+    );
+    assert!(
+        out.stdout.contains("2 ids copied, 0 already equal"),
+        "{out:#?}"
+    );
+
+    let out = b.run(&["verify", "--from", &spec(b), "--to", &copy]);
+    assert_eq!(out.code, 0, "{out:#?}");
+    assert!(out.stdout.contains("full_docs: equal (1 id)"), "{out:#?}");
+
+    ok(b.run(&["put", "full_docs", "d1", r#"{"content": "changed"}"#]));
+    let out = b.run(&[
+        "verify",
+        "--from",
+        &spec(b),
+        "--to",
+        &copy,
+        "--namespace",
+        "full_docs",
+    ]);
+    assert_eq!(out.code, 1, "{out:#?}");
+    assert!(out.stdout.contains("  different \"d1\""), "{out:#?}");
+    assert!(
+        !out.stdout.contains("text_chunks"),
+        "only the namespace asked for: {out:#?}"
+    );
+    assert!(out.stdout.contains("DIFFERENT in 1 namespace"), "{out:#?}");
+
+    // Re-running copies only the changed id.
+    let out = b.run(&["migrate", "--from", &spec(b), "--to", &copy]);
+    assert_eq!(out.code, 0, "{out:#?}");
+    assert!(
+        out.stdout.contains("1 id copied, 1 already equal"),
+        "{out:#?}"
+    );
+    assert_eq!(
+        b.run(&["verify", "--from", &spec(b), "--to", &copy]).code,
+        0
+    );
+}
+
+#[test]
+fn help_lists_migrate_and_verify() {
+    let help = ok(output(bare_cmd().arg("--help")));
+    for needle in ["migrate", "verify", "stats"] {
+        assert!(help.contains(needle), "{help}");
+    }
+    let help = ok(output(bare_cmd().args(["migrate", "--help"])));
+    for needle in [
+        "--from <SPEC>",
+        "--to <SPEC>",
+        "--namespace <NS>",
+        "--batch <N>",
+    ] {
+        assert!(help.contains(needle), "{help}");
+    }
 }
 
 #[test]

@@ -301,7 +301,10 @@ fn pool_exhaustion_waits_instead_of_failing() {
 
 #[test]
 fn checkpoint_with_rdb_survives_sigkill() {
-    let mut server = RedisServer::start_with(&["--dbfilename", "dump.rdb"]);
+    // Each key takes 1 ms to save, so the BGSAVE runs for about half a second: a checkpoint
+    // that returned before the snapshot was on disk would lose the data below.
+    let mut server =
+        RedisServer::start_with(&["--dbfilename", "dump.rdb", "--rdb-key-save-delay", "1000"]);
     let storage = Storage::open(&config_for(&server, "r").build().unwrap()).unwrap();
     let s = storage.namespace("text_chunks").unwrap();
     let items: Vec<_> = (0..500)
@@ -320,6 +323,14 @@ fn checkpoint_with_rdb_survives_sigkill() {
             scope.spawn(move || st.index_done_callback().unwrap());
         }
     });
+    // The snapshot is complete when the checkpoint returns, not merely started. (A SIGKILL
+    // alone would not show it: the BGSAVE child keeps the port until it finishes.)
+    let info: String = redis::cmd("INFO")
+        .arg("persistence")
+        .query(&mut server.conn())
+        .unwrap();
+    assert!(info.contains("rdb_bgsave_in_progress:0"), "{info}");
+    assert!(info.contains("rdb_last_bgsave_status:ok"), "{info}");
     server.kill();
     server.restart();
     assert_eq!(s.all_keys().unwrap().len(), 500);

@@ -5,19 +5,26 @@
 //! (`get`, `keys`, `export`, `stats`) take no write lock on a JSON directory, so they work while
 //! an indexer is running; writing commands take it and checkpoint before exiting.
 //!
-//! Exit status: 0 on success, 1 when `get` finds no value, 2 on any error (one line on stderr,
-//! `graphrag-kv: <error>`).
+//! `migrate` and `verify` take their two backends from `--from` and `--to` SPECs (`json:DIR`, a
+//! Redis URL, or comma-separated cluster node URLs); the rest of the environment (key prefix,
+//! compression, TTLs, timeouts, `REDIS_PASSWORD` for URLs without credentials) applies to both.
+//!
+//! Exit status: 0 on success, 1 when `get` finds no value or `verify` finds differences, 2 on
+//! any error (one line on stderr, `graphrag-kv: <error>`).
 
 #![deny(missing_docs)]
 
-use std::io::{self, Read, Write};
+use std::io::{self, IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::error::ErrorKind;
 use clap::{CommandFactory, Parser, Subcommand};
 use graphrag_kv::backend::json_file::{parse_kv_file, to_python_json, write_atomically};
+use graphrag_kv::metrics::{server_info, ServerInfo};
+use graphrag_kv::migrate::{self, MigrateOptions, Progress, Spec, VerifyReport};
 use graphrag_kv::{BackendKind, Error, KvStore, Storage, StoreConfig, StoreConfigBuilder};
+use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Map, Value};
 
 /// How many entries `import` writes per `upsert`, and `export` reads per `get_by_ids`.
@@ -35,11 +42,17 @@ const EXIT_ERROR: u8 = 2;
 /// Exit status of `get` when the id holds no value.
 const EXIT_NOT_FOUND: u8 = 1;
 
+/// Exit status of `verify` when the two backends differ.
+const EXIT_DIFFERENT: u8 = 1;
+
+/// Ids of each kind `verify` prints per namespace without `--json` (the counts are complete).
+const SHOWN_IDS: usize = 20;
+
 /// Key-value storage of a GraphRAG index: nano-graphrag's kv_store JSON files or Redis.
 ///
 /// Configuration comes from the environment (STORAGE_KV_BACKEND, STORAGE_WORKING_DIR,
 /// REDIS_URL, REDIS_PASSWORD, REDIS_KEY_PREFIX, ...); the options below override it.
-/// Exit status: 0 success, 1 `get` found nothing, 2 error.
+/// Exit status: 0 success, 1 `get` found nothing or `verify` found differences, 2 error.
 #[derive(Debug, Parser)]
 #[command(name = "graphrag-kv", version)]
 struct Cli {
@@ -120,7 +133,8 @@ enum Command {
         /// File to write; stdout when absent.
         file: Option<PathBuf>,
     },
-    /// Show key count, approximate size and TTL of namespaces.
+    /// Show key count, approximate size and TTL of namespaces, and for Redis the server's
+    /// memory, limit, eviction policy and evictions.
     Stats {
         /// Print JSON instead of a table.
         #[arg(long)]
@@ -128,6 +142,41 @@ enum Command {
         /// Only this namespace (repeatable); default: every namespace holding data.
         #[arg(long = "namespace", value_name = "NS")]
         namespaces: Vec<String>,
+    },
+    /// Copy namespaces from one backend to another, in batches; ids already there with an
+    /// equal value are skipped, so it can be re-run. Keeps remaining TTLs between Redis servers.
+    Migrate {
+        /// Source: json:DIR, a redis:// URL, or comma-separated cluster node URLs.
+        #[arg(long, value_name = "SPEC")]
+        from: String,
+        /// Target, written as the source is: json:DIR, a redis:// URL, or cluster node URLs.
+        #[arg(long, value_name = "SPEC")]
+        to: String,
+        /// Only this namespace (repeatable); default: every namespace holding data in the source.
+        #[arg(long = "namespace", value_name = "NS")]
+        namespaces: Vec<String>,
+        /// Ids per read and write batch.
+        #[arg(long, value_name = "N", default_value_t = migrate::DEFAULT_BATCH)]
+        batch: usize,
+    },
+    /// Compare two backends: list missing, different and extra ids of the target per
+    /// namespace; exit 1 when anything differs.
+    Verify {
+        /// The reference: json:DIR, a redis:// URL, or comma-separated cluster node URLs.
+        #[arg(long, value_name = "SPEC")]
+        from: String,
+        /// The copy to check, written as the source is.
+        #[arg(long, value_name = "SPEC")]
+        to: String,
+        /// Only this namespace (repeatable); default: every namespace holding data in either.
+        #[arg(long = "namespace", value_name = "NS")]
+        namespaces: Vec<String>,
+        /// Ids per read batch.
+        #[arg(long, value_name = "N", default_value_t = migrate::DEFAULT_BATCH)]
+        batch: usize,
+        /// Print one JSON document with every differing id instead of a summary.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -256,8 +305,25 @@ fn config(cli: &Cli) -> graphrag_kv::Result<StoreConfig> {
     builder.build()
 }
 
-/// Runs one command. `Ok` carries the exit status (0, or 1 for `get` of a missing id).
+/// Runs one command. `Ok` carries the exit status (0, or 1 for `get` of a missing id and for
+/// `verify` finding differences).
 fn run(cli: Cli) -> graphrag_kv::Result<ExitCode> {
+    match cli.command {
+        Command::Migrate {
+            from,
+            to,
+            namespaces,
+            batch,
+        } => return run_migrate(&from, &to, namespaces, batch),
+        Command::Verify {
+            from,
+            to,
+            namespaces,
+            batch,
+            json,
+        } => return run_verify(&from, &to, &namespaces, batch, json),
+        _ => {}
+    }
     let config = config(&cli)?;
     let storage = if cli.command.is_read_only() {
         Storage::open_read_only(&config)?
@@ -350,6 +416,7 @@ fn run(cli: Cli) -> graphrag_kv::Result<ExitCode> {
             }
             ExitCode::SUCCESS
         }
+        Command::Migrate { .. } | Command::Verify { .. } => unreachable!("handled above"),
         Command::Stats { json, namespaces } => {
             let names = if namespaces.is_empty() {
                 storage.list_namespaces()?
@@ -373,15 +440,35 @@ fn run(cli: Cli) -> graphrag_kv::Result<ExitCode> {
                         }),
                     );
                 }
-                let doc = serde_json::json!({
+                let mut doc = serde_json::json!({
                     "backend": storage.backend().as_str(),
                     "namespaces": per_ns,
                 });
+                if let Some(server) = server_figures(&storage)? {
+                    doc["server"] = match server {
+                        Ok(info) => serde_json::json!({
+                            "used_memory": info.used_memory,
+                            "maxmemory": info.maxmemory,
+                            "maxmemory_policy": info.maxmemory_policy,
+                            "evicted_keys": info.evicted_keys,
+                            "expired_keys": info.expired_keys,
+                            "keys": info.keys,
+                            "nodes": info.nodes,
+                        }),
+                        Err(why) => serde_json::json!({ "unavailable": why }),
+                    };
+                }
                 let mut bytes = to_python_json(&doc);
                 bytes.push(b'\n');
                 stdout(out.write_all(&bytes))?;
             } else {
-                stdout(write_stats_table(&mut out, storage.backend(), &stats))?;
+                let server = server_figures(&storage)?;
+                stdout(write_stats_table(
+                    &mut out,
+                    storage.backend(),
+                    &stats,
+                    server.as_ref(),
+                ))?;
             }
             ExitCode::SUCCESS
         }
@@ -435,11 +522,46 @@ fn export(store: &dyn KvStore) -> graphrag_kv::Result<Vec<u8>> {
     Ok(to_python_json(&map))
 }
 
-/// Writes the stats as an aligned table; `~` marks sizes estimated from a sample.
+/// The server's INFO figures for a Redis backend (`None` for JSON). An ACL user that may not
+/// run INFO gets `Some(Err(why))`: the namespace figures are still worth printing.
+fn server_figures(storage: &Storage) -> graphrag_kv::Result<Option<Result<ServerInfo, String>>> {
+    let Some(shared) = storage.redis() else {
+        return Ok(None);
+    };
+    match server_info(shared) {
+        Ok(info) => Ok(Some(Ok(info))),
+        Err(e) if e.is_permission_denied() => {
+            Ok(Some(Err(format!("the Redis user may not run INFO ({e})"))))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Bytes as `123456789 (117.7 MiB)`.
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64;
+    let mut unit = "B";
+    for u in UNITS {
+        if v < 1024.0 {
+            break;
+        }
+        v /= 1024.0;
+        unit = u;
+    }
+    format!("{n} ({v:.1} {unit})")
+}
+
+/// Writes the stats as an aligned table; `~` marks sizes estimated from a sample. For Redis,
+/// the server's figures follow the table.
 fn write_stats_table(
     out: &mut impl Write,
     backend: BackendKind,
     stats: &[graphrag_kv::NamespaceStats],
+    server: Option<&Result<ServerInfo, String>>,
 ) -> io::Result<()> {
     writeln!(out, "backend: {}", backend.as_str())?;
     let rows: Vec<[String; 4]> = stats
@@ -478,7 +600,302 @@ fn write_stats_table(
             w3 = widths[3],
         )?;
     }
+    if stats.iter().any(|s| s.bytes_sampled) {
+        writeln!(
+            out,
+            "~ sampled: value bytes of a sample of keys, scaled to the key count"
+        )?;
+    }
+    match server {
+        None => {}
+        Some(Err(why)) => writeln!(out, "server: figures unavailable: {why}")?,
+        Some(Ok(info)) => {
+            let nodes = if info.nodes > 1 {
+                format!(" (sum of {} masters)", info.nodes)
+            } else {
+                String::new()
+            };
+            writeln!(out, "server{nodes}:")?;
+            writeln!(out, "  used_memory       {}", human_bytes(info.used_memory))?;
+            let limit = if info.maxmemory == 0 {
+                "0 (no limit)".to_string()
+            } else {
+                human_bytes(info.maxmemory)
+            };
+            writeln!(out, "  maxmemory         {limit}")?;
+            writeln!(out, "  maxmemory-policy  {}", info.maxmemory_policy)?;
+            writeln!(
+                out,
+                "  evicted_keys      {} (since the server started, all namespaces)",
+                info.evicted_keys
+            )?;
+            writeln!(
+                out,
+                "  keys              {} (all prefixes and databases)",
+                info.keys
+            )?;
+        }
+    }
     Ok(())
+}
+
+/// `1 id`, `2 ids`.
+fn count(n: u64, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
+/// `migrate`: opens the source read-only and the target for writing, copies, prints one line
+/// per namespace and a total.
+fn run_migrate(
+    from: &str,
+    to: &str,
+    namespaces: Vec<String>,
+    batch: usize,
+) -> graphrag_kv::Result<ExitCode> {
+    let (from_spec, to_spec) = (parse_spec("--from", from)?, parse_spec("--to", to)?);
+    let source = open_spec(&from_spec, true)?;
+    let target = open_spec(&to_spec, false)?;
+    let options = MigrateOptions { namespaces, batch };
+    let mut progress = CliProgress::new("migrate");
+    let report = migrate::migrate(&source, &target, &options, &mut progress)?;
+    drop(progress);
+    let mut out = io::BufWriter::new(io::stdout().lock());
+    for r in &report.namespaces {
+        let mut line = format!(
+            "{}: {} in the source: {} copied, {} already equal",
+            r.namespace,
+            count(r.source_ids, "id"),
+            r.copied,
+            r.skipped
+        );
+        if r.vanished > 0 {
+            line.push_str(&format!(", {} gone before they were read", r.vanished));
+        }
+        if r.ttl_kept > 0 {
+            line.push_str(&format!("; remaining TTL kept on {}", r.ttl_kept));
+        }
+        if r.ttl_dropped > 0 {
+            line.push_str(&format!(
+                "; TTL dropped on {} (a JSON store keeps no expiry)",
+                r.ttl_dropped
+            ));
+        }
+        stdout(writeln!(out, "{line}"))?;
+    }
+    stdout(writeln!(
+        out,
+        "migrated {from_spec} -> {to_spec}: {}, {} copied, {} already equal",
+        count(report.namespaces.len() as u64, "namespace"),
+        count(report.copied(), "id"),
+        report.skipped()
+    ))?;
+    stdout(out.flush())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `verify`: opens both read-only, compares, prints the differences; exit 1 if any.
+fn run_verify(
+    from: &str,
+    to: &str,
+    namespaces: &[String],
+    batch: usize,
+    json: bool,
+) -> graphrag_kv::Result<ExitCode> {
+    let (from_spec, to_spec) = (parse_spec("--from", from)?, parse_spec("--to", to)?);
+    let source = open_spec(&from_spec, true)?;
+    let target = open_spec(&to_spec, true)?;
+    let mut progress = CliProgress::new("verify");
+    let report = migrate::verify(&source, &target, namespaces, batch, &mut progress)?;
+    drop(progress);
+    let mut out = io::BufWriter::new(io::stdout().lock());
+    if json {
+        let mut bytes = to_python_json(&serde_json::json!({
+            "equal": report.is_equal(),
+            "namespaces": report.namespaces,
+        }));
+        bytes.push(b'\n');
+        stdout(out.write_all(&bytes))?;
+    } else {
+        stdout(write_verify_report(&mut out, &report))?;
+        let verdict = if report.is_equal() {
+            "equal".to_string()
+        } else {
+            let n = report.namespaces.iter().filter(|d| !d.is_equal()).count();
+            format!("DIFFERENT in {}", count(n as u64, "namespace"))
+        };
+        stdout(writeln!(out, "verify {from_spec} -> {to_spec}: {verdict}"))?;
+    }
+    stdout(out.flush())?;
+    Ok(if report.is_equal() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_DIFFERENT)
+    })
+}
+
+/// One line per namespace, then up to [`SHOWN_IDS`] ids of each kind of difference.
+fn write_verify_report(out: &mut impl Write, report: &VerifyReport) -> io::Result<()> {
+    for d in &report.namespaces {
+        if d.is_equal() {
+            writeln!(
+                out,
+                "{}: equal ({})",
+                d.namespace,
+                count(d.source_ids, "id")
+            )?;
+            continue;
+        }
+        writeln!(
+            out,
+            "{}: {} in the source, {} in the target: {} missing, {} different, {} extra",
+            d.namespace,
+            count(d.source_ids, "id"),
+            d.target_ids,
+            d.missing.len(),
+            d.different.len(),
+            d.extra.len()
+        )?;
+        for (kind, ids) in [
+            ("missing", &d.missing),
+            ("different", &d.different),
+            ("extra", &d.extra),
+        ] {
+            for id in ids.iter().take(SHOWN_IDS) {
+                writeln!(out, "  {kind} {id:?}")?;
+            }
+            if ids.len() > SHOWN_IDS {
+                writeln!(
+                    out,
+                    "  ... and {} more {kind} (all of them with --json)",
+                    ids.len() - SHOWN_IDS
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Parses a SPEC option, naming the option in the error.
+fn parse_spec(option: &str, spec: &str) -> graphrag_kv::Result<Spec> {
+    Spec::parse(spec).map_err(|e| match e {
+        Error::Config {
+            value, expected, ..
+        } => Error::Config {
+            variable: option.to_string(),
+            value,
+            expected,
+        },
+        other => other,
+    })
+}
+
+/// Opens the backend a SPEC names, over the environment's other settings. A JSON source must
+/// exist: a typo must not read as an empty backend.
+fn open_spec(spec: &Spec, read_only: bool) -> graphrag_kv::Result<Storage> {
+    if let (Spec::Json(dir), true) = (spec, read_only) {
+        if !dir.is_dir() {
+            return Err(io_error(
+                "reading directory",
+                dir,
+                io::Error::new(io::ErrorKind::NotFound, "no such directory"),
+            ));
+        }
+    }
+    let config = spec.config(StoreConfigBuilder::from_env()?)?;
+    if read_only {
+        Storage::open_read_only(&config)
+    } else {
+        Storage::open(&config)
+    }
+}
+
+/// Progress on stderr: a bar on a terminal, a line per tenth otherwise (logs, CI).
+struct CliProgress {
+    verb: &'static str,
+    bar: Option<ProgressBar>,
+    terminal: bool,
+    namespace: String,
+    total: u64,
+    done: u64,
+    next_line: u64,
+}
+
+impl CliProgress {
+    fn new(verb: &'static str) -> CliProgress {
+        CliProgress {
+            verb,
+            bar: None,
+            terminal: io::stderr().is_terminal(),
+            namespace: String::new(),
+            total: 0,
+            done: 0,
+            next_line: 0,
+        }
+    }
+}
+
+impl Progress for CliProgress {
+    fn start(&mut self, namespace: &str, total: u64) {
+        self.namespace = namespace.to_string();
+        self.total = total;
+        self.done = 0;
+        if self.terminal {
+            let bar = ProgressBar::new(total);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{msg} [{bar:30}] {pos}/{len} ids ({per_sec}, {eta} left)",
+                )
+                .expect("a valid progress template")
+                .progress_chars("=> "),
+            );
+            bar.set_message(format!("{} {namespace}", self.verb));
+            self.bar = Some(bar);
+        } else {
+            let _ = writeln!(
+                io::stderr(),
+                "{} {namespace}: {}",
+                self.verb,
+                count(total, "id")
+            );
+            self.next_line = total / 10;
+        }
+    }
+
+    fn advance(&mut self, ids: u64) {
+        self.done += ids;
+        if let Some(bar) = &self.bar {
+            bar.inc(ids);
+        } else if self.total >= 10 && self.done >= self.next_line && self.done < self.total {
+            let _ = writeln!(
+                io::stderr(),
+                "{} {}: {}/{} ids",
+                self.verb,
+                self.namespace,
+                self.done,
+                self.total
+            );
+            self.next_line = self.done + self.total / 10;
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        } else {
+            let _ = writeln!(
+                io::stderr(),
+                "{} {}: {}/{} ids, done",
+                self.verb,
+                self.namespace,
+                self.done,
+                self.total
+            );
+        }
+    }
 }
 
 /// Maps a failed write to standard output to the library's error type.

@@ -213,14 +213,22 @@ fn rdb_checkpoint(
     let Some(saves0) = first.rdb_saves else {
         return legacy_rdb_checkpoint(ops, first, deadline);
     };
-    // A save running now may predate our writes: then we need the one after it.
-    let target = saves0 + if first.rdb_bgsave_in_progress { 2 } else { 1 };
+    // Redis counts a save in `rdb_saves` when it *starts*. Whether or not one runs now (it
+    // may predate our writes), the save we need is the next to start: number saves0 + 1. It
+    // has finished once no save runs while the count reached it, or once a later one started.
+    let target = saves0 + 1;
     let mut p = first;
     let mut asked = false;
     let mut pause = Duration::from_millis(5);
     loop {
         let saves = p.rdb_saves.unwrap_or(0);
-        if saves >= target {
+        if (saves >= target && !p.rdb_bgsave_in_progress) || saves > target {
+            if !p.rdb_last_bgsave_ok && saves == target {
+                return Err(redis::RedisError::from((
+                    redis::ErrorKind::Io,
+                    "BGSAVE failed on the server (rdb_last_bgsave_status:err; see its log)",
+                )));
+            }
             return Ok(Durable::Yes);
         }
         if !p.rdb_bgsave_in_progress {

@@ -1,0 +1,698 @@
+//! Copying namespaces between backends and checking two backends hold the same data: what
+//! `graphrag-kv migrate` and `graphrag-kv verify` run, usable from a program as well.
+//!
+//! - [`Spec`]: where a backend is, as the command line writes it: `json:DIR`, a Redis URL, or
+//!   comma-separated cluster node URLs.
+//! - [`migrate`] / [`copy_namespace`]: copy every id in batches; ids already present with an
+//!   equal value are skipped, so a copy can be re-run after an interruption (or to catch up
+//!   before a switch) and only moves what changed. Between two [`Storage`]s, remaining TTLs of
+//!   a Redis source are kept.
+//! - [`verify`] / [`compare_namespace`]: the missing, different and extra ids of a target.
+//!
+//! docs/MIGRATION.md puts them together: JSON → dual-write → migrate → verify → Redis, and back.
+
+use std::collections::{BTreeSet, HashSet};
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use redis::Cmd;
+
+use crate::backend::redis::{cluster, RedisShared, RedisStore};
+use crate::config::{redact_url, BackendKind, StoreConfig, StoreConfigBuilder};
+use crate::error::{Error, Result};
+use crate::open::Storage;
+use crate::store::KvStore;
+
+/// Ids per read and write batch when none is given: large enough that round trips do not
+/// dominate, small enough that a batch of 5 KB chunks stays a few MB.
+pub const DEFAULT_BATCH: usize = 1000;
+
+/// Where a backend is, as written on the command line.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Spec {
+    /// `json:DIR`: a working directory of nano-graphrag `kv_store_*.json` files.
+    Json(PathBuf),
+    /// A Redis URL, or several comma-separated for a cluster (`redis://h1:7001,redis://h2:7002`).
+    Redis(String),
+}
+
+impl fmt::Debug for Spec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// `json:DIR`, or the URL with any password replaced by `<redacted>`.
+impl fmt::Display for Spec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Spec::Json(dir) => write!(f, "json:{}", dir.display()),
+            Spec::Redis(url) => f.write_str(&redact_url(url)),
+        }
+    }
+}
+
+impl Spec {
+    /// Parses `json:DIR`, `redis://...` (any scheme redis-rs accepts) or comma-separated URLs.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming `SPEC` (the password of a URL is redacted).
+    ///
+    /// # Examples
+    /// ```
+    /// use graphrag_kv::migrate::Spec;
+    /// assert_eq!(Spec::parse("json:./cache").unwrap(), Spec::Json("./cache".into()));
+    /// assert!(matches!(Spec::parse("redis://h1:7001,redis://h2:7002"), Ok(Spec::Redis(_))));
+    /// assert!(Spec::parse("./cache").is_err());
+    /// ```
+    pub fn parse(spec: &str) -> Result<Spec> {
+        let spec = spec.trim();
+        let bad = |why: &str| Error::Config {
+            variable: "SPEC".into(),
+            value: redact_url(spec),
+            expected: format!(
+                "json:DIR, a redis:// URL, or comma-separated redis:// URLs of cluster nodes{why}"
+            ),
+        };
+        if let Some(dir) = spec.strip_prefix("json:") {
+            if dir.is_empty() {
+                return Err(bad(" (json: needs a directory)"));
+            }
+            return Ok(Spec::Json(PathBuf::from(dir)));
+        }
+        let urls: Vec<&str> = spec.split(',').map(str::trim).collect();
+        if urls.iter().any(|u| u.is_empty()) {
+            return Err(bad(" (an empty URL between commas)"));
+        }
+        for u in &urls {
+            if !u.contains("://") {
+                return Err(bad(""));
+            }
+            // Checked now so a typo is reported before anything is opened; the error of the
+            // client never contains the URL.
+            if let Err(e) = redis::IntoConnectionInfo::into_connection_info(*u) {
+                return Err(bad(&format!(" ({})", e.category())));
+            }
+        }
+        Ok(Spec::Redis(urls.join(",")))
+    }
+
+    /// The configuration of this backend: `base` (usually [`StoreConfigBuilder::from_env`], for
+    /// the key prefix, compression, TTLs, timeouts) with the backend and its location replaced.
+    ///
+    /// For a Redis spec, the URL replaces `REDIS_URL` and Sentinel settings are dropped (the
+    /// spec names the server); credentials inside the URL win over `REDIS_USERNAME` and
+    /// `REDIS_PASSWORD`, which apply only to URLs without any, so a source and a target with
+    /// different passwords can be given in one command.
+    ///
+    /// # Errors
+    /// As [`StoreConfigBuilder::build`].
+    pub fn config(&self, base: StoreConfigBuilder) -> Result<StoreConfig> {
+        match self {
+            Spec::Json(dir) => base.backend(BackendKind::Json).working_dir(dir).build(),
+            Spec::Redis(url) => {
+                let mut config = base.backend(BackendKind::Redis).redis_url(url).build()?;
+                config.redis.sentinel_urls.clear();
+                config.redis.sentinel_master = None;
+                if url.split(',').any(has_userinfo) {
+                    config.redis.username = None;
+                    config.redis.password = None;
+                }
+                Ok(config)
+            }
+        }
+    }
+}
+
+/// True when a URL carries `user:password@` or `password@`.
+fn has_userinfo(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = &rest[..rest.find(['/', '?']).unwrap_or(rest.len())];
+    authority.contains('@')
+}
+
+/// [`Spec::parse`] then [`Spec::config`] over the defaults (no environment).
+///
+/// # Errors
+/// As those two.
+pub fn parse_spec(spec: &str) -> Result<StoreConfig> {
+    Spec::parse(spec)?.config(StoreConfig::builder())
+}
+
+/// Told how a long copy or comparison advances: the CLI draws a progress bar with it.
+pub trait Progress {
+    /// A namespace of `total` ids starts.
+    fn start(&mut self, namespace: &str, total: u64) {
+        let _ = (namespace, total);
+    }
+    /// `ids` more ids of the current namespace are done.
+    fn advance(&mut self, ids: u64) {
+        let _ = ids;
+    }
+    /// The current namespace is done.
+    fn finish(&mut self) {}
+}
+
+/// A [`Progress`] that shows nothing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoProgress;
+
+impl Progress for NoProgress {}
+
+/// What [`migrate`] copies and how.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrateOptions {
+    /// Namespaces to copy; empty means every namespace holding data in the source.
+    /// Defaults to empty.
+    pub namespaces: Vec<String>,
+    /// Ids per read and write batch. Defaults to [`DEFAULT_BATCH`].
+    pub batch: usize,
+}
+
+impl Default for MigrateOptions {
+    fn default() -> Self {
+        MigrateOptions {
+            namespaces: Vec::new(),
+            batch: DEFAULT_BATCH,
+        }
+    }
+}
+
+/// What copying one namespace did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CopyReport {
+    /// The namespace.
+    pub namespace: String,
+    /// Ids the source listed.
+    pub source_ids: u64,
+    /// Ids written to the target (missing there, or with another value).
+    pub copied: u64,
+    /// Ids already in the target with an equal value: not written.
+    pub skipped: u64,
+    /// Ids listed by the source but gone when read (deleted or expired meanwhile).
+    pub vanished: u64,
+    /// Copied ids whose remaining TTL was set on a Redis target.
+    pub ttl_kept: u64,
+    /// Copied ids that had a TTL in the source but went to a JSON target, which keeps none.
+    pub ttl_dropped: u64,
+}
+
+/// What [`migrate`] did, one report per namespace.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct MigrationReport {
+    /// Per namespace, in the order copied.
+    pub namespaces: Vec<CopyReport>,
+}
+
+impl MigrationReport {
+    /// Ids copied, over all namespaces.
+    pub fn copied(&self) -> u64 {
+        self.namespaces.iter().map(|n| n.copied).sum()
+    }
+    /// Ids skipped as already equal, over all namespaces.
+    pub fn skipped(&self) -> u64 {
+        self.namespaces.iter().map(|n| n.skipped).sum()
+    }
+}
+
+/// How a target namespace differs from its source. Id lists are sorted.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct NamespaceDiff {
+    /// The namespace.
+    pub namespace: String,
+    /// Ids in the source.
+    pub source_ids: u64,
+    /// Ids in the target.
+    pub target_ids: u64,
+    /// In the source, not in the target.
+    pub missing: Vec<String>,
+    /// In both, with values that are not equal (as JSON values: key order does not matter).
+    pub different: Vec<String>,
+    /// In the target, not in the source.
+    pub extra: Vec<String>,
+}
+
+impl NamespaceDiff {
+    /// True when nothing is missing, different or extra.
+    pub fn is_equal(&self) -> bool {
+        self.missing.is_empty() && self.different.is_empty() && self.extra.is_empty()
+    }
+}
+
+/// What [`verify`] found, one diff per namespace.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct VerifyReport {
+    /// Per namespace, sorted by name.
+    pub namespaces: Vec<NamespaceDiff>,
+}
+
+impl VerifyReport {
+    /// True when every namespace is equal.
+    pub fn is_equal(&self) -> bool {
+        self.namespaces.iter().all(NamespaceDiff::is_equal)
+    }
+}
+
+/// Copies namespaces from `from` to `to` (see the module doc), then checkpoints the target
+/// (`index_done_callback`: once for Redis, once per namespace file for JSON), so the copy is
+/// durable when this returns.
+///
+/// When both are Redis, each copied id that has a TTL in the source gets its remaining TTL on
+/// the target (read with PTTL just after the value); ids without one get the target's configured
+/// TTL for the namespace, as any write does. A JSON target keeps no TTL: those ids are counted
+/// in [`CopyReport::ttl_dropped`]. Ids only in the target are left alone ([`verify`] reports
+/// them).
+///
+/// Open `from` with [`Storage::open_read_only`]: a JSON source then needs no lock and can be
+/// copied while its indexer runs (as last saved).
+///
+/// # Errors
+/// [`Error::Config`] for a batch of 0; the first backend failure (the copy stops there; running
+/// it again resumes, skipping what was copied).
+pub fn migrate(
+    from: &Storage,
+    to: &Storage,
+    options: &MigrateOptions,
+    progress: &mut dyn Progress,
+) -> Result<MigrationReport> {
+    check_batch(options.batch)?;
+    let namespaces = if options.namespaces.is_empty() {
+        from.list_namespaces()?
+    } else {
+        options.namespaces.clone()
+    };
+    // One Redis checkpoint covers every namespace of the server and, on Redis 7.0 with
+    // `appendfsync everysec`, waits out the fsync interval: take it once at the end rather than
+    // once per namespace. A JSON namespace is its own file and is saved by its own callback.
+    let checkpoint_each = to.backend() == BackendKind::Json;
+    let mut last_target = None;
+    let mut report = MigrationReport::default();
+    for namespace in &namespaces {
+        let source = from.namespace(namespace)?;
+        let target = to.namespace(namespace)?;
+        let ttl = TtlCopy {
+            from: from
+                .redis()
+                .map(|s| RedisTtl::open(s, namespace))
+                .transpose()?,
+            to: to
+                .redis()
+                .map(|s| RedisTtl::open(s, namespace))
+                .transpose()?,
+        };
+        let r = copy(
+            &*source,
+            &*target,
+            options.batch,
+            &ttl,
+            checkpoint_each,
+            progress,
+        )?;
+        report.namespaces.push(r);
+        last_target = Some(target);
+    }
+    if let (false, Some(target)) = (checkpoint_each, last_target) {
+        target.index_done_callback()?;
+    }
+    Ok(report)
+}
+
+/// Copies one namespace between any two stores, then checkpoints the target. Ids already
+/// present with an equal value are skipped. TTLs are not carried over (the stores do not expose
+/// them): use [`migrate`] between two [`Storage`]s for that.
+///
+/// # Errors
+/// [`Error::Config`] for a batch of 0; the first backend failure.
+pub fn copy_namespace(
+    from: &dyn KvStore,
+    to: &dyn KvStore,
+    batch: usize,
+    progress: &mut dyn Progress,
+) -> Result<CopyReport> {
+    check_batch(batch)?;
+    copy(from, to, batch, &TtlCopy::default(), true, progress)
+}
+
+/// Compares namespaces of `to` against `from`: those named, or every namespace holding data in
+/// either.
+///
+/// # Errors
+/// [`Error::Config`] for a batch of 0; backend failures.
+pub fn verify(
+    from: &Storage,
+    to: &Storage,
+    namespaces: &[String],
+    batch: usize,
+    progress: &mut dyn Progress,
+) -> Result<VerifyReport> {
+    check_batch(batch)?;
+    let namespaces: Vec<String> = if namespaces.is_empty() {
+        let mut all: BTreeSet<String> = from.list_namespaces()?.into_iter().collect();
+        all.extend(to.list_namespaces()?);
+        all.into_iter().collect()
+    } else {
+        namespaces.to_vec()
+    };
+    let mut report = VerifyReport::default();
+    for namespace in &namespaces {
+        let source = from.namespace(namespace)?;
+        let target = to.namespace(namespace)?;
+        report
+            .namespaces
+            .push(compare(&*source, &*target, batch, progress)?);
+    }
+    Ok(report)
+}
+
+/// Compares one namespace of two stores.
+///
+/// # Errors
+/// [`Error::Config`] for a batch of 0; backend failures.
+pub fn compare_namespace(
+    from: &dyn KvStore,
+    to: &dyn KvStore,
+    batch: usize,
+    progress: &mut dyn Progress,
+) -> Result<NamespaceDiff> {
+    check_batch(batch)?;
+    compare(from, to, batch, progress)
+}
+
+fn check_batch(batch: usize) -> Result<()> {
+    if batch == 0 {
+        return Err(Error::Config {
+            variable: "--batch".into(),
+            value: "0".into(),
+            expected: "a number of ids of at least 1".into(),
+        });
+    }
+    Ok(())
+}
+
+fn sorted_keys(store: &dyn KvStore) -> Result<Vec<String>> {
+    let mut keys = store.all_keys()?;
+    keys.sort_unstable();
+    Ok(keys)
+}
+
+/// TTL access for a copy: the source's PTTL and the target's PEXPIRE, when they are Redis.
+#[derive(Default)]
+struct TtlCopy {
+    from: Option<RedisTtl>,
+    to: Option<RedisTtl>,
+}
+
+/// What PTTL said about a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ttl {
+    /// No expiry.
+    Persistent,
+    /// Milliseconds left.
+    Remaining(i64),
+    /// The key no longer exists.
+    Gone,
+}
+
+fn copy(
+    from: &dyn KvStore,
+    to: &dyn KvStore,
+    batch: usize,
+    ttl: &TtlCopy,
+    checkpoint: bool,
+    progress: &mut dyn Progress,
+) -> Result<CopyReport> {
+    let ids = sorted_keys(from)?;
+    let mut report = CopyReport {
+        namespace: from.namespace().to_string(),
+        source_ids: ids.len() as u64,
+        ..CopyReport::default()
+    };
+    progress.start(from.namespace(), ids.len() as u64);
+    for chunk in ids.chunks(batch) {
+        let values = from.get_by_ids(chunk, None)?;
+        // Read after the values: a key that expired in between reads as gone and is not
+        // copied, and the TTL set on the target is never longer than the source's.
+        let ttls = match &ttl.from {
+            Some(r) => r.pttl(chunk)?,
+            None => vec![Ttl::Persistent; chunk.len()],
+        };
+        let existing = to.get_by_ids(chunk, None)?;
+        let mut items = Vec::new();
+        let mut expiries = Vec::new();
+        for (((id, value), t), there) in chunk.iter().zip(values).zip(ttls).zip(existing) {
+            let Some(value) = value.filter(|_| t != Ttl::Gone) else {
+                report.vanished += 1;
+                continue;
+            };
+            if there.as_ref() == Some(&value) {
+                report.skipped += 1;
+                continue;
+            }
+            if let Ttl::Remaining(ms) = t {
+                expiries.push((id.clone(), ms));
+            }
+            items.push((id.clone(), value));
+        }
+        report.copied += items.len() as u64;
+        if !items.is_empty() {
+            to.upsert(items)?;
+        }
+        if !expiries.is_empty() {
+            match &ttl.to {
+                Some(r) => {
+                    r.pexpire(&expiries)?;
+                    report.ttl_kept += expiries.len() as u64;
+                }
+                None => report.ttl_dropped += expiries.len() as u64,
+            }
+        }
+        progress.advance(chunk.len() as u64);
+    }
+    if checkpoint {
+        to.index_done_callback()?;
+    }
+    progress.finish();
+    Ok(report)
+}
+
+fn compare(
+    from: &dyn KvStore,
+    to: &dyn KvStore,
+    batch: usize,
+    progress: &mut dyn Progress,
+) -> Result<NamespaceDiff> {
+    let source = sorted_keys(from)?;
+    let target = sorted_keys(to)?;
+    let in_target: HashSet<&str> = target.iter().map(String::as_str).collect();
+    let in_source: HashSet<&str> = source.iter().map(String::as_str).collect();
+    let mut diff = NamespaceDiff {
+        namespace: from.namespace().to_string(),
+        source_ids: source.len() as u64,
+        target_ids: target.len() as u64,
+        missing: Vec::new(),
+        different: Vec::new(),
+        extra: target
+            .iter()
+            .filter(|id| !in_source.contains(id.as_str()))
+            .cloned()
+            .collect(),
+    };
+    let mut common = Vec::new();
+    for id in &source {
+        if in_target.contains(id.as_str()) {
+            common.push(id.clone());
+        } else {
+            diff.missing.push(id.clone());
+        }
+    }
+    progress.start(from.namespace(), common.len() as u64);
+    for chunk in common.chunks(batch) {
+        let a = from.get_by_ids(chunk, None)?;
+        let b = to.get_by_ids(chunk, None)?;
+        for ((id, a), b) in chunk.iter().zip(a).zip(b) {
+            match (a, b) {
+                // Deleted or expired on both sides since the listing.
+                (None, None) => {}
+                (Some(_), None) => diff.missing.push(id.clone()),
+                (None, Some(_)) => diff.extra.push(id.clone()),
+                (Some(a), Some(b)) if a != b => diff.different.push(id.clone()),
+                (Some(_), Some(_)) => {}
+            }
+        }
+        progress.advance(chunk.len() as u64);
+    }
+    progress.finish();
+    diff.missing.sort_unstable();
+    diff.extra.sort_unstable();
+    Ok(diff)
+}
+
+/// Reads and sets TTLs of one namespace's keys on a Redis server or cluster.
+///
+/// The store API has no TTL operations (JSON has no expiry to offer), so this talks to Redis
+/// directly, with the store's own key names: through the shared pool on a single server or
+/// Sentinel master, and through a dedicated cluster connection on a cluster, where a batch must
+/// be split per node (the pool's connections route one command at a time).
+struct RedisTtl {
+    shared: Arc<RedisShared>,
+    store: RedisStore,
+    /// Only for a cluster; opened lazily, on the first batch.
+    cluster: Mutex<Option<redis::cluster::ClusterConnection>>,
+}
+
+impl RedisTtl {
+    fn open(shared: &Arc<RedisShared>, namespace: &str) -> Result<RedisTtl> {
+        Ok(RedisTtl {
+            store: shared.namespace(namespace)?,
+            shared: shared.clone(),
+            cluster: Mutex::new(None),
+        })
+    }
+
+    fn namespace(&self) -> String {
+        self.store.namespace().to_string()
+    }
+
+    /// Runs single-key commands as one batch, one result per command.
+    fn run(&self, operation: &'static str, cmds: Vec<Cmd>) -> Result<Vec<redis::Value>> {
+        let namespace = self.namespace();
+        let error = |source| Error::Redis {
+            operation,
+            namespace: namespace.clone(),
+            source,
+        };
+        if self.shared.mode() != "cluster" {
+            let mut pipe = redis::pipe();
+            for c in cmds {
+                pipe.add_command(c);
+            }
+            return self
+                .shared
+                .with_conn(operation, &namespace, |c| pipe.query(c));
+        }
+        let mut guard = self.cluster.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.is_none() {
+            *guard = Some(open_cluster(self.shared.config()).map_err(error)?);
+        }
+        let conn = guard.as_mut().expect("opened above");
+        let results = match cluster::pipeline(conn, &cmds) {
+            Ok(r) => r,
+            Err(e) => {
+                // A broken connection is not reused: the next batch opens a new one.
+                *guard = None;
+                return Err(error(e));
+            }
+        };
+        results.into_iter().map(|r| r.map_err(error)).collect()
+    }
+
+    fn pttl(&self, ids: &[String]) -> Result<Vec<Ttl>> {
+        let cmds = ids
+            .iter()
+            .map(|id| redis::cmd("PTTL").arg(self.store.key(id)).clone())
+            .collect();
+        let replies = self.run("migrate", cmds)?;
+        Ok(replies
+            .into_iter()
+            .map(|v| match redis::from_redis_value::<i64>(v) {
+                Ok(-2) => Ttl::Gone,
+                Ok(ms) if ms > 0 => Ttl::Remaining(ms),
+                // -1 (no expiry), or 0 ms left: the key is about to go; let the target's own
+                // TTL apply rather than writing an already-expired key.
+                _ => Ttl::Persistent,
+            })
+            .collect())
+    }
+
+    fn pexpire(&self, expiries: &[(String, i64)]) -> Result<()> {
+        let cmds = expiries
+            .iter()
+            .map(|(id, ms)| {
+                redis::cmd("PEXPIRE")
+                    .arg(self.store.key(id))
+                    .arg(*ms)
+                    .clone()
+            })
+            .collect();
+        self.run("migrate", cmds).map(|_| ())
+    }
+}
+
+/// A cluster connection with the pool's credentials and timeouts.
+fn open_cluster(
+    config: &crate::config::RedisConfig,
+) -> redis::RedisResult<redis::cluster::ClusterConnection> {
+    let mut builder = redis::cluster::ClusterClient::builder(config.urls())
+        .connection_timeout(config.connection_timeout)
+        .response_timeout(config.socket_timeout)
+        .retries(config.retries.max(3));
+    if let Some(u) = &config.username {
+        builder = builder.username(u);
+    }
+    if let Some(p) = &config.password {
+        builder = builder.password(p);
+    }
+    builder.build()?.get_connection()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs() {
+        assert_eq!(
+            Spec::parse(" json:/a b ").unwrap(),
+            Spec::Json("/a b".into())
+        );
+        assert_eq!(
+            Spec::parse("redis://h:1, redis://h:2").unwrap(),
+            Spec::Redis("redis://h:1,redis://h:2".into())
+        );
+        for bad in [
+            "json:",
+            "",
+            "/tmp/x",
+            "redis://h:1,,redis://h:2",
+            "redis://h:notaport",
+        ] {
+            let e = Spec::parse(bad).unwrap_err().to_string();
+            assert!(e.contains("SPEC") && e.contains("json:DIR"), "{bad}: {e}");
+        }
+        let e = Spec::parse("redis://u:hunter2@h:x")
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("hunter2"), "{e}");
+        let shown = Spec::parse("redis://u:hunter2@h:1").unwrap().to_string();
+        assert_eq!(shown, "redis://u:<redacted>@h:1");
+    }
+
+    #[test]
+    fn url_credentials_win_over_the_environment() {
+        let base = || {
+            StoreConfig::builder()
+                .password("from-env")
+                .sentinel(vec!["redis://s:26379".into()], "m")
+        };
+        let c = Spec::parse("redis://:pw@h:1")
+            .unwrap()
+            .config(base())
+            .unwrap();
+        assert_eq!(c.redis.password, None);
+        assert!(c.redis.sentinel_urls.is_empty());
+        let c = Spec::parse("redis://h:1").unwrap().config(base()).unwrap();
+        assert_eq!(c.redis.password.as_deref(), Some("from-env"));
+        let c = parse_spec("json:d").unwrap();
+        assert_eq!(
+            (c.backend, c.json.working_dir),
+            (BackendKind::Json, "d".into())
+        );
+    }
+
+    #[test]
+    fn zero_batch_is_refused() {
+        let e = check_batch(0).unwrap_err().to_string();
+        assert!(e.contains("--batch"), "{e}");
+    }
+}

@@ -1,0 +1,318 @@
+//! `DualWrite` over a JSON working directory and a real redis-server: the conformance suite
+//! with either store as the primary, both stores left identical, and divergences counted when
+//! the secondary fails (and nothing written to it when the primary fails).
+
+mod support;
+
+use std::sync::Arc;
+
+use graphrag_kv::metrics::{render, Metrics};
+use graphrag_kv::migrate::{compare_namespace, NoProgress};
+use graphrag_kv::{BackendKind, DualWrite, Error, KvStore, Storage, StoreConfig};
+use serde_json::json;
+use support::{unique_prefix, RedisServer};
+
+/// A fresh JSON directory and a fresh redis-server, each opened as a `Storage`.
+struct Both {
+    _dir: tempfile::TempDir,
+    server: RedisServer,
+    json: Storage,
+    redis: Storage,
+}
+
+fn both() -> Both {
+    both_with(RedisServer::start())
+}
+
+fn both_with(server: RedisServer) -> Both {
+    let dir = tempfile::tempdir().unwrap();
+    let json = Storage::open(
+        &StoreConfig::builder()
+            .working_dir(dir.path())
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    let redis = Storage::open(
+        &StoreConfig::builder()
+            .backend(BackendKind::Redis)
+            .redis_url(server.url())
+            .key_prefix(unique_prefix("dual"))
+            // Fail fast once the server is killed.
+            .retries(0)
+            .connection_timeout(std::time::Duration::from_millis(500))
+            .pool_timeout(std::time::Duration::from_secs(1))
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    Both {
+        _dir: dir,
+        server,
+        json,
+        redis,
+    }
+}
+
+type Dual = DualWrite<Arc<dyn KvStore>, Arc<dyn KvStore>>;
+
+impl Both {
+    fn json_primary(&self, ns: &str) -> Dual {
+        DualWrite::new(
+            self.json.namespace(ns).unwrap(),
+            self.redis.namespace(ns).unwrap(),
+        )
+        .with_names("json", "redis")
+    }
+
+    fn redis_primary(&self, ns: &str) -> Dual {
+        DualWrite::new(
+            self.redis.namespace(ns).unwrap(),
+            self.json.namespace(ns).unwrap(),
+        )
+        .with_names("redis", "json")
+    }
+}
+
+/// The suite's `open`, plus a check at the end that both stores hold the same data.
+struct Checked {
+    both: Both,
+    opened: std::sync::Mutex<Vec<Arc<Dual>>>,
+}
+
+impl Drop for Checked {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        for dual in self.opened.lock().unwrap().iter() {
+            let diff =
+                compare_namespace(&**dual.primary(), &**dual.secondary(), 500, &mut NoProgress)
+                    .unwrap();
+            assert!(diff.is_equal(), "secondary diverged from primary: {diff:?}");
+            assert_eq!(dual.divergences(), 0);
+        }
+    }
+}
+
+fn json_then_redis() -> (Arc<Checked>, impl Fn(&str) -> Arc<dyn KvStore>) {
+    dual_backend(true)
+}
+
+fn redis_then_json() -> (Arc<Checked>, impl Fn(&str) -> Arc<dyn KvStore>) {
+    dual_backend(false)
+}
+
+fn dual_backend(json_first: bool) -> (Arc<Checked>, impl Fn(&str) -> Arc<dyn KvStore>) {
+    let checked = Arc::new(Checked {
+        both: both(),
+        opened: std::sync::Mutex::new(Vec::new()),
+    });
+    let c = checked.clone();
+    let open = move |ns: &str| -> Arc<dyn KvStore> {
+        let dual = Arc::new(if json_first {
+            c.both.json_primary(ns)
+        } else {
+            c.both.redis_primary(ns)
+        });
+        c.opened.lock().unwrap().push(dual.clone());
+        dual
+    };
+    (checked, open)
+}
+
+support::conformance::conformance_tests!(json_primary_redis_secondary, json_then_redis);
+support::conformance::conformance_tests!(redis_primary_json_secondary, redis_then_json);
+
+#[test]
+fn reads_come_from_the_primary_only() {
+    let b = both();
+    let dual = b.json_primary("full_docs");
+    b.redis
+        .namespace("full_docs")
+        .unwrap()
+        .upsert(vec![("only-in-redis".into(), json!(1))])
+        .unwrap();
+    assert_eq!(dual.get_by_id("only-in-redis").unwrap(), None);
+    assert_eq!(
+        dual.filter_keys(&["only-in-redis".into()]).unwrap().len(),
+        1
+    );
+    assert_eq!(dual.stats().unwrap().backend, "json");
+    assert_eq!(
+        b.redis_primary("full_docs")
+            .get_by_id("only-in-redis")
+            .unwrap(),
+        Some(json!(1))
+    );
+}
+
+#[test]
+fn secondary_failure_is_a_counted_divergence_not_an_error() {
+    let mut b = both();
+    let registry = prometheus::Registry::new();
+    let metrics = Metrics::new(&registry).unwrap();
+    let dual = b.json_primary("text_chunks").with_metrics(&metrics);
+    dual.upsert(vec![("before".into(), json!("both"))]).unwrap();
+    assert_eq!(dual.divergences(), 0);
+
+    b.server.kill();
+    // The primary (JSON) takes the writes; the caller sees success.
+    dual.upsert(vec![
+        ("during-1".into(), json!("json only")),
+        ("during-2".into(), json!(2)),
+    ])
+    .unwrap();
+    dual.delete_by_ids(&["before".into()]).unwrap();
+    dual.index_done_callback().unwrap();
+    assert_eq!(
+        dual.divergences(),
+        3,
+        "upsert, delete and checkpoint each diverged once"
+    );
+    assert_eq!(
+        dual.get_by_id("during-1").unwrap(),
+        Some(json!("json only"))
+    );
+    let text = render(&registry);
+    assert!(
+        text.contains(r#"redis_dual_write_divergences_total{namespace="text_chunks"} 3"#),
+        "{text}"
+    );
+    // index_start_callback only warns about an unreachable secondary.
+    dual.index_start_callback().unwrap();
+    assert_eq!(dual.divergences(), 3);
+
+    // Once Redis is back, the difference is what verify reports and migrate repairs.
+    b.server.restart();
+    let redis = b.redis.namespace("text_chunks").unwrap();
+    let diff = compare_namespace(&**dual.primary(), &*redis, 100, &mut NoProgress).unwrap();
+    assert_eq!(diff.missing, ["during-1", "during-2"]);
+}
+
+#[test]
+fn primary_failure_is_the_callers_error_and_the_secondary_is_not_written() {
+    let mut b = both();
+    let dual = b.redis_primary("full_docs");
+    b.server.kill();
+    let err = dual
+        .upsert(vec![("x".into(), json!({"content": "never"}))])
+        .unwrap_err();
+    assert!(err.is_connection(), "{err:?}");
+    assert!(matches!(
+        dual.get_by_id("x"),
+        Err(Error::Redis { .. } | Error::Pool { .. })
+    ));
+    assert!(dual.clear().is_err());
+    assert!(dual.index_done_callback().is_err());
+    assert_eq!(dual.divergences(), 0);
+    assert_eq!(
+        b.json
+            .namespace("full_docs")
+            .unwrap()
+            .get_by_id("x")
+            .unwrap(),
+        None
+    );
+}
+
+#[test]
+fn concurrent_writers_of_the_same_ids_leave_both_stores_identical() {
+    let b = both();
+    let dual = Arc::new(b.json_primary("llm_response_cache"));
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let dual = dual.clone();
+            std::thread::spawn(move || {
+                for round in 0..50 {
+                    let items = (0..10)
+                        .map(|i| (format!("shared-{i}"), json!({"thread": t, "round": round})))
+                        .collect();
+                    dual.upsert(items).unwrap();
+                    if round % 7 == t {
+                        dual.delete_by_ids(&[format!("shared-{t}")]).unwrap();
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let diff =
+        compare_namespace(&**dual.primary(), &**dual.secondary(), 100, &mut NoProgress).unwrap();
+    assert!(diff.is_equal(), "{diff:?}");
+    assert_eq!(dual.divergences(), 0);
+}
+
+#[test]
+#[should_panic(expected = "same namespace")]
+fn pairing_two_namespaces_is_refused() {
+    let b = both();
+    let _ = DualWrite::new(
+        b.json.namespace("full_docs").unwrap(),
+        b.redis.namespace("text_chunks").unwrap(),
+    );
+}
+
+#[test]
+fn storage_from_env_dual_writes_both_and_reads_the_primary() {
+    let server = support::RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let vars: std::collections::HashMap<String, String> = [
+        ("STORAGE_KV_BACKEND", "dual".to_string()),
+        ("STORAGE_WORKING_DIR", dir.path().display().to_string()),
+        ("REDIS_URL", server.url()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let config = graphrag_kv::StoreConfigBuilder::from_vars(&vars)
+        .unwrap()
+        .build()
+        .unwrap();
+    assert_eq!(config.dual.unwrap().primary, graphrag_kv::BackendKind::Json);
+    let storage = graphrag_kv::Storage::open(&config).unwrap();
+    let s = storage.namespace("full_docs").unwrap();
+    s.upsert(vec![("d1".into(), serde_json::json!({"content": "x"}))])
+        .unwrap();
+    s.index_done_callback().unwrap();
+    let mut conn = server.conn();
+    let raw: String = redis::Commands::get(&mut conn, "nano_graphrag:full_docs:d1").unwrap();
+    assert_eq!(raw, r#"{"content":"x"}"#);
+    let file = std::fs::read_to_string(dir.path().join("kv_store_full_docs.json")).unwrap();
+    assert!(file.contains("\"d1\""), "{file}");
+    // Reads come from the primary (JSON): a value only Redis holds is not seen.
+    let _: () = redis::Commands::set(&mut conn, "nano_graphrag:full_docs:only-redis", "1").unwrap();
+    assert_eq!(s.get_by_id("only-redis").unwrap(), None);
+    let bad: std::collections::HashMap<String, String> =
+        [("STORAGE_KV_BACKEND", "dual"), ("KV_DUAL_PRIMARY", "mongo")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+    let e = graphrag_kv::StoreConfigBuilder::from_vars(&bad).unwrap_err();
+    assert!(e.to_string().contains("KV_DUAL_PRIMARY"), "{e}");
+}
+
+#[test]
+fn storage_with_metrics_counts_calls() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = prometheus::Registry::new();
+    let metrics = graphrag_kv::Metrics::new(&registry).unwrap();
+    let config = graphrag_kv::StoreConfig::builder()
+        .working_dir(dir.path())
+        .build()
+        .unwrap();
+    let storage = graphrag_kv::Storage::open(&config)
+        .unwrap()
+        .with_metrics(&metrics);
+    let s = storage.namespace("text_chunks").unwrap();
+    s.upsert(vec![("a".into(), serde_json::json!(1))]).unwrap();
+    s.get_by_id("a").unwrap();
+    s.get_by_id("b").unwrap();
+    let text = graphrag_kv::metrics::render(&registry);
+    assert!(
+        text.contains(r#"redis_operations_total{namespace="text_chunks",operation="get_by_id"} 2"#),
+        "{text}"
+    );
+}
