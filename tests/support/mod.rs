@@ -11,6 +11,7 @@
 pub mod cluster;
 pub mod conformance;
 pub mod sentinel;
+pub mod tls;
 
 use std::fs::OpenOptions;
 use std::io::{BufRead, BufReader, ErrorKind, Write};

@@ -1,0 +1,417 @@
+//! Property tests (proptest) of the two parsers that read data other programs may have written:
+//! the Redis value decoder ([`Codec::decode`]) and the kv_store JSON file loader
+//! ([`parse_kv_file`]).
+//!
+//! - Arbitrary bytes and mutated valid inputs never panic, and every error says where or what.
+//! - Decoding never allocates more than the input can justify: a counting global allocator
+//!   records the largest single allocation made while decoding, which must stay within
+//!   `min(512 MiB, 255 × input + 16)` plus a small constant (lz4 cannot expand more than ~255×).
+//! - What is encoded decodes to the same value, compressed or not.
+//!
+//! The case counts are kept small so the file runs in seconds; `PROPTEST_CASES=N` raises every
+//! property's count (docs/SECURITY.md gives the long run that was done).
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::path::Path;
+
+use graphrag_kv::backend::json_file::{parse_kv_file, to_python_json};
+use graphrag_kv::codec::{Codec, FRAME_MAGIC, MAX_VALUE_BYTES};
+use graphrag_kv::{Compression, Error};
+use proptest::prelude::*;
+use serde_json::{Map, Number, Value};
+
+// ---------------------------------------------------------------------------------------------
+// The largest single allocation made by the current thread.
+
+struct Counting;
+
+thread_local! {
+    // Const-initialised and without a destructor: reading it never allocates, so it is safe to
+    // use from inside the allocator.
+    static LARGEST: Cell<usize> = const { Cell::new(0) };
+}
+
+fn note(size: usize) {
+    let _ = LARGEST.try_with(|l| {
+        if size > l.get() {
+            l.set(size);
+        }
+    });
+}
+
+// SAFETY: every call is forwarded unchanged to the system allocator; `note` only reads and
+// writes a thread-local `Cell`.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        note(layout.size());
+        System.alloc(layout)
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        note(layout.size());
+        System.alloc_zeroed(layout)
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        note(new_size);
+        System.realloc(ptr, layout, new_size)
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        System.dealloc(ptr, layout)
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// Runs `f` and returns its result with the largest single allocation it made on this thread.
+fn largest_allocation<T>(f: impl FnOnce() -> T) -> (T, usize) {
+    LARGEST.with(|l| l.set(0));
+    let out = f();
+    (out, LARGEST.with(Cell::get))
+}
+
+/// The most a decode of `len` bytes may allocate at once: the decompressed size it may claim
+/// (at most 255× its compressed body, at most 512 MiB), or for plain JSON a few times the
+/// input (serde_json's buffers), plus a constant.
+fn allocation_bound(len: usize) -> usize {
+    (len.saturating_mul(255) + 16).min(MAX_VALUE_BYTES) + 4 * len + 64 * 1024
+}
+
+// ---------------------------------------------------------------------------------------------
+// Strategies
+
+fn cases(default: u32) -> ProptestConfig {
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default);
+    ProptestConfig {
+        cases,
+        // A shrunk failure is saved under proptest-regressions/ and replayed first next time.
+        ..ProptestConfig::default()
+    }
+}
+
+/// Any JSON value: every scalar kind (finite floats of every magnitude, the integer extremes,
+/// strings of any Unicode including NUL and escapes), nested arrays and objects.
+fn json_value() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(Value::from),
+        any::<u64>().prop_map(Value::from),
+        any::<f64>()
+            .prop_filter_map("finite", Number::from_f64)
+            .prop_map(Value::Number),
+        any::<String>().prop_map(Value::String),
+        // Long repetitive text, which the codec compresses.
+        (any::<String>(), 1usize..200).prop_map(|(s, n)| Value::String(s.repeat(n))),
+    ];
+    leaf.prop_recursive(4, 48, 6, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+            prop::collection::vec((any::<String>(), inner), 0..6)
+                .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+        ]
+    })
+}
+
+/// How a valid input is damaged.
+#[derive(Debug, Clone)]
+enum Mutation {
+    /// Cut at a fraction (per mille) of the length.
+    Truncate(u16),
+    /// XOR a byte at a fraction of the length.
+    Flip(u16, u8),
+    /// Insert bytes at a fraction of the length.
+    Insert(u16, Vec<u8>),
+    /// Remove a run of bytes at a fraction of the length.
+    Remove(u16, u8),
+    /// Replace the frame's claimed length (bytes 4..8) with any value.
+    Claim(u32),
+}
+
+fn mutation() -> impl Strategy<Value = Mutation> {
+    prop_oneof![
+        (0u16..1000).prop_map(Mutation::Truncate),
+        (0u16..1000, 1u8..=255).prop_map(|(at, x)| Mutation::Flip(at, x)),
+        (0u16..1000, prop::collection::vec(any::<u8>(), 1..16))
+            .prop_map(|(at, b)| Mutation::Insert(at, b)),
+        (0u16..1000, 1u8..64).prop_map(|(at, n)| Mutation::Remove(at, n)),
+        any::<u32>().prop_map(Mutation::Claim),
+    ]
+}
+
+fn apply(bytes: &mut Vec<u8>, m: &Mutation) {
+    let at = |per_mille: u16, len: usize| len * per_mille as usize / 1000;
+    match m {
+        Mutation::Truncate(p) => {
+            let n = at(*p, bytes.len());
+            bytes.truncate(n);
+        }
+        Mutation::Flip(p, x) => {
+            if !bytes.is_empty() {
+                let i = at(*p, bytes.len()).min(bytes.len() - 1);
+                bytes[i] ^= x;
+            }
+        }
+        Mutation::Insert(p, b) => {
+            let i = at(*p, bytes.len());
+            bytes.splice(i..i, b.iter().copied());
+        }
+        Mutation::Remove(p, n) => {
+            let i = at(*p, bytes.len());
+            let end = (i + *n as usize).min(bytes.len());
+            bytes.drain(i..end);
+        }
+        Mutation::Claim(c) => {
+            if bytes.len() >= 8 {
+                bytes[4..8].copy_from_slice(&c.to_le_bytes());
+            }
+        }
+    }
+}
+
+/// A decode outcome that is fine: a value, or an error message that says what is wrong.
+fn check_decode(bytes: &[u8]) -> Result<(), TestCaseError> {
+    let (out, largest) = largest_allocation(|| Codec::decode(bytes));
+    prop_assert!(
+        largest <= allocation_bound(bytes.len()),
+        "decoding {} bytes allocated {largest} bytes at once",
+        bytes.len()
+    );
+    if let Err(reason) = out {
+        prop_assert!(!reason.is_empty());
+        if bytes.first() != Some(&FRAME_MAGIC[0]) {
+            // Plain JSON errors carry the position.
+            prop_assert!(
+                reason.contains("line ") && reason.contains("column "),
+                "{reason}"
+            );
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The value decoder
+
+proptest! {
+    #![proptest_config(cases(1_000))]
+
+    #[test]
+    fn decode_arbitrary_bytes(bytes in prop::collection::vec(any::<u8>(), 0..1024)) {
+        check_decode(&bytes)?;
+    }
+
+    #[test]
+    fn decode_arbitrary_bytes_behind_the_frame_magic(
+        claim in any::<u32>(),
+        body in prop::collection::vec(any::<u8>(), 0..1024),
+    ) {
+        let mut bytes = FRAME_MAGIC.to_vec();
+        bytes.extend_from_slice(&claim.to_le_bytes());
+        bytes.extend_from_slice(&body);
+        check_decode(&bytes)?;
+        // A frame claiming more than lz4 could produce from its body is refused at once.
+        if claim as usize > body.len() * 255 + 16 {
+            prop_assert!(Codec::decode(&bytes).is_err());
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(cases(300))]
+
+    #[test]
+    fn decode_mutated_frames(
+        value in json_value(),
+        min_bytes in 0usize..256,
+        mutations in prop::collection::vec(mutation(), 1..4),
+    ) {
+        let mut bytes = Codec::new(Compression::Lz4, min_bytes).encode(&value).unwrap();
+        for m in &mutations {
+            apply(&mut bytes, m);
+        }
+        check_decode(&bytes)?;
+    }
+
+    #[test]
+    fn encode_decode_round_trip(
+        value in json_value(),
+        lz4 in any::<bool>(),
+        min_bytes in 0usize..2048,
+    ) {
+        let compression = if lz4 { Compression::Lz4 } else { Compression::None };
+        let bytes = Codec::new(compression, min_bytes).encode(&value).unwrap();
+        if !lz4 {
+            prop_assert_eq!(bytes.first().copied(), serde_json::to_vec(&value).unwrap().first().copied());
+        }
+        // The codec adds nothing to serde_json's own round trip (see the float note in
+        // docs/SECURITY.md): the decoded value is what parsing the plain JSON gives.
+        let decoded = Codec::decode(&bytes).unwrap();
+        let reparsed: Value = serde_json::from_slice(&serde_json::to_vec(&value).unwrap()).unwrap();
+        prop_assert_eq!(&decoded, &reparsed);
+        if exact_floats() || !has_float(&value) {
+            prop_assert_eq!(&decoded, &value);
+        }
+    }
+}
+
+/// True when serde_json parses floats exactly (its `float_roundtrip` feature, off in this
+/// crate's dependency today): then values holding floats must round-trip exactly too. Without
+/// it about one float in ten of [-1, 1] comes back one ULP off, e.g. 0.18017933438838418 is
+/// read as 0.18017933438838415.
+fn exact_floats() -> bool {
+    let f = 0.180_179_334_388_384_18_f64;
+    serde_json::from_str::<f64>(&serde_json::to_string(&f).unwrap()).unwrap() == f
+}
+
+fn has_float(v: &Value) -> bool {
+    match v {
+        Value::Number(n) => n.is_f64(),
+        Value::Array(a) => a.iter().any(has_float),
+        Value::Object(m) => m.values().any(has_float),
+        _ => false,
+    }
+}
+
+#[test]
+fn frames_claiming_huge_sizes_fail_fast_without_allocating() {
+    for (claim, body_len) in [
+        (u32::MAX, 16usize),
+        (MAX_VALUE_BYTES as u32 + 1, 4096),
+        (MAX_VALUE_BYTES as u32, 64),
+        (400 << 20, 1024),
+        (100 << 20, 1),
+    ] {
+        let mut bytes = FRAME_MAGIC.to_vec();
+        bytes.extend_from_slice(&claim.to_le_bytes());
+        bytes.extend(std::iter::repeat_n(0x11u8, body_len));
+        let (out, largest) = largest_allocation(|| Codec::decode(&bytes));
+        let reason = out.unwrap_err();
+        assert!(
+            reason.contains("above the limit") || reason.contains("from only"),
+            "{claim}: {reason}"
+        );
+        assert!(
+            largest < 64 * 1024,
+            "a frame claiming {claim} bytes allocated {largest} bytes"
+        );
+    }
+}
+
+#[test]
+fn deeply_nested_json_is_an_error_not_a_stack_overflow() {
+    for depth in [1_000usize, 100_000] {
+        for open in [b'[', b'{'] {
+            let bytes = if open == b'[' {
+                vec![b'['; depth]
+            } else {
+                b"{\"a\":".repeat(depth)
+            };
+            let reason = Codec::decode(&bytes).unwrap_err();
+            assert!(reason.contains("recursion limit"), "{reason}");
+            let e = parse_kv_file(Path::new("deep.json"), &bytes).unwrap_err();
+            assert!(e.to_string().contains("recursion limit"), "{e}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The kv_store file loader
+
+/// A kv_store file's contents: id -> value.
+fn kv_map() -> impl Strategy<Value = Map<String, Value>> {
+    prop::collection::vec((any::<String>(), json_value()), 0..6)
+        .prop_map(|kv| kv.into_iter().collect())
+}
+
+/// An error of `parse_kv_file` must be `CorruptFile` naming the file, with a position inside it.
+fn check_kv_error(e: Error, bytes: &[u8]) -> Result<(), TestCaseError> {
+    match &e {
+        Error::CorruptFile {
+            path, line, column, ..
+        } => {
+            prop_assert_eq!(path.as_path(), Path::new("kv_store_x.json"));
+            let lines = bytes.split(|b| *b == b'\n').count();
+            prop_assert!(
+                *line >= 1 && *line <= lines,
+                "line {} of {}: {}",
+                line,
+                lines,
+                e
+            );
+            let longest = bytes
+                .split(|b| *b == b'\n')
+                .map(<[u8]>::len)
+                .max()
+                .unwrap_or(0);
+            prop_assert!(
+                *column <= longest + 1,
+                "column {} of {}: {}",
+                column,
+                longest,
+                e
+            );
+            let text = e.to_string();
+            let position = format!("line {line}, column {column}");
+            prop_assert!(
+                text.contains("kv_store_x.json") && text.contains(&position),
+                "{}",
+                text
+            );
+        }
+        other => prop_assert!(false, "expected CorruptFile, got {other:?}"),
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(cases(1_000))]
+
+    #[test]
+    fn kv_file_arbitrary_bytes(bytes in prop::collection::vec(any::<u8>(), 0..1024)) {
+        if let Err(e) = parse_kv_file(Path::new("kv_store_x.json"), &bytes) {
+            check_kv_error(e, &bytes)?;
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(cases(150))]
+
+    #[test]
+    fn kv_file_mutated(
+        map in kv_map(),
+        mutations in prop::collection::vec(mutation(), 1..4),
+    ) {
+        let mut bytes = to_python_json(&map);
+        for m in &mutations {
+            apply(&mut bytes, m);
+        }
+        match parse_kv_file(Path::new("kv_store_x.json"), &bytes) {
+            Ok(parsed) => {
+                // A mutation may leave valid JSON; then it is an object, as required.
+                let _ = parsed;
+            }
+            Err(e) => check_kv_error(e, &bytes)?,
+        }
+    }
+
+    #[test]
+    fn kv_file_round_trip(map in kv_map(), bom in any::<bool>()) {
+        let mut bytes = to_python_json(&map);
+        if bom {
+            bytes.splice(0..0, *b"\xEF\xBB\xBF");
+        }
+        let parsed = parse_kv_file(Path::new("kv_store_x.json"), &bytes).unwrap();
+        let reparsed: Map<String, Value> =
+            serde_json::from_slice(&serde_json::to_vec(&map).unwrap()).unwrap();
+        prop_assert_eq!(&parsed, &reparsed);
+        prop_assert_eq!(parsed.len(), map.len());
+    }
+}
