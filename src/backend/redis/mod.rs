@@ -505,6 +505,76 @@ fn value_result(v: Value) -> RedisResult<Value> {
     }
 }
 
+/// Appends a RESP array header, `*n\r\n`.
+///
+/// The batch paths of a single server pack their commands by hand into one buffer: building a
+/// `redis::Cmd` per item allocates for the command and every argument and copies each value
+/// twice more (into the command, then into the packed pipeline).
+fn resp_array(buf: &mut Vec<u8>, n: usize) {
+    buf.push(b'*');
+    push_decimal(buf, n as u64);
+    buf.extend_from_slice(b"\r\n");
+}
+
+/// Appends one bulk string made of `parts` concatenated (a key is written as prefix and id,
+/// without building it first).
+fn resp_bulk(buf: &mut Vec<u8>, parts: &[&[u8]]) {
+    buf.push(b'$');
+    push_decimal(buf, parts.iter().map(|p| p.len() as u64).sum());
+    buf.extend_from_slice(b"\r\n");
+    for p in parts {
+        buf.extend_from_slice(p);
+    }
+    buf.extend_from_slice(b"\r\n");
+}
+
+fn push_decimal(buf: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    buf.extend_from_slice(&digits[i..]);
+}
+
+/// The replies of a hand-packed pipeline, or the error redis-rs's `Pipeline::query` gives for
+/// them when some are server errors (the same error value as before the commands were packed
+/// by hand: redis-rs builds it internally, so the replies are handed to a real pipeline).
+fn pipeline_replies(replies: Vec<Value>) -> RedisResult<Vec<Value>> {
+    if !replies.iter().any(|v| matches!(v, Value::ServerError(_))) {
+        return Ok(replies);
+    }
+    /// A "connection" that answers with replies already received.
+    struct Received(Option<Vec<Value>>);
+    impl ConnectionLike for Received {
+        fn req_packed_command(&mut self, _: &[u8]) -> RedisResult<Value> {
+            Ok(Value::Nil)
+        }
+        fn req_packed_commands(&mut self, _: &[u8], _: usize, _: usize) -> RedisResult<Vec<Value>> {
+            Ok(self.0.take().unwrap_or_default())
+        }
+        fn get_db(&self) -> i64 {
+            0
+        }
+        fn check_connection(&mut self) -> bool {
+            true
+        }
+        fn is_open(&self) -> bool {
+            true
+        }
+    }
+    let mut p = redis::pipe();
+    for _ in 0..replies.len() {
+        p.cmd("PING");
+    }
+    p.query(&mut Received(Some(replies)))
+}
+
 /// Persistence commands over a single-server connection.
 struct ConnOps<'a>(&'a mut dyn ConnectionLike);
 
@@ -633,6 +703,72 @@ impl RedisStore {
         })
     }
 
+    /// Appends the stored bytes of `v` to `out`; see [`Codec::encode_into`].
+    fn encode_into(&self, id: &str, v: &Json, out: &mut Vec<u8>) -> Result<usize> {
+        self.shared
+            .codec
+            .encode_into(v, out)
+            .map_err(|reason| Error::Encode {
+                namespace: self.namespace.clone(),
+                key: display_id(id),
+                reason,
+            })
+    }
+
+    /// `upsert` on a single server: each chunk's SETs (and WAIT) packed by hand into one
+    /// buffer (each value encoded into a reused buffer, then copied in), sent as one pipeline.
+    fn upsert_single(&self, items: &[Item]) -> Result<()> {
+        let ttl = self.ttl.to_string();
+        let want = self.shared.config.wait_replicas;
+        let wait_ms = (self.shared.config.wait_timeout.as_millis() as u64).to_string();
+        let mut buf = Vec::new();
+        let mut value = Vec::new();
+        let mut start = 0;
+        while start < items.len() {
+            // Encode (and compress) on the caller's thread, before holding a connection.
+            buf.clear();
+            let mut end = start;
+            let mut bytes = 0usize;
+            while end < items.len() && end - start < WRITE_CHUNK && bytes < WRITE_CHUNK_BYTES {
+                let (id, v) = &items[end];
+                value.clear();
+                bytes += self.encode_into(id, v, &mut value)?;
+                resp_array(&mut buf, if self.ttl > 0 { 5 } else { 3 });
+                resp_bulk(&mut buf, &[b"SET"]);
+                resp_bulk(&mut buf, &[self.key_prefix.as_bytes(), id.as_bytes()]);
+                resp_bulk(&mut buf, &[&value]);
+                if self.ttl > 0 {
+                    resp_bulk(&mut buf, &[b"EX"]);
+                    resp_bulk(&mut buf, &[ttl.as_bytes()]);
+                }
+                end += 1;
+            }
+            let mut count = end - start;
+            if want > 0 {
+                // WAIT counts the replicas that have every write of this connection.
+                resp_array(&mut buf, 3);
+                resp_bulk(&mut buf, &[b"WAIT"]);
+                resp_bulk(&mut buf, &[want.to_string().as_bytes()]);
+                resp_bulk(&mut buf, &[wait_ms.as_bytes()]);
+                count += 1;
+            }
+            let confirmed = self.shared.with_conn("upsert", &self.namespace, |c| {
+                let replies = pipeline_replies(c.req_packed_commands(&buf, 0, count)?)?;
+                match replies.last() {
+                    Some(last) if want > 0 => {
+                        redis::from_redis_value::<i64>(last.clone()).map_err(RedisError::from)
+                    }
+                    _ => Ok(0),
+                }
+            })?;
+            if want > 0 {
+                check_replicas(&self.namespace, want, confirmed)?;
+            }
+            start = end;
+        }
+        Ok(())
+    }
+
     fn pattern(&self) -> String {
         format!("{}*", glob_escape(&self.key_prefix))
     }
@@ -680,9 +816,9 @@ impl RedisStore {
             .collect()
     }
 
-    fn write_chunk(&self, keys: &[String], values: &[Vec<u8>]) -> Result<()> {
+    /// One chunk of a cluster `upsert` (single servers go through [`RedisStore::upsert_single`]).
+    fn write_chunk(&self, pool: &ClusterPool, keys: &[String], values: &[Vec<u8>]) -> Result<()> {
         let ttl = self.ttl;
-        let want = self.shared.config.wait_replicas;
         let set = |k: &String, v: &Vec<u8>| {
             let mut c = redis::cmd("SET");
             c.arg(k).arg(v.as_slice());
@@ -691,61 +827,34 @@ impl RedisStore {
             }
             c
         };
-        match &self.shared.conns {
-            Conns::Single(_) => {
-                let confirmed = self.shared.with_conn("upsert", &self.namespace, |c| {
-                    let mut p = redis::pipe();
-                    for (k, v) in keys.iter().zip(values) {
-                        p.add_command(set(k, v)).ignore();
-                    }
-                    if want > 0 {
-                        // WAIT counts the replicas that have every write of this connection.
-                        p.cmd("WAIT")
-                            .arg(want)
-                            .arg(self.shared.config.wait_timeout.as_millis() as u64);
-                        let (n,): (i64,) = p.query(c)?;
-                        Ok(n)
-                    } else {
-                        p.query::<()>(c)?;
-                        Ok(0)
-                    }
-                })?;
-                if want > 0 {
-                    check_replicas(&self.namespace, want, confirmed)?;
-                }
-                Ok(())
+        let cmds: Vec<Cmd> = keys.iter().zip(values).map(|(k, v)| set(k, v)).collect();
+        self.shared.retrying("upsert", &self.namespace, || {
+            let mut c = pool
+                .get()
+                .map_err(|m| pool_error("upsert", &self.namespace, m))?;
+            let out = cluster::pipeline(&mut c.conn, &cmds);
+            if out.as_ref().err().is_some_and(must_discard) {
+                c.mark_broken();
             }
-            Conns::Cluster(pool) => {
-                let cmds: Vec<Cmd> = keys.iter().zip(values).map(|(k, v)| set(k, v)).collect();
-                self.shared.retrying("upsert", &self.namespace, || {
-                    let mut c = pool
-                        .get()
-                        .map_err(|m| pool_error("upsert", &self.namespace, m))?;
-                    let out = cluster::pipeline(&mut c.conn, &cmds);
-                    if out.as_ref().err().is_some_and(must_discard) {
-                        c.mark_broken();
-                    }
-                    let results = out.map_err(|e| redis_error("upsert", &self.namespace, e))?;
-                    if let Some((i, e)) = results
-                        .into_iter()
-                        .enumerate()
-                        .find_map(|(i, r)| r.err().map(|e| (i, e)))
-                    {
-                        return Err(Error::Redis {
-                            operation: "upsert",
-                            namespace: self.namespace.clone(),
-                            source: RedisError::from((
-                                redis::ErrorKind::Extension,
-                                "SET failed",
-                                format!("{}: {e}", display_id(&keys[i])),
-                            )),
-                        });
-                    }
-                    self.shared
-                        .wait_for_replicas_cluster(&self.namespace, &mut c.conn, keys)
-                })
+            let results = out.map_err(|e| redis_error("upsert", &self.namespace, e))?;
+            if let Some((i, e)) = results
+                .into_iter()
+                .enumerate()
+                .find_map(|(i, r)| r.err().map(|e| (i, e)))
+            {
+                return Err(Error::Redis {
+                    operation: "upsert",
+                    namespace: self.namespace.clone(),
+                    source: RedisError::from((
+                        redis::ErrorKind::Extension,
+                        "SET failed",
+                        format!("{}: {e}", display_id(&keys[i])),
+                    )),
+                });
             }
-        }
+            self.shared
+                .wait_for_replicas_cluster(&self.namespace, &mut c.conn, keys)
+        })
     }
 }
 
@@ -849,8 +958,31 @@ impl KvStore for RedisStore {
     fn filter_keys(&self, ids: &[String]) -> Result<Vec<String>> {
         validate_ids(&self.namespace, ids)?;
         let mut present = Vec::with_capacity(ids.len());
+        let mut buf = Vec::new();
         for chunk in ids.chunks(READ_CHUNK) {
-            for v in self.per_key("filter_keys", "EXISTS", chunk)? {
+            let values = match &self.shared.conns {
+                // One EXISTS per id (EXISTS with several keys only counts them), packed by hand.
+                Conns::Single(_) => {
+                    buf.clear();
+                    for id in chunk {
+                        resp_array(&mut buf, 2);
+                        resp_bulk(&mut buf, &[b"EXISTS"]);
+                        resp_bulk(&mut buf, &[self.key_prefix.as_bytes(), id.as_bytes()]);
+                    }
+                    let replies = self.shared.with_conn("filter_keys", &self.namespace, |c| {
+                        c.req_packed_commands(&buf, 0, chunk.len())
+                    })?;
+                    chunk
+                        .iter()
+                        .zip(replies)
+                        .map(|(id, r)| {
+                            value_result(r).map_err(|e| self.key_error("filter_keys", id, e))
+                        })
+                        .collect::<Result<Vec<_>>>()?
+                }
+                Conns::Cluster(_) => self.per_key("filter_keys", "EXISTS", chunk)?,
+            };
+            for v in values {
                 present.push(matches!(v, Value::Int(n) if n > 0));
             }
         }
@@ -859,6 +991,10 @@ impl KvStore for RedisStore {
 
     fn upsert(&self, items: Vec<Item>) -> Result<()> {
         validate_ids(&self.namespace, items.iter().map(|(id, _)| id))?;
+        let pool = match &self.shared.conns {
+            Conns::Single(_) => return self.upsert_single(&items),
+            Conns::Cluster(pool) => pool,
+        };
         let mut start = 0;
         while start < items.len() {
             // Encode (and compress) on the caller's thread, before holding a connection.
@@ -875,7 +1011,7 @@ impl KvStore for RedisStore {
                 .iter()
                 .map(|(id, _)| self.key(id))
                 .collect();
-            self.write_chunk(&keys, &values)?;
+            self.write_chunk(pool, &keys, &values)?;
             start = end;
         }
         Ok(())
