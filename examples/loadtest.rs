@@ -24,10 +24,13 @@
 //! and the median of each side is reported. The reference's `-n` is sized from its previous run
 //! to take about `--seconds`.
 //!
-//! `--connections N` holds N connections from one pool of this library (one thread per
-//! connection, `max_connections = N`) to one redis-server, raises `maxclients` (CONFIG SET) and
-//! the process's open-file limit (re-executing itself under `sh -c 'ulimit -n ...'`, since std
-//! cannot call setrlimit), runs reads over all of them and reports errors and latencies.
+//! `--connections N` holds N connections from this library (pools of ~100, one reader thread per
+//! connection) to one redis-server, raises `maxclients` (CONFIG SET) and the process's open-file
+//! limit (re-executing itself under `sh -c 'ulimit -n ...'`, since std cannot call setrlimit),
+//! runs reads over all of them and reports errors and latencies.
+//!
+//! `--quick` is a smoke run of everything in seconds. For profiling, `--no-reference
+//! --iterations N --only <measure>` runs a fixed amount of work (see docs/BENCHMARKS.md).
 
 #[path = "../benches/data.rs"]
 mod data;
