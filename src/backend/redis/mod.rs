@@ -698,7 +698,7 @@ impl RedisStore {
     fn encode(&self, id: &str, v: &Json) -> Result<Vec<u8>> {
         self.shared.codec.encode(v).map_err(|reason| Error::Encode {
             namespace: self.namespace.clone(),
-            key: display_id(id),
+            key: self.key(id),
             reason,
         })
     }
@@ -710,7 +710,7 @@ impl RedisStore {
             .encode_into(v, out)
             .map_err(|reason| Error::Encode {
                 namespace: self.namespace.clone(),
-                key: display_id(id),
+                key: self.key(id),
                 reason,
             })
     }
