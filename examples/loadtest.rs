@@ -133,7 +133,7 @@ struct Args {
     connections: Option<usize>,
     /// Run only these measures (comma-separated prefixes: get, get_by_ids, upsert, filter_keys,
     /// concurrent_get, write_behind, all_keys); the load and memory figures always run.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(MEASURES))]
     only: Vec<String>,
     /// Skip redis-benchmark (for profiling the client alone).
     #[arg(long)]
@@ -229,6 +229,17 @@ impl Drop for OwnServer {
         let _ = self.child.wait();
     }
 }
+
+/// The names `--only` accepts.
+const MEASURES: [&str; 7] = [
+    "get",
+    "get_by_ids",
+    "upsert",
+    "filter_keys",
+    "concurrent_get",
+    "write_behind",
+    "all_keys",
+];
 
 fn fail(msg: &str) -> ! {
     eprintln!("loadtest: {msg}");

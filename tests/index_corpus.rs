@@ -17,38 +17,14 @@ use graphrag_kv::{
 use serde_json::Value;
 use support::{unique_prefix, RedisServer};
 
-/// The example binary, built once per test run (`cargo test --test index_corpus` does not build
-/// examples by itself).
-fn example_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        // target/<profile>/deps/index_corpus-<hash> -> target/<profile>/examples/index_corpus
-        let exe = std::env::current_exe().expect("current_exe");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("test binary in target/<profile>/deps");
-        let mut cargo = Command::new(env!("CARGO"));
-        cargo
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .args(["build", "--example", "index_corpus"]);
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            cargo.arg("--release");
-        }
-        if cfg!(feature = "openai") {
-            cargo.args(["--features", "openai"]);
-        }
-        let status = cargo.status().expect("running cargo build");
-        assert!(
-            status.success(),
-            "cargo build --example index_corpus failed"
-        );
-        let bin = profile_dir
-            .join("examples")
-            .join(format!("index_corpus{}", std::env::consts::EXE_SUFFIX));
-        assert!(bin.exists(), "{} missing after the build", bin.display());
-        bin
-    })
+/// The example binary, built once per test run.
+fn example_bin() -> PathBuf {
+    let features: &[&str] = if cfg!(feature = "openai") {
+        &["openai"]
+    } else {
+        &[]
+    };
+    support::example_bin("index_corpus", features)
 }
 
 /// A command running the example with a clean storage environment plus `env`.

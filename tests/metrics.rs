@@ -11,9 +11,9 @@ mod metrics_server;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use graphrag_kv::metrics::{Metered, Metrics};
@@ -335,36 +335,9 @@ fn json_backend_and_hooks_for_other_layers() {
     assert!(Metrics::new(&registry).is_err());
 }
 
-/// The example binary, built once per test run (`cargo test --test metrics` does not build
-/// examples by itself).
-fn example_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let exe = std::env::current_exe().expect("current_exe");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("test binary in target/<profile>/deps");
-        let mut cargo = Command::new(env!("CARGO"));
-        cargo.current_dir(env!("CARGO_MANIFEST_DIR")).args([
-            "build",
-            "--example",
-            "metrics_server",
-        ]);
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            cargo.arg("--release");
-        }
-        let status = cargo.status().expect("running cargo build");
-        assert!(
-            status.success(),
-            "cargo build --example metrics_server failed"
-        );
-        let bin = profile_dir
-            .join("examples")
-            .join(format!("metrics_server{}", std::env::consts::EXE_SUFFIX));
-        assert!(bin.exists(), "{} missing after the build", bin.display());
-        bin
-    })
+/// The example binary, built once per test run.
+fn example_bin() -> PathBuf {
+    support::example_bin("metrics_server", &[])
 }
 
 /// Kills the example when the test ends, however it ends.

@@ -500,3 +500,44 @@ fn percent_encode(s: &str) -> String {
         })
         .collect()
 }
+
+/// The binary of example `name`, built once per test binary with `features` (`cargo test` does
+/// not build examples by itself), in the profile of the running test (release under
+/// `cargo test --release`).
+///
+/// # Panics
+/// When the build fails.
+pub fn example_bin(name: &str, features: &[&str]) -> PathBuf {
+    static BUILT: std::sync::Mutex<Vec<(String, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+    // Held across the build: two tests asking for the same example build it once.
+    let mut built = BUILT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some((_, bin)) = built.iter().find(|(n, _)| n == name) {
+        return bin.clone();
+    }
+    // target/<profile>/deps/<test>-<hash> -> target/<profile>/examples/<name>
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary in target/<profile>/deps");
+    let mut cargo = Command::new(env!("CARGO"));
+    cargo
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["build", "--example", name]);
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        cargo.arg("--release");
+    }
+    if !features.is_empty() {
+        cargo.args(["--features", &features.join(",")]);
+    }
+    let status = cargo.status().expect("running cargo build");
+    assert!(status.success(), "cargo build --example {name} failed");
+    let bin = profile_dir
+        .join("examples")
+        .join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    assert!(bin.exists(), "{} missing after the build", bin.display());
+    built.push((name.to_string(), bin.clone()));
+    bin
+}
