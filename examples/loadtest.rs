@@ -142,8 +142,11 @@ struct Args {
     /// profiling, e.g. under valgrind's callgrind).
     #[arg(long)]
     iterations: Option<usize>,
-    /// Pool size of the stores measured (the library's default is 50).
-    #[arg(long, default_value_t = 50)]
+    /// Pool size of the stores measured. Default 64: one connection per reader thread of
+    /// `concurrent_get_64`, as docs/DEPLOYMENT.md advises (`REDIS_MAX_CONNECTIONS` at least the
+    /// worker threads); the library's own default is 50. Only `concurrent_get_64` uses more
+    /// than one connection at a time.
+    #[arg(long, default_value_t = 64)]
     pool_size: u32,
     /// Pools in `--connections` mode (default: one per 100 connections).
     #[arg(long)]
