@@ -2,8 +2,9 @@
 //! this file with `#[path]`).
 //!
 //! The text comes from the English prose of `corpus/` (30 articles, ~270 KB), cut into windows at
-//! word boundaries, so a value compresses like real text (lz4 about 2x) and not like a small
-//! vocabulary repeated (which lz4 shrinks far more and would flatter the memory figures).
+//! word boundaries, so a value compresses like real text (lz4 1.37x for a 5 KB chunk, 1.66x for
+//! the whole corpus as one block) and not like a small vocabulary repeated (which lz4 shrinks
+//! far more and would flatter the memory figures).
 //!
 //! - text chunks, `text_chunks`: `{tokens, content, chunk_order_index, full_doc_id}`, ~5 KB of
 //!   JSON, id `chunk-<md5 of content>` (nano-graphrag's `compute_mdhash_id`);
@@ -35,7 +36,14 @@ impl Corpus {
     /// # Panics
     /// When the directory is missing or empty (a broken checkout).
     pub fn load() -> Corpus {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus");
+        Corpus::load_dir(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus"))
+    }
+
+    /// Reads every file of `dir` (sorted by name; each must be UTF-8 text).
+    ///
+    /// # Panics
+    /// When the directory is missing or holds no file, or a file is not UTF-8.
+    pub fn load_dir(dir: &std::path::Path) -> Corpus {
         let mut files: Vec<_> = std::fs::read_dir(&dir)
             .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
             .map(|e| e.expect("corpus entry").path())
@@ -45,7 +53,10 @@ impl Corpus {
         assert!(!files.is_empty(), "{} holds no text", dir.display());
         let mut text = String::new();
         for f in files {
-            text.push_str(&std::fs::read_to_string(&f).expect("corpus file is UTF-8"));
+            text.push_str(
+                &std::fs::read_to_string(&f)
+                    .unwrap_or_else(|e| panic!("reading {} as UTF-8 text: {e}", f.display())),
+            );
             text.push_str("\n\n");
         }
         let bytes = text.as_bytes();

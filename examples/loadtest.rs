@@ -148,6 +148,10 @@ struct Args {
     /// than one connection at a time.
     #[arg(long, default_value_t = 64)]
     pool_size: u32,
+    /// Take the text of the values from the files of this directory instead of `corpus/`
+    /// (e.g. to see how `memory_ratio` depends on how well the text compresses).
+    #[arg(long)]
+    corpus: Option<std::path::PathBuf>,
     /// Pools in `--connections` mode (default: one per 100 connections).
     #[arg(long)]
     pools: Option<usize>,
@@ -617,7 +621,11 @@ struct Side {
 
 fn measure_all(args: &Args, t: &Target) -> Vec<Row> {
     let prefix = format!("loadtest-{}", std::process::id());
-    let corpus = Corpus::load();
+    let corpus = match &args.corpus {
+        Some(dir) if !dir.is_dir() => fail(&format!("--corpus {}: not a directory", dir.display())),
+        Some(dir) => Corpus::load_dir(dir),
+        None => Corpus::load(),
+    };
     let chunks = data::Corpus::chunks(&corpus, args.items);
     let cache = corpus.cache_entries(args.items);
     let chunk_bytes = data::raw_json_bytes(&chunks);
