@@ -44,7 +44,7 @@ impl Corpus {
     /// # Panics
     /// When the directory is missing or holds no file, or a file is not UTF-8.
     pub fn load_dir(dir: &std::path::Path) -> Corpus {
-        let mut files: Vec<_> = std::fs::read_dir(&dir)
+        let mut files: Vec<_> = std::fs::read_dir(dir)
             .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
             .map(|e| e.expect("corpus entry").path())
             .filter(|p| p.is_file())
