@@ -176,6 +176,10 @@ fn with_scratch<T>(
 }
 
 fn parse(json: &[u8]) -> Result<Value, String> {
+    if let Some(value) = crate::json_read::parse(json) {
+        return Ok(value);
+    }
+    // Everything the fast reader does not take, errors included, is serde_json's to decide.
     serde_json::from_slice(json).map_err(|e| {
         format!(
             "not valid JSON (line {}, column {}): {e}",
@@ -302,7 +306,7 @@ const BLOCK: usize = 32;
 ///
 /// Text is long runs of plain bytes, so they are skipped a block at a time (with SSE2 on
 /// x86_64, in safe code), then the block that holds the byte is searched eight bytes a step
-/// ([`escape_mask`]). Shared by the writer and the reader.
+/// ([`escape_mask`]). Shared by the writer and by `json_read`.
 #[inline]
 pub(crate) fn find_escape(bytes: &[u8], from: usize) -> usize {
     let mut i = from;
