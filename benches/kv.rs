@@ -13,7 +13,8 @@
 //! - `filter_keys`: 1,000 `chunk-<md5>` ids, half of them stored.
 //! - `all_keys`: a namespace of 100,000 keys.
 //! - `codec`: encoding and decoding one chunk and one cache entry for Redis, with and without lz4
-//!   (no server): the client's own cost per value.
+//!   (no server): the client's own cost per value; `decode_*/serde_json` is
+//!   `serde_json::from_slice` of the same JSON, the reference for `decode_*/none`.
 //!
 //! Redis is a `redis-server` started for the run (tests/support), default configuration (lz4 on,
 //! pool of 50); `redis_nocompress` repeats the value-heavy groups with `REDIS_COMPRESSION=none`.
@@ -265,6 +266,16 @@ fn bench(c: &mut Criterion) {
                     bench.iter(|| black_box(Codec::decode(&bytes).expect("decode")))
                 });
             }
+            // The reference for decode_*/none: serde_json's own parse of the same JSON text.
+            let json = serde_json::to_vec(value).expect("a Value serializes");
+            g.bench_function(
+                BenchmarkId::new(format!("decode_{what}"), "serde_json"),
+                |bench| {
+                    bench.iter(|| {
+                        black_box(serde_json::from_slice::<serde_json::Value>(&json).expect("JSON"))
+                    })
+                },
+            );
         }
     }
     drop(backends);

@@ -7,6 +7,9 @@
 //!   records the largest single allocation made while decoding, which must stay within
 //!   `min(512 MiB, 255 × input + 16)` plus a small constant (lz4 cannot expand more than ~255×).
 //! - What is encoded decodes to the same value, compressed or not.
+//! - Decoding JSON gives exactly what `serde_json::from_slice` gives (the codec reads JSON with
+//!   its own reader): the same value, key order and kind of number included, or the same error
+//!   message, for valid, reformatted, escaped and damaged texts.
 //!
 //! The case counts are kept small so the file runs in seconds; `PROPTEST_CASES=N` raises every
 //! property's count (docs/SECURITY.md gives the long run that was done).
@@ -276,6 +279,189 @@ fn has_float(v: &Value) -> bool {
         Value::Array(a) => a.iter().any(has_float),
         Value::Object(m) => m.values().any(has_float),
         _ => false,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The decoder's JSON reader against serde_json
+
+/// What `Codec::decode` must give for plain JSON: serde_json's value, or serde_json's error in
+/// the codec's words.
+fn serde_json_decode(json: &[u8]) -> Result<Value, String> {
+    serde_json::from_slice(json).map_err(|e| {
+        format!(
+            "not valid JSON (line {}, column {}): {e}",
+            e.line(),
+            e.column()
+        )
+    })
+}
+
+/// Equal as serde_json sees it, and in what `==` on a map or a number does not see: key order,
+/// and the kind of number (`1` and `1.0`, `0.0` and `-0.0` serialize differently).
+fn same(a: &Value, b: &Value) -> bool {
+    a == b && serde_json::to_string(a).unwrap() == serde_json::to_string(b).unwrap()
+}
+
+/// `Codec::decode` of the plain JSON `json` gives exactly what serde_json gives.
+fn check_same_as_serde_json(json: &[u8]) -> Result<(), TestCaseError> {
+    if json.first() == Some(&FRAME_MAGIC[0]) {
+        // A frame, not plain JSON (serde_json would refuse it anyway).
+        return Ok(());
+    }
+    match (Codec::decode(json), serde_json_decode(json)) {
+        (Ok(ours), Ok(theirs)) => prop_assert!(
+            same(&ours, &theirs),
+            "{:?}: {} != {}",
+            String::from_utf8_lossy(json),
+            ours,
+            theirs
+        ),
+        (Err(ours), Err(theirs)) => prop_assert_eq!(ours, theirs),
+        (ours, theirs) => prop_assert!(
+            false,
+            "{:?}: {:?} but serde_json {:?}",
+            String::from_utf8_lossy(json),
+            ours,
+            theirs
+        ),
+    }
+    Ok(())
+}
+
+/// `json` with every non-ASCII character written as a `\u` escape (a surrogate pair above the
+/// BMP), hex digits in upper or lower case: the same value for serde_json, since serde_json's
+/// own text has non-ASCII characters only inside strings.
+fn escape_non_ascii(json: &[u8], upper: bool) -> Vec<u8> {
+    let text = std::str::from_utf8(json).unwrap();
+    let mut out = String::with_capacity(json.len());
+    for c in text.chars() {
+        if c.is_ascii() {
+            out.push(c);
+            continue;
+        }
+        let mut units = [0u16; 2];
+        for unit in c.encode_utf16(&mut units) {
+            if upper {
+                out.push_str(&format!("\\u{unit:04X}"));
+            } else {
+                out.push_str(&format!("\\u{unit:04x}"));
+            }
+        }
+    }
+    out.into_bytes()
+}
+
+/// One of JSON's whitespace bytes, or a byte that looks like whitespace but is not JSON's.
+fn space() -> impl Strategy<Value = Vec<u8>> {
+    prop::sample::select(vec![
+        &b" "[..],
+        b"\t",
+        b"\n",
+        b"\r",
+        b"\r\n",
+        b"  \t ",
+        b"\x0c",
+        b"\x0b",
+        "\u{a0}".as_bytes(),
+    ])
+    .prop_map(<[u8]>::to_vec)
+}
+
+/// An object's text with repeated keys (serde_json keeps the first place and the last value).
+fn object_with_repeated_keys() -> impl Strategy<Value = Vec<u8>> {
+    prop::collection::vec(
+        (
+            prop::sample::select(vec!["a", "b", "c", "\\u0061", "é"]),
+            json_value(),
+        ),
+        0..8,
+    )
+    .prop_map(|entries| {
+        let body: Vec<String> = entries
+            .iter()
+            .map(|(k, v)| format!("\"{k}\":{}", serde_json::to_string(v).unwrap()))
+            .collect();
+        format!("{{{}}}", body.join(",")).into_bytes()
+    })
+}
+
+proptest! {
+    #![proptest_config(cases(500))]
+
+    #[test]
+    fn decode_reads_json_exactly_as_serde_json(
+        value in json_value(),
+        pretty in any::<bool>(),
+        escaped in any::<bool>(),
+        upper in any::<bool>(),
+        spaces in prop::collection::vec((0u16..1000, space()), 0..3),
+        mutations in prop::collection::vec(mutation(), 0..3),
+    ) {
+        let mut json = if pretty {
+            serde_json::to_vec_pretty(&value).unwrap()
+        } else {
+            serde_json::to_vec(&value).unwrap()
+        };
+        if escaped {
+            json = escape_non_ascii(&json, upper);
+        }
+        check_same_as_serde_json(&json)?;
+        for (at, space) in &spaces {
+            apply(&mut json, &Mutation::Insert(*at, space.clone()));
+            check_same_as_serde_json(&json)?;
+        }
+        for m in &mutations {
+            apply(&mut json, m);
+            check_same_as_serde_json(&json)?;
+        }
+    }
+
+    #[test]
+    fn decode_keeps_serde_json_s_order_for_repeated_keys(
+        json in object_with_repeated_keys(),
+        mutations in prop::collection::vec(mutation(), 0..2),
+    ) {
+        let mut json = json;
+        check_same_as_serde_json(&json)?;
+        for m in &mutations {
+            apply(&mut json, m);
+            check_same_as_serde_json(&json)?;
+        }
+    }
+
+    #[test]
+    fn compressed_json_is_read_exactly_as_serde_json(value in json_value(), pretty in any::<bool>()) {
+        let json = if pretty {
+            serde_json::to_vec_pretty(&value).unwrap()
+        } else {
+            serde_json::to_vec(&value).unwrap()
+        };
+        let frame = Codec::new(Compression::Lz4, 0).encode_json(json.clone()).unwrap();
+        let theirs: Value = serde_json::from_slice(&json).unwrap();
+        let ours = Codec::decode(&frame).unwrap();
+        prop_assert!(same(&ours, &theirs), "{} != {}", ours, theirs);
+    }
+}
+
+proptest! {
+    #![proptest_config(cases(1_000))]
+
+    /// Short texts of JSON's own bytes: the structural characters, escapes, digits and signs in
+    /// every order, where every give-up and error of the reader lives.
+    #[test]
+    fn decode_json_like_bytes_exactly_as_serde_json(
+        parts in prop::collection::vec(
+            prop::sample::select(vec![
+                "{", "}", "[", "]", ",", ":", "\"", "\"a\"", "\\", "\\n", "\\u", "\\uD83E",
+                "\\uDD80", "00", "0", "1", "-", "+", ".", "e", "E", "9223372036854775808",
+                "18446744073709551616", "true", "null", " ", "\n", "\t", "\u{1}", "é",
+                r#""\b\f\/\r\t\"""#, "-0", "-0.0", "1.5e3",
+            ]),
+            0..24,
+        ),
+    ) {
+        check_same_as_serde_json(parts.concat().as_bytes())?;
     }
 }
 
