@@ -229,6 +229,129 @@ fn wrong_type_and_corrupt_values_are_errors_naming_the_key() {
     );
 }
 
+/// `get_by_ids` keeps several MGETs in flight on one connection: a bad value in the middle of a
+/// large call must be reported and leave the connection clean (here the pool's only one), and
+/// results must keep the order of the ids across windows.
+#[test]
+fn large_get_by_ids_over_one_connection_survives_a_bad_value_midway() {
+    let server = RedisServer::start();
+    let s = Storage::open(&config_for(&server, "m").max_connections(1).build().unwrap())
+        .unwrap()
+        .namespace("ns")
+        .unwrap();
+    let ids: Vec<String> = (0..230).map(|i| format!("id-{i:03}")).collect();
+    // Every third id present, the others missing.
+    s.upsert(
+        ids.iter()
+            .enumerate()
+            .filter(|(i, _)| i % 3 == 0)
+            .map(|(i, id)| (id.clone(), json!({"i": i, "text": prose(200)})))
+            .collect(),
+    )
+    .unwrap();
+    let expected: Vec<Option<Value>> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, _)| (i % 3 == 0).then(|| json!({"i": i, "text": prose(200)})))
+        .collect();
+    assert_eq!(s.get_by_ids(&ids, None).unwrap(), expected);
+
+    let mut conn = server.conn();
+    let _: () = conn.set("m:ns:id-101", "{\"broken\": ").unwrap();
+    for _ in 0..3 {
+        let e = s.get_by_ids(&ids, None).unwrap_err();
+        assert!(matches!(e, Error::Decode { .. }), "{e}");
+        assert!(e.to_string().contains("m:ns:id-101"), "{e}");
+        // The same (only) connection answers the next call correctly: no reply of the failed
+        // exchange was left on it.
+        let good: Vec<String> = ids.iter().filter(|id| *id != "id-101").cloned().collect();
+        let got = s.get_by_ids(&good, None).unwrap();
+        let want: Vec<Option<Value>> = ids
+            .iter()
+            .zip(&expected)
+            .filter(|(id, _)| *id != "id-101")
+            .map(|(_, v)| v.clone())
+            .collect();
+        assert_eq!(got, want);
+    }
+    // A key of another type in a late window is still named.
+    let _: () = conn.del("m:ns:id-101").unwrap();
+    let _: () = conn.hset("m:ns:id-200", "f", "v").unwrap();
+    let e = s.get_by_ids(&ids, None).unwrap_err();
+    assert!(matches!(e, Error::WrongType { .. }), "{e}");
+    assert!(e.to_string().contains("m:ns:id-200"), "{e}");
+}
+
+/// `REDIS_WAIT_REPLICAS` on a single server: an `upsert` spanning several windows and chunks
+/// returns once a replica has every value, and is an error naming the shortfall otherwise.
+#[test]
+fn wait_replicas_on_a_single_server_covers_every_window() {
+    let master = RedisServer::start();
+    let port = master.port().to_string();
+    let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &port]);
+    let mut rconn = replica.conn();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query(&mut rconn)
+            .unwrap();
+        if info.contains("master_link_status:up") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "replica never synced: {info}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let items = |n: usize| -> Vec<(String, Value)> {
+        (0..n)
+            .map(|i| (format!("r-{i:04}"), json!({"i": i, "text": prose(50)})))
+            .collect()
+    };
+    let one = Storage::open(
+        &config_for(&master, "w1")
+            .wait_replicas(1, Duration::from_secs(5))
+            .build()
+            .unwrap(),
+    )
+    .unwrap()
+    .namespace("ns")
+    .unwrap();
+    // 1,030 items: two chunks (WRITE_CHUNK is 1,000), each of many windows.
+    one.upsert(items(1_030)).unwrap();
+    // Acknowledged means on the replica: no waiting here.
+    let on_replica: usize = redis::cmd("DBSIZE").query(&mut rconn).unwrap();
+    assert_eq!(on_replica, 1_030);
+    let last: Option<String> = rconn.get("w1:ns:r-1029").unwrap();
+    assert!(last.is_some());
+
+    let two = Storage::open(
+        &config_for(&master, "w2")
+            .wait_replicas(2, Duration::from_millis(100))
+            .build()
+            .unwrap(),
+    )
+    .unwrap()
+    .namespace("ns")
+    .unwrap();
+    let e = two.upsert(items(60)).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Replication {
+                wanted: 2,
+                confirmed: 1,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // Written on the master all the same, and readable.
+    assert_eq!(two.all_keys().unwrap().len(), 60);
+}
+
 #[test]
 fn glob_namespaces_own_only_their_keys() {
     let server = RedisServer::start();

@@ -38,11 +38,21 @@ use crate::store::{
 
 use checkpoint::{checkpoint_server, Coalescer, Durable, PersistOps};
 use cluster::ClusterPool;
-use pool::RedisPool;
+use pool::{PooledConn, RedisPool};
 
 /// Ids per MGET / EXISTS pipeline / UNLINK: a call with a million ids becomes requests of this
 /// size instead of one giant one.
 pub const READ_CHUNK: usize = 2_000;
+/// Ids per MGET of `get_by_ids` on a single server. Two MGETs are kept in flight, so the
+/// server answers the next window while the caller decodes this one: decoding (lz4 and JSON)
+/// costs the client about as much as the server spends on the same values, and on separate
+/// cores the two overlap instead of adding up. Smaller windows overlap more but cost more
+/// round trips. Measured in docs/BENCHMARKS.md.
+const MGET_WINDOW: usize = 25;
+/// Items per window of SETs in `upsert` on a single server. Two windows are kept in flight, so
+/// the server stores one while the caller encodes (and compresses) the next; see
+/// [`MGET_WINDOW`].
+const UPSERT_WINDOW: usize = 25;
 /// Items per SET pipeline.
 pub const WRITE_CHUNK: usize = 1_000;
 /// Bytes of values per SET pipeline.
@@ -249,6 +259,29 @@ impl RedisShared {
                 }
                 out.map_err(|e| redis_error(operation, namespace, e))
             }
+        })
+    }
+
+    /// `with_conn` for a single server, handing `f` the pooled connection itself, for exchanges
+    /// that keep several replies in flight (`send_packed_command` / `recv_response`). Any
+    /// failure discards the connection: replies of the exchange may still be on its socket.
+    fn with_single<T>(
+        &self,
+        pool: &RedisPool,
+        operation: &'static str,
+        namespace: &str,
+        mut f: impl FnMut(&mut PooledConn) -> RedisResult<T>,
+    ) -> Result<T> {
+        self.retrying(operation, namespace, || {
+            let mut c = pool
+                .get()
+                .map_err(|m| pool_error(operation, namespace, m))?;
+            let out = f(&mut c);
+            match out {
+                Ok(_) => pool::touch(&mut c),
+                Err(_) => c.mark_broken(),
+            }
+            out.map_err(|e| redis_error(operation, namespace, e))
         })
     }
 
@@ -718,53 +751,120 @@ impl RedisStore {
     /// `upsert` on a single server: each chunk's SETs (and WAIT) packed by hand into one
     /// buffer (each value encoded into a reused buffer, then copied in), sent as one pipeline.
     fn upsert_single(&self, items: &[Item]) -> Result<()> {
+        let Conns::Single(pool) = &self.shared.conns else {
+            unreachable!("upsert_single on a cluster")
+        };
         let ttl = self.ttl.to_string();
         let want = self.shared.config.wait_replicas;
         let wait_ms = (self.shared.config.wait_timeout.as_millis() as u64).to_string();
-        let mut buf = Vec::new();
         let mut value = Vec::new();
         let mut start = 0;
         while start < items.len() {
-            // Encode (and compress) on the caller's thread, before holding a connection.
-            buf.clear();
-            let mut end = start;
+            // One chunk: at most WRITE_CHUNK items or WRITE_CHUNK_BYTES of values, sent as
+            // windows of SET commands (the last followed by WAIT when replicas are awaited). The
+            // packed windows are kept until the chunk is acknowledged: a retry re-sends the same
+            // bytes without encoding again.
+            let mut windows: Vec<(Vec<u8>, usize)> = Vec::new();
+            let mut next = start;
             let mut bytes = 0usize;
-            while end < items.len() && end - start < WRITE_CHUNK && bytes < WRITE_CHUNK_BYTES {
-                let (id, v) = &items[end];
-                value.clear();
-                bytes += self.encode_into(id, v, &mut value)?;
-                resp_array(&mut buf, if self.ttl > 0 { 5 } else { 3 });
-                resp_bulk(&mut buf, &[b"SET"]);
-                resp_bulk(&mut buf, &[self.key_prefix.as_bytes(), id.as_bytes()]);
-                resp_bulk(&mut buf, &[&value]);
-                if self.ttl > 0 {
-                    resp_bulk(&mut buf, &[b"EX"]);
-                    resp_bulk(&mut buf, &[ttl.as_bytes()]);
+            let mut chunk_done = false;
+            // Encodes (and compresses) the next window on the caller's thread. Returns false
+            // when the chunk has no more items.
+            let mut encode_window = |windows: &mut Vec<(Vec<u8>, usize)>| -> Result<bool> {
+                if chunk_done {
+                    return Ok(false);
                 }
-                end += 1;
-            }
-            let mut count = end - start;
-            if want > 0 {
-                // WAIT counts the replicas that have every write of this connection.
-                resp_array(&mut buf, 3);
-                resp_bulk(&mut buf, &[b"WAIT"]);
-                resp_bulk(&mut buf, &[want.to_string().as_bytes()]);
-                resp_bulk(&mut buf, &[wait_ms.as_bytes()]);
-                count += 1;
-            }
-            let confirmed = self.shared.with_conn("upsert", &self.namespace, |c| {
-                let replies = pipeline_replies(c.req_packed_commands(&buf, 0, count)?)?;
-                match replies.last() {
-                    Some(last) if want > 0 => {
-                        redis::from_redis_value::<i64>(last.clone()).map_err(RedisError::from)
+                let mut buf = Vec::new();
+                let first = next;
+                while next < items.len()
+                    && next - first < UPSERT_WINDOW
+                    && next - start < WRITE_CHUNK
+                    && bytes < WRITE_CHUNK_BYTES
+                {
+                    let (id, v) = &items[next];
+                    value.clear();
+                    bytes += self.encode_into(id, v, &mut value)?;
+                    resp_array(&mut buf, if self.ttl > 0 { 5 } else { 3 });
+                    resp_bulk(&mut buf, &[b"SET"]);
+                    resp_bulk(&mut buf, &[self.key_prefix.as_bytes(), id.as_bytes()]);
+                    resp_bulk(&mut buf, &[&value]);
+                    if self.ttl > 0 {
+                        resp_bulk(&mut buf, &[b"EX"]);
+                        resp_bulk(&mut buf, &[ttl.as_bytes()]);
                     }
-                    _ => Ok(0),
+                    next += 1;
                 }
-            })?;
+                let mut count = next - first;
+                chunk_done = next == items.len()
+                    || next - start >= WRITE_CHUNK
+                    || bytes >= WRITE_CHUNK_BYTES;
+                if chunk_done && want > 0 {
+                    // WAIT counts the replicas that have every write of this connection.
+                    resp_array(&mut buf, 3);
+                    resp_bulk(&mut buf, &[b"WAIT"]);
+                    resp_bulk(&mut buf, &[want.to_string().as_bytes()]);
+                    resp_bulk(&mut buf, &[wait_ms.as_bytes()]);
+                    count += 1;
+                }
+                if count > 0 {
+                    windows.push((buf, count));
+                }
+                Ok(count > 0)
+            };
+            // The first value that failed to encode: the windows before it are still sent (as
+            // a whole chunk was before), then the error is returned.
+            let mut failed: Option<Error> = None;
+            let confirmed = self
+                .shared
+                .with_single(pool, "upsert", &self.namespace, |c| {
+                    let (mut sent, mut received) = (0, 0);
+                    let mut last = Value::Nil;
+                    loop {
+                        // Two windows in flight: the server stores one while the next is encoded.
+                        while sent - received < 2 {
+                            if sent == windows.len() {
+                                if failed.is_some() {
+                                    break;
+                                }
+                                match encode_window(&mut windows) {
+                                    Ok(true) => {}
+                                    Ok(false) => break,
+                                    Err(e) => {
+                                        failed = Some(e);
+                                        break;
+                                    }
+                                }
+                            }
+                            c.conn.send_packed_command(&windows[sent].0)?;
+                            sent += 1;
+                        }
+                        if received == sent {
+                            break;
+                        }
+                        let count = windows[received].1;
+                        let mut replies = Vec::with_capacity(count);
+                        for _ in 0..count {
+                            replies.push(c.conn.recv_response()?);
+                        }
+                        received += 1;
+                        let mut replies = pipeline_replies(replies)?;
+                        if let Some(v) = replies.pop() {
+                            last = v;
+                        }
+                    }
+                    if want > 0 && failed.is_none() {
+                        redis::from_redis_value::<i64>(last).map_err(RedisError::from)
+                    } else {
+                        Ok(0)
+                    }
+                })?;
+            if let Some(e) = failed {
+                return Err(e);
+            }
             if want > 0 {
                 check_replicas(&self.namespace, want, confirmed)?;
             }
-            start = end;
+            start = next;
         }
         Ok(())
     }
@@ -788,6 +888,87 @@ impl RedisStore {
                 reason: "key is not valid UTF-8".into(),
             }),
         }
+    }
+
+    /// `get_by_ids` on a single server: MGETs of [`MGET_WINDOW`] ids, two in flight, each
+    /// window decoded while the server answers the next.
+    fn get_by_ids_single(
+        &self,
+        pool: &RedisPool,
+        ids: &[String],
+        fields: Option<&[String]>,
+    ) -> Result<Vec<Option<Json>>> {
+        let windows: Vec<&[String]> = ids.chunks(MGET_WINDOW).collect();
+        // Packed once: a retry re-sends the same bytes.
+        let mut key = String::with_capacity(self.key_prefix.len() + 64);
+        let packed: Vec<Vec<u8>> = windows
+            .iter()
+            .map(|window| {
+                let mut cmd = redis::cmd("MGET");
+                for id in *window {
+                    key.clear();
+                    key.push_str(&self.key_prefix);
+                    key.push_str(id);
+                    cmd.arg(key.as_str());
+                }
+                cmd.get_packed_command()
+            })
+            .collect();
+        let (out, missing, failed) =
+            self.shared
+                .with_single(pool, "get_by_ids", &self.namespace, |c| {
+                    let mut out: Vec<Option<Json>> = Vec::with_capacity(ids.len());
+                    let mut missing: Vec<&String> = Vec::new();
+                    // The first value that does not decode. The exchange still runs to its end, so
+                    // the connection goes back to the pool with nothing left on its socket.
+                    let mut failed: Option<Error> = None;
+                    let mut sent = 0;
+                    while sent < packed.len().min(2) {
+                        c.conn.send_packed_command(&packed[sent])?;
+                        sent += 1;
+                    }
+                    for window in &windows {
+                        let reply = c.conn.recv_response()?;
+                        if sent < packed.len() {
+                            c.conn.send_packed_command(&packed[sent])?;
+                            sent += 1;
+                        }
+                        let values: Vec<Option<Vec<u8>>> = redis::from_redis_value(reply)?;
+                        if values.len() != window.len() {
+                            return Err(RedisError::from((
+                                redis::ErrorKind::Parse,
+                                "MGET returned a different number of values than keys asked",
+                            )));
+                        }
+                        if failed.is_some() {
+                            continue;
+                        }
+                        for (id, v) in window.iter().zip(values) {
+                            match v {
+                                None => {
+                                    missing.push(id);
+                                    out.push(None);
+                                }
+                                Some(bytes) => match self.decode(id, &bytes) {
+                                    Ok(value) => out.push(Some(project(value, fields))),
+                                    Err(e) => {
+                                        failed = Some(e);
+                                        break;
+                                    }
+                                },
+                            }
+                        }
+                    }
+                    Ok((out, missing, failed))
+                })?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        // MGET answers nil for a key holding another type: only a missing key may be None.
+        for part in missing.chunks(READ_CHUNK) {
+            self.check_missing_types(part)?;
+        }
+        Ok(out)
     }
 
     /// One single-key command per id, as a batch; per-key failures name the id.
@@ -899,52 +1080,19 @@ impl KvStore for RedisStore {
 
     fn get_by_ids(&self, ids: &[String], fields: Option<&[String]>) -> Result<Vec<Option<Json>>> {
         validate_ids(&self.namespace, ids)?;
+        if let Conns::Single(pool) = &self.shared.conns {
+            return self.get_by_ids_single(pool, ids, fields);
+        }
         let mut out = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(READ_CHUNK) {
-            let values: Vec<Option<Vec<u8>>> = match &self.shared.conns {
-                Conns::Single(_) => {
-                    // One MGET: the cheapest form for the server and the reply parser.
-                    let mut cmd = redis::cmd("MGET");
-                    let mut key = String::with_capacity(self.key_prefix.len() + 64);
-                    for id in chunk {
-                        key.clear();
-                        key.push_str(&self.key_prefix);
-                        key.push_str(id);
-                        cmd.arg(key.as_str());
-                    }
-                    let values: Vec<Option<Vec<u8>>> =
-                        self.shared
-                            .with_conn("get_by_ids", &self.namespace, |c| cmd.query(c))?;
-                    if values.len() != chunk.len() {
-                        return Err(redis_error(
-                            "get_by_ids",
-                            &self.namespace,
-                            RedisError::from((
-                                redis::ErrorKind::Parse,
-                                "MGET returned a different number of values than keys asked",
-                            )),
-                        ));
-                    }
-                    let missing: Vec<&String> = chunk
-                        .iter()
-                        .zip(&values)
-                        .filter(|(_, v)| v.is_none())
-                        .map(|(id, _)| id)
-                        .collect();
-                    if !missing.is_empty() {
-                        self.check_missing_types(&missing)?;
-                    }
-                    values
-                }
-                // A cluster gets single-key GETs (never a multi-slot MGET): WRONGTYPE then
-                // comes back per key.
-                Conns::Cluster(_) => self
-                    .per_key("get_by_ids", "GET", chunk)?
-                    .into_iter()
-                    .map(|v| redis::from_redis_value(v).map_err(RedisError::from))
-                    .collect::<RedisResult<_>>()
-                    .map_err(|e| redis_error("get_by_ids", &self.namespace, e))?,
-            };
+            // A cluster gets single-key GETs (never a multi-slot MGET): WRONGTYPE then comes
+            // back per key.
+            let values: Vec<Option<Vec<u8>>> = self
+                .per_key("get_by_ids", "GET", chunk)?
+                .into_iter()
+                .map(|v| redis::from_redis_value(v).map_err(RedisError::from))
+                .collect::<RedisResult<_>>()
+                .map_err(|e| redis_error("get_by_ids", &self.namespace, e))?;
             for (id, v) in chunk.iter().zip(values) {
                 out.push(match v {
                     None => None,
