@@ -960,16 +960,10 @@ impl<S: KvStore> Flusher<S> {
     /// Sends upserts; on a refusal, item by item so that only the refused ones are dropped.
     /// Returns how many were dropped.
     fn send_upserts(&self, items: &[(&str, &Arc<Value>)]) -> Result<u64, Stop> {
-        // The values are cloned for each attempt: the inner store takes ownership, and the
-        // queue's copy must survive a failed attempt.
-        let attempt = || {
-            self.shared.inner.upsert(
-                items
-                    .iter()
-                    .map(|(id, v)| (id.to_string(), Value::clone(v)))
-                    .collect(),
-            )
-        };
+        // Borrowed: the queue keeps its values for readers and for a retry, and no attempt
+        // copies them (a deep copy of a 2 KB value costs about what encoding it does).
+        let refs: Vec<(&str, &Value)> = items.iter().map(|(id, v)| (*id, &***v)).collect();
+        let attempt = || self.shared.inner.upsert_refs(&refs);
         match self.with_retries(attempt) {
             Ok(()) => Ok(0),
             Err(Stop::GaveUp) => Err(Stop::GaveUp),
@@ -1522,6 +1516,20 @@ impl<S: KvStore + 'static> KvStore for WriteBehind<S> {
             items
                 .into_iter()
                 .map(|(id, v)| (id, Some(Arc::new(v))))
+                .collect(),
+        )
+    }
+
+    /// Copies the items and queues them as [`WriteBehind::upsert`](#method.upsert) does: the
+    /// queue must own what it keeps.
+    ///
+    /// # Errors
+    /// As [`WriteBehind::upsert`](#method.upsert).
+    fn upsert_refs(&self, items: &[(&str, &Value)]) -> Result<()> {
+        self.upsert(
+            items
+                .iter()
+                .map(|(id, v)| ((*id).to_string(), (*v).clone()))
                 .collect(),
         )
     }
