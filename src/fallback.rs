@@ -643,7 +643,8 @@ impl<S: KvStore> KvStore for FallbackStore<S> {
             ns: self.namespace().to_string(),
             items: items.clone(),
         };
-        self.fallback.write(|| journaled, || self.inner.upsert(items))
+        self.fallback
+            .write(|| journaled, || self.inner.upsert(items))
     }
 
     fn upsert_refs(&self, items: &[(&str, &Value)]) -> Result<()> {
@@ -675,7 +676,8 @@ impl<S: KvStore> KvStore for FallbackStore<S> {
             ns: self.namespace().to_string(),
             ids: ids.to_vec(),
         };
-        self.fallback.write(|| entry, || self.inner.delete_by_ids(ids))
+        self.fallback
+            .write(|| entry, || self.inner.delete_by_ids(ids))
     }
 
     fn clear(&self) -> Result<()> {

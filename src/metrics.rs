@@ -715,8 +715,7 @@ impl<S: KvStore> KvStore for Metered<S> {
     }
 
     fn upsert_refs(&self, items: &[(&str, &Value)]) -> Result<()> {
-        self.m
-            .observe(Op::Upsert, || self.inner.upsert_refs(items))
+        self.m.observe(Op::Upsert, || self.inner.upsert_refs(items))
     }
 
     fn delete_by_ids(&self, ids: &[String]) -> Result<()> {
