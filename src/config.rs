@@ -32,6 +32,7 @@
 //! | `KV_WRITE_BEHIND_CAPACITY` | 16384 | queued items before producers block |
 //! | `KV_WRITE_BEHIND_ENQUEUE_TIMEOUT_MS` | 30000 | how long a producer blocks on a full queue |
 //! | `KV_WRITE_BEHIND_FLUSH_TIMEOUT_MS` | 30000 | deadline of flush, close and drop |
+//! | `KV_WRITE_BEHIND_IN_FLIGHT` | 4 | batches being sent at once (one thread each) |
 //! | `REDIS_CLUSTER` | `auto` | `auto`, `true` or `false` |
 //! | `REDIS_READ_FROM_REPLICAS` | false | cluster reads from replicas (may be stale) |
 //! | `REDIS_WAIT_REPLICAS` | 0 | replicas that must confirm each write batch |

@@ -230,6 +230,17 @@ impl<P: KvStore, S: KvStore> KvStore for DualWrite<P, S> {
         )
     }
 
+    fn upsert_refs(&self, items: &[(&str, &Value)]) -> Result<()> {
+        // Borrowed, so neither store needs a copy.
+        let named: Vec<&str> = items.iter().map(|(id, _)| *id).collect();
+        self.write(
+            "upsert",
+            &named,
+            || self.primary.upsert_refs(items),
+            || self.secondary.upsert_refs(items),
+        )
+    }
+
     fn delete_by_ids(&self, ids: &[String]) -> Result<()> {
         let named: Vec<&str> = ids.iter().map(String::as_str).collect();
         self.write(

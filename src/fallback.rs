@@ -43,7 +43,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::store::{missing_in_order, project, validate_ids, Item, KvStore, NamespaceStats};
+use crate::store::{
+    missing_in_order, project, validate_id, validate_ids, Item, KvStore, NamespaceStats,
+};
 
 /// Opens the inner store of a namespace (for replaying journals of any namespace).
 pub type OpenInner = dyn Fn(&str) -> Result<Arc<dyn KvStore>> + Send + Sync;
@@ -372,8 +374,13 @@ impl Fallback {
         }
     }
 
-    /// A write: straight to Redis when online; journaled when Redis is unreachable.
-    fn write(&self, entry: Entry, direct: impl FnOnce() -> Result<()>) -> Result<()> {
+    /// A write: straight to Redis when online; journaled when Redis is unreachable. `entry`
+    /// builds the journal's record only when it is needed (a borrowed batch is copied then).
+    fn write(
+        &self,
+        entry: impl FnOnce() -> Entry,
+        direct: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
         {
             let st = self.state.read().unwrap_or_else(|p| p.into_inner());
             if st.online {
@@ -383,7 +390,7 @@ impl Fallback {
                     Err(e) if e.is_connection() || e.is_timeout() => {
                         let mut st = self.state.write().unwrap_or_else(|p| p.into_inner());
                         self.go_offline(&mut st, &e);
-                        return self.journal(&mut st, entry);
+                        return self.journal(&mut st, entry());
                     }
                     Err(e) => return Err(e),
                 }
@@ -395,7 +402,7 @@ impl Fallback {
             drop(st);
             return self.write(entry, direct);
         }
-        self.journal(&mut st, entry)
+        self.journal(&mut st, entry())
     }
 
     /// A read: from Redis when online (a connection failure switches to offline and reports
@@ -636,7 +643,28 @@ impl<S: KvStore> KvStore for FallbackStore<S> {
             ns: self.namespace().to_string(),
             items: items.clone(),
         };
-        self.fallback.write(journaled, || self.inner.upsert(items))
+        self.fallback
+            .write(|| journaled, || self.inner.upsert(items))
+    }
+
+    fn upsert_refs(&self, items: &[(&str, &Value)]) -> Result<()> {
+        for (id, _) in items {
+            validate_id(self.namespace(), id)?;
+        }
+        if items.is_empty() {
+            return Ok(());
+        }
+        // Borrowed items can be copied for the journal only when Redis is found unreachable,
+        // so the usual path costs no copy.
+        let journaled = || Entry::Upsert {
+            ns: self.namespace().to_string(),
+            items: items
+                .iter()
+                .map(|(id, v)| ((*id).to_string(), (*v).clone()))
+                .collect(),
+        };
+        self.fallback
+            .write(journaled, || self.inner.upsert_refs(items))
     }
 
     fn delete_by_ids(&self, ids: &[String]) -> Result<()> {
@@ -648,14 +676,15 @@ impl<S: KvStore> KvStore for FallbackStore<S> {
             ns: self.namespace().to_string(),
             ids: ids.to_vec(),
         };
-        self.fallback.write(entry, || self.inner.delete_by_ids(ids))
+        self.fallback
+            .write(|| entry, || self.inner.delete_by_ids(ids))
     }
 
     fn clear(&self) -> Result<()> {
         let entry = Entry::Clear {
             ns: self.namespace().to_string(),
         };
-        self.fallback.write(entry, || self.inner.clear())
+        self.fallback.write(|| entry, || self.inner.clear())
     }
 
     fn index_start_callback(&self) -> Result<()> {

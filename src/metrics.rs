@@ -714,6 +714,10 @@ impl<S: KvStore> KvStore for Metered<S> {
         self.m.observe(Op::Upsert, || self.inner.upsert(items))
     }
 
+    fn upsert_refs(&self, items: &[(&str, &Value)]) -> Result<()> {
+        self.m.observe(Op::Upsert, || self.inner.upsert_refs(items))
+    }
+
     fn delete_by_ids(&self, ids: &[String]) -> Result<()> {
         self.m
             .observe(Op::DeleteByIds, || self.inner.delete_by_ids(ids))

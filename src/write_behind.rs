@@ -3,17 +3,21 @@
 //!
 //! An indexer's worker threads each upsert one chunk or one cache entry at a time. Sent one by
 //! one, each write waits a full round trip. Through `WriteBehind`, `upsert` and `delete_by_ids`
-//! only queue the write and return. One flusher thread takes the queue in FIFO order and sends
-//! it to the inner store in batches. A batch goes when it reaches
-//! [`WriteBehindConfig::batch_items`] items, [`WriteBehindConfig::batch_bytes`] bytes, or when
-//! its oldest write is [`WriteBehindConfig::max_delay`] old, whichever comes first.
+//! only queue the write and return. One flusher thread takes the queue in FIFO order and cuts
+//! it into batches. A batch goes when it reaches [`WriteBehindConfig::batch_items`] items,
+//! [`WriteBehindConfig::batch_bytes`] bytes, or when its oldest write is
+//! [`WriteBehindConfig::max_delay`] old, whichever comes first. Up to
+//! [`WriteBehindConfig::in_flight`] sender threads send batches to the inner store, so the next
+//! batch is encoded and sent while the previous one waits for its round trip.
 //!
 //! # What it guarantees
 //!
 //! - **Same results as synchronous writes.** For each id, the last write wins, exactly as if
 //!   each call had been applied when it returned, across threads and across any mix of upserts
 //!   and deletes. One flusher takes one FIFO queue, and every write gets its sequence number in
-//!   the order it enters that queue.
+//!   the order it enters that queue. Batches in flight at the same time never share an id (a
+//!   batch ends before a write whose id is still being sent), so the writes of each id reach
+//!   the inner store in queue order, and batches are acknowledged in queue order.
 //! - **Read-your-writes, from any thread.** `get_by_id`, `get_by_ids`, `filter_keys` and
 //!   `all_keys` see writes that are queued but not yet sent. An overlay (id → newest pending
 //!   write) answers for those ids. An id leaves the overlay only after the inner store has
@@ -23,9 +27,9 @@
 //!   the writer waits up to [`WriteBehindConfig::enqueue_timeout`]. After that the call fails and
 //!   the write is not taken: it is not queued and not visible.
 //! - **Backend failures.** After a retryable error ([`Error::is_retryable`]: connection
-//!   errors, timeouts, LOADING ...), the flusher keeps the batch and retries it. The backoff
-//!   starts at 10 ms and doubles up to 1 s. Nothing is reordered. Writers keep queueing until the
-//!   queue is full. A batch that the backend *refuses* (a non-retryable error such as a value
+//!   errors, timeouts, LOADING ...), its sender keeps the batch and retries it. The backoff
+//!   starts at 10 ms and doubles up to 1 s. Nothing is reordered: a later write of the same id
+//!   waits for it. Writers keep queueing until the queue is full. A batch that the backend *refuses* (a non-retryable error such as a value
 //!   too large) is split and sent item by item, so only the refused writes are dropped. The
 //!   error is logged at once and returned by the next [`WriteBehind::flush`] or
 //!   `index_done_callback`, so nothing fails silently.
@@ -34,8 +38,8 @@
 //!
 //! A write is **durable only after [`WriteBehind::flush`], `index_done_callback`,
 //! [`WriteBehind::close`] or drop**. When `upsert` returns, the write is only queued in this
-//! process. If the process dies, everything still queued (at most `capacity` items plus one
-//! batch) is lost. Also, a refused write is reported later, by `flush`, not by the `upsert` that
+//! process. If the process dies, everything still queued (at most `capacity` items plus
+//! `in_flight` batches) is lost. Also, a refused write is reported later, by `flush`, not by the `upsert` that
 //! queued it. `stats`, `clear` and `index_done_callback` flush first, so they cost one flush.
 //!
 //! There is one case where accepted writes are not persisted: at close or drop, the backend is
@@ -69,6 +73,7 @@
 //! | `KV_WRITE_BEHIND_CAPACITY` | 16384 | most writes queued before writers block |
 //! | `KV_WRITE_BEHIND_ENQUEUE_TIMEOUT_MS` | 30000 | how long a writer blocks on a full queue |
 //! | `KV_WRITE_BEHIND_FLUSH_TIMEOUT_MS` | 30000 | deadline of `flush`, `close` and drop |
+//! | `KV_WRITE_BEHIND_IN_FLIGHT` | 4 | most batches being sent at once (1 to 64), one thread each |
 //!
 //! # Example
 //!
@@ -106,16 +111,18 @@
 //! # }
 //! ```
 
-use std::collections::hash_map::RandomState;
+use std::any::Any;
+use std::collections::hash_map::{Entry as MapEntry, RandomState};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
+use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{Receiver, Select, Sender};
 use serde_json::Value;
 
 use crate::config::parse_bool;
@@ -139,6 +146,8 @@ pub const DEFAULT_CAPACITY: usize = 16_384;
 pub const DEFAULT_ENQUEUE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default of [`WriteBehindConfig::flush_timeout`].
 pub const DEFAULT_FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default of [`WriteBehindConfig::in_flight`].
+pub const DEFAULT_IN_FLIGHT: usize = 4;
 
 /// How [`WriteBehind`] batches and bounds its queue. Build it with
 /// [`WriteBehindConfig::builder`], [`WriteBehindConfig::from_env`] or
@@ -185,6 +194,18 @@ pub struct WriteBehindConfig {
     /// which flush first), and of the final flush at [`WriteBehind::close`] and drop. Defaults
     /// to 30 s.
     pub flush_timeout: Duration,
+    /// Most batches taken from the queue and not yet acknowledged, each sent by its own sender
+    /// thread (on its own pooled connection). Defaults to 4.
+    ///
+    /// With one, the next batch waits for the previous one's round trip; with more, it is
+    /// encoded and sent meanwhile, and batches are encoded on several cores. Measured with 8
+    /// threads of single 2 KB upserts into a local Redis on 2 cores (medians of 3 interleaved
+    /// runs, items/s): 1, 2, 3, 4 in flight gave 52.6k, 61.7k, 64.3k, 68.3k with lz4 and 74k,
+    /// 86k, 89k, 94k without compression. Batches in flight never share an id (a
+    /// batch ends before a write whose id is still being sent), so per-id order and retries
+    /// are as with one. Each costs a thread and, while it sends, a connection; and a crash can
+    /// lose that many batches besides the queue.
+    pub in_flight: usize,
 }
 
 impl Default for WriteBehindConfig {
@@ -196,6 +217,7 @@ impl Default for WriteBehindConfig {
             capacity: DEFAULT_CAPACITY,
             enqueue_timeout: DEFAULT_ENQUEUE_TIMEOUT,
             flush_timeout: DEFAULT_FLUSH_TIMEOUT,
+            in_flight: DEFAULT_IN_FLIGHT,
         }
     }
 }
@@ -214,15 +236,21 @@ pub const ENV_CAPACITY: &str = "KV_WRITE_BEHIND_CAPACITY";
 pub const ENV_ENQUEUE_TIMEOUT_MS: &str = "KV_WRITE_BEHIND_ENQUEUE_TIMEOUT_MS";
 /// Variable of [`WriteBehindConfig::flush_timeout`], in milliseconds.
 pub const ENV_FLUSH_TIMEOUT_MS: &str = "KV_WRITE_BEHIND_FLUSH_TIMEOUT_MS";
+/// Variable of [`WriteBehindConfig::in_flight`].
+pub const ENV_IN_FLIGHT: &str = "KV_WRITE_BEHIND_IN_FLIGHT";
+
+/// Most batches in flight accepted: each is a thread.
+const MAX_IN_FLIGHT: usize = 64;
 
 /// Accepted ranges: (variable, min, max).
-const LIMITS: [(&str, u64, u64); 6] = [
+const LIMITS: [(&str, u64, u64); 7] = [
     (ENV_BATCH, 1, 1_000_000),
     (ENV_BATCH_BYTES, 1, 1 << 30),
     (ENV_DELAY_MS, 0, 3_600_000),
     (ENV_CAPACITY, 1, 100_000_000),
     (ENV_ENQUEUE_TIMEOUT_MS, 0, 86_400_000),
     (ENV_FLUSH_TIMEOUT_MS, 1, 86_400_000),
+    (ENV_IN_FLIGHT, 1, MAX_IN_FLIGHT as u64),
 ];
 
 impl WriteBehindConfig {
@@ -284,6 +312,7 @@ impl WriteBehindConfig {
                 ENV_DELAY_MS => b.max_delay(Duration::from_millis(n)),
                 ENV_CAPACITY => b.capacity(n as usize),
                 ENV_ENQUEUE_TIMEOUT_MS => b.enqueue_timeout(Duration::from_millis(n)),
+                ENV_IN_FLIGHT => b.in_flight(n as usize),
                 _ => b.flush_timeout(Duration::from_millis(n)),
             };
         }
@@ -329,12 +358,17 @@ impl WriteBehindConfigBuilder {
         self.config.flush_timeout = d;
         self
     }
+    /// Sets the most batches being sent at once.
+    pub fn in_flight(mut self, n: usize) -> Self {
+        self.config.in_flight = n;
+        self
+    }
 
     /// Checks the settings and returns the configuration.
     ///
     /// # Errors
     /// [`Error::Config`] naming the variable of a setting that is 0 (all but the delay and the
-    /// enqueue timeout must be above 0).
+    /// enqueue timeout must be above 0), or of `in_flight` above 64.
     pub fn build(self) -> Result<WriteBehindConfig> {
         let c = &self.config;
         for (variable, zero) in [
@@ -342,10 +376,18 @@ impl WriteBehindConfigBuilder {
             (ENV_BATCH_BYTES, c.batch_bytes == 0),
             (ENV_CAPACITY, c.capacity == 0),
             (ENV_FLUSH_TIMEOUT_MS, c.flush_timeout.is_zero()),
+            (ENV_IN_FLIGHT, c.in_flight == 0),
         ] {
             if zero {
                 return Err(config_error(variable, "0", "a whole number above 0"));
             }
+        }
+        if c.in_flight > MAX_IN_FLIGHT {
+            return Err(config_error(
+                ENV_IN_FLIGHT,
+                &c.in_flight.to_string(),
+                &format!("an integer from 1 to {MAX_IN_FLIGHT}"),
+            ));
         }
         Ok(self.config)
     }
@@ -376,8 +418,8 @@ fn parse_u64(variable: &str, value: &str, min: u64, max: u64) -> Result<u64> {
 /// A snapshot of the queue's figures, as returned by [`WriteBehind::stats_snapshot`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WriteBehindStats {
-    /// Writes accepted and not yet taken by the flusher (the flusher holds up to one more
-    /// batch).
+    /// Writes accepted and not yet taken by the flusher (the flusher holds up to `in_flight`
+    /// more batches).
     pub queue_depth: u64,
     /// Ids whose newest write the backend has not yet acknowledged (the overlay's size).
     pub pending_ids: u64,
@@ -448,13 +490,18 @@ struct Entry {
 struct Op {
     /// Position in the queue: increasing in queue order.
     seq: u64,
-    id: String,
+    /// Shared with the overlay's key and the flusher's map of ids in flight: one copy of the
+    /// id per write, the others are reference counts.
+    id: Arc<str>,
     /// `None` for a delete.
     value: Option<Arc<Value>>,
     /// Estimated JSON bytes, for the batch byte limit.
     bytes: usize,
     /// When the call was accepted, for the age limit.
     at: Instant,
+    /// A later write of the same id is in the same batch, so this one is not sent. Set when the
+    /// batch is cut.
+    superseded: bool,
 }
 
 enum Msg {
@@ -475,7 +522,7 @@ enum Msg {
 /// a few hash-map operations, and the flusher takes the lock once per batch, not per write.
 struct State {
     /// id → newest accepted write not yet acknowledged by the inner store.
-    overlay: HashMap<String, Entry>,
+    overlay: HashMap<Arc<str>, Entry>,
     /// The last sequence number handed out.
     last_seq: u64,
     /// Every write with a sequence number up to this one has been acknowledged (or dropped after
@@ -587,22 +634,20 @@ impl<S: KvStore> Shared<S> {
     /// Queues one call's writes: all of them or, on timeout, none.
     fn enqueue(&self, writes: Vec<(String, Option<Arc<Value>>)>) -> Result<()> {
         let n = writes.len();
-        // Work that needs no lock is done before taking it: sizes, the overlay's id copies.
+        // Work that needs no lock is done before taking it: sizes, the shared ids.
         let at = Instant::now();
-        let mut prepared: Vec<(String, Op)> = writes
+        let mut prepared: Vec<Op> = writes
             .into_iter()
             .map(|(id, value)| {
                 let bytes = id.len() + value.as_deref().map_or(8, json_size);
-                (
-                    id.clone(),
-                    Op {
-                        seq: 0,
-                        id,
-                        value,
-                        bytes,
-                        at,
-                    },
-                )
+                Op {
+                    seq: 0,
+                    id: id.into(),
+                    value,
+                    bytes,
+                    at,
+                    superseded: false,
+                }
             })
             .collect();
         let deadline = at.checked_add(self.config.enqueue_timeout);
@@ -637,7 +682,7 @@ impl<S: KvStore> Shared<S> {
         }
         st.queued += n;
         let mut ops = Vec::with_capacity(n);
-        for (key, mut op) in prepared.drain(..) {
+        for mut op in prepared.drain(..) {
             st.last_seq += 1;
             op.seq = st.last_seq;
             let pending = match &op.value {
@@ -645,7 +690,7 @@ impl<S: KvStore> Shared<S> {
                 None => Pending::Delete,
             };
             st.overlay.insert(
-                key,
+                op.id.clone(),
                 Entry {
                     seq: op.seq,
                     pending,
@@ -757,7 +802,18 @@ fn backoff(attempt: u32) -> Duration {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The flusher thread
+// The flusher thread and its senders
+//
+// The flusher thread takes the queue in FIFO order, cuts it into batches and hands each batch
+// to one of `in_flight` sender threads, which send it to the inner store (retrying as needed)
+// and report back. So the next batch is encoded and sent while the previous one waits for its
+// round trip. Two rules keep the guarantees of a single sender:
+//
+// - Batches in flight never share an id: a batch ends before the first write whose id is in a
+//   batch still being sent, and that write waits until it is done. Per id, writes reach the
+//   inner store in queue order, retries included.
+// - Outcomes are acknowledged in dispatch order (a batch that finishes early waits for the
+//   ones before it), so `acked_seq` still means "everything up to here".
 
 /// Why a send stopped.
 enum Stop {
@@ -788,10 +844,275 @@ impl<S: KvStore> Drop for AliveGuard<S> {
     }
 }
 
+/// A batch handed to a sender thread. `number` counts batches in dispatch order.
+struct Job {
+    number: u64,
+    batch: Vec<Op>,
+}
+
+/// What a sender thread reports for one batch.
+enum Outcome {
+    /// In the inner store, except the writes it refused (dropped, counted and recorded).
+    Sent,
+    /// The shutdown deadline passed while the backend kept failing: nothing of it counts as sent.
+    GaveUp,
+    /// The inner store panicked; the flusher re-raises it, as if it had sent the batch itself.
+    Panicked(Box<dyn Any + Send>),
+}
+
+struct Done {
+    number: u64,
+    batch: Vec<Op>,
+    outcome: Outcome,
+}
+
+/// Owns the sender threads. Dropping it closes their job channel, so each one exits after its
+/// current batch, and joins them. The flusher drops it once no batch is in flight, except while
+/// a panic unwinds: then a sender may be retrying a dead backend, so the shutdown deadline is
+/// set to now first (the queued writes are lost anyway, as the flusher's panic says). Joining
+/// them even then keeps [`WriteBehind::into_inner`]'s promise that the flusher's end leaves
+/// no other owner of the inner store.
+struct Senders {
+    jobs: Option<Sender<Job>>,
+    handles: Vec<JoinHandle<()>>,
+    shutdown: Arc<Shutdown>,
+}
+
+impl Senders {
+    fn start<S: KvStore + 'static>(shared: &Arc<Shared<S>>, done: &Sender<Done>) -> Senders {
+        let (jobs, rx) = crossbeam_channel::unbounded::<Job>();
+        let handles = (0..shared.config.in_flight)
+            .map(|i| {
+                let (shared, rx, done) = (shared.clone(), rx.clone(), done.clone());
+                std::thread::Builder::new()
+                    .name(format!("kv-wb-send-{i}-{}", shared.namespace()))
+                    .spawn(move || send_jobs(&shared, &rx, &done))
+                    .expect("starting a write-behind sender thread")
+            })
+            .collect();
+        Senders {
+            jobs: Some(jobs),
+            handles,
+            shutdown: shared.shutdown.clone(),
+        }
+    }
+
+    fn send(&self, job: Job) {
+        if let Some(jobs) = &self.jobs {
+            // The senders live as long as this guard: the channel cannot be closed here.
+            let _ = jobs.send(job);
+        }
+    }
+}
+
+impl Drop for Senders {
+    fn drop(&mut self) {
+        self.jobs = None;
+        if std::thread::panicking() {
+            self.shutdown.request(Instant::now());
+        }
+        for h in self.handles.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+/// A sender thread: sends each batch it is handed and reports the outcome.
+fn send_jobs<S: KvStore>(shared: &Shared<S>, jobs: &Receiver<Job>, done: &Sender<Done>) {
+    while let Ok(Job { number, batch }) = jobs.recv() {
+        let outcome = match panic::catch_unwind(AssertUnwindSafe(|| shared.send(&batch))) {
+            Ok(Ok(())) => Outcome::Sent,
+            Ok(Err(_)) => Outcome::GaveUp,
+            Err(payload) => Outcome::Panicked(payload),
+        };
+        let panicked = matches!(outcome, Outcome::Panicked(_));
+        let report = Done {
+            number,
+            batch,
+            outcome,
+        };
+        if done.send(report).is_err() || panicked {
+            return;
+        }
+    }
+}
+
+impl<S: KvStore> Shared<S> {
+    /// Sends one batch, retrying retryable errors. The flusher acknowledges it afterwards.
+    fn send(&self, batch: &[Op]) -> Result<(), Stop> {
+        let start = Instant::now();
+        // Only the last write of each id in the batch is sent (the flusher marked the others
+        // superseded): the overlay shows it to readers until the whole batch is acknowledged,
+        // so the intermediate states are never observable. What is left touches each id once,
+        // so the upserts and the deletes are disjoint and can go in two calls in either order.
+        let mut upserts: Vec<(&str, &Arc<Value>)> = Vec::new();
+        let mut deletes: Vec<String> = Vec::new();
+        for op in batch.iter().filter(|op| !op.superseded) {
+            match &op.value {
+                Some(v) => upserts.push((&op.id, v)),
+                None => deletes.push(op.id.to_string()),
+            }
+        }
+        let mut dropped = 0;
+        if !upserts.is_empty() {
+            dropped += self.send_upserts(&upserts)?;
+        }
+        if !deletes.is_empty() {
+            dropped += self.send_deletes(&deletes)?;
+        }
+        // Counted before the acknowledgement, so that a flush that returns sees its batch in
+        // `stats_snapshot` (the report to the flusher orders these stores before it).
+        let elapsed = start.elapsed();
+        let c = &self.counters;
+        c.batches.fetch_add(1, Ordering::Relaxed);
+        c.items
+            .fetch_add(batch.len() as u64 - dropped, Ordering::Relaxed);
+        c.last_batch_items
+            .store(batch.len() as u64, Ordering::Relaxed);
+        let ns = elapsed.as_nanos().min(u64::MAX as u128) as u64;
+        c.last_latency_ns.store(ns, Ordering::Relaxed);
+        c.total_latency_ns.fetch_add(ns, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Sends upserts; on a refusal, item by item so that only the refused ones are dropped.
+    /// Returns how many were dropped.
+    fn send_upserts(&self, items: &[(&str, &Arc<Value>)]) -> Result<u64, Stop> {
+        // Borrowed: the queue keeps its values for readers and for a retry, and no attempt
+        // copies them (a deep copy of a 2 KB value costs about what encoding it does).
+        let refs: Vec<(&str, &Value)> = items.iter().map(|(id, v)| (*id, &***v)).collect();
+        match self.with_retries(|| self.inner.upsert_refs(&refs)) {
+            Ok(()) => Ok(0),
+            Err(Stop::GaveUp) => Err(Stop::GaveUp),
+            Err(Stop::Refused(e)) if items.len() == 1 => {
+                self.record_refusal(e, 1);
+                Ok(1)
+            }
+            Err(Stop::Refused(e)) => {
+                log::warn!(
+                    "write-behind: namespace {:?} refused a batch of {} upserts ({e}); \
+                     sending them one by one to find the refused ones",
+                    self.namespace(),
+                    items.len()
+                );
+                items
+                    .iter()
+                    .map(|item| self.send_upserts(std::slice::from_ref(item)))
+                    .sum()
+            }
+        }
+    }
+
+    /// Sends deletes, as `send_upserts`.
+    fn send_deletes(&self, ids: &[String]) -> Result<u64, Stop> {
+        match self.with_retries(|| self.inner.delete_by_ids(ids)) {
+            Ok(()) => Ok(0),
+            Err(Stop::GaveUp) => Err(Stop::GaveUp),
+            Err(Stop::Refused(e)) if ids.len() == 1 => {
+                self.record_refusal(e, 1);
+                Ok(1)
+            }
+            Err(Stop::Refused(_)) => ids
+                .iter()
+                .map(|id| self.send_deletes(std::slice::from_ref(id)))
+                .sum(),
+        }
+    }
+
+    /// Runs `call` until it succeeds, fails with a non-retryable error, or the shutdown
+    /// deadline passes. Retrying is safe because upserts and deletes of whole values are
+    /// idempotent, and no later write of the same ids is sent meanwhile (batches in flight
+    /// never share an id), so nothing is reordered.
+    fn with_retries(&self, mut call: impl FnMut() -> Result<()>) -> Result<(), Stop> {
+        let mut attempt = 0u32;
+        loop {
+            match call() {
+                Ok(()) => {
+                    if attempt > 0 {
+                        log::info!(
+                            "write-behind: namespace {:?} is writable again after {attempt} \
+                             retries",
+                            self.namespace()
+                        );
+                    }
+                    return Ok(());
+                }
+                Err(e) if e.is_retryable() => {
+                    self.counters.retries.fetch_add(1, Ordering::Relaxed);
+                    let pause = backoff(attempt);
+                    if attempt == 0 {
+                        log::warn!(
+                            "write-behind: sending to namespace {:?} failed ({e}); retrying \
+                             with backoff, writers continue until the queue is full",
+                            self.namespace()
+                        );
+                    } else {
+                        log::debug!(
+                            "write-behind: retry {attempt} failed ({e}); next in {pause:?}"
+                        );
+                    }
+                    self.state().last_error = Some(e);
+                    if !self.shutdown.pause(pause) {
+                        return Err(Stop::GaveUp);
+                    }
+                    attempt += 1;
+                }
+                Err(e) => return Err(Stop::Refused(e)),
+            }
+        }
+    }
+
+    fn record_refusal(&self, e: Error, n: u64) {
+        log::error!(
+            "write-behind: namespace {:?} refused {n} queued write(s), which are dropped: {e} \
+             (reported again by the next flush)",
+            self.namespace()
+        );
+        self.counters.failed.fetch_add(n, Ordering::Relaxed);
+        let mut st = self.state();
+        match &mut st.failure {
+            Some((_, count)) => *count += n,
+            None => st.failure = Some((e, n)),
+        }
+    }
+
+    /// The batch is in the inner store (or dropped, or handed off): its ids leave the overlay,
+    /// unless a newer write of the same id is pending. Only after this may readers go to the
+    /// inner store for them. Called in queue order.
+    fn acknowledge(&self, batch: &[Op]) {
+        let mut st = self.state();
+        for op in batch {
+            // One hash lookup in the usual case; a newer pending write of the id (rare) goes
+            // back in.
+            if let Some((id, e)) = st.overlay.remove_entry(&*op.id) {
+                if e.seq != op.seq {
+                    st.overlay.insert(id, e);
+                }
+            }
+        }
+        if let Some(op) = batch.last() {
+            st.acked_seq = st.acked_seq.max(op.seq);
+        }
+        st.last_error = None;
+        drop(st);
+        self.acked.notify_all();
+    }
+}
+
+/// What the flusher waits for when it has nothing to dispatch.
+enum Event {
+    Msg(Msg),
+    Done(Done),
+    /// The oldest queued write is due.
+    Wake,
+    /// The channel closed (it cannot while `Shared` holds its sender): as a shutdown.
+    Closed,
+}
+
 struct Flusher<S: KvStore> {
     shared: Arc<Shared<S>>,
     rx: Receiver<Msg>,
-    /// Writes taken from the channel, not yet sent. At most one batch plus one call.
+    /// Writes taken from the channel, not yet dispatched. At most one batch plus one call.
     backlog: VecDeque<Op>,
     backlog_bytes: usize,
     /// Writes taken from the channel not yet subtracted from `State::queued`: subtracted once
@@ -799,30 +1120,120 @@ struct Flusher<S: KvStore> {
     untracked: usize,
     /// A `Flush` message arrived: no lingering until the backlog is empty.
     flush_requested: bool,
-    /// The `Shutdown` message arrived: nothing follows it.
+    /// The `Shutdown` message arrived (or the channel closed): nothing follows it.
     shutting_down: bool,
+    /// Batches handed to the senders, in dispatch order (numbers `first_in_flight..`), each
+    /// with its outcome once reported. Acknowledged from the front only, so acknowledgements
+    /// follow queue order even when a later batch finishes first.
+    in_flight: VecDeque<Option<Done>>,
+    first_in_flight: u64,
+    /// id → (number of the batch writing it, index there), for batches not yet reported. It
+    /// keeps batches in flight disjoint and marks repeated ids within a batch; a hash map
+    /// operation per write to place it and one to release it.
+    busy: HashMap<Arc<str>, (u64, usize)>,
+    /// A batch gave up at the shutdown deadline: nothing more is dispatched.
+    gave_up: bool,
+    done: Receiver<Done>,
+    /// Declared last: dropped (joined) after everything above.
+    senders: Senders,
+}
+
+impl<S: KvStore + 'static> Flusher<S> {
+    fn new(shared: Arc<Shared<S>>, rx: Receiver<Msg>) -> Flusher<S> {
+        // Unbounded, but never holds more than `in_flight` reports.
+        let (done_tx, done) = crossbeam_channel::unbounded();
+        let senders = Senders::start(&shared, &done_tx);
+        Flusher {
+            shared,
+            rx,
+            backlog: VecDeque::new(),
+            backlog_bytes: 0,
+            untracked: 0,
+            flush_requested: false,
+            shutting_down: false,
+            in_flight: VecDeque::new(),
+            first_in_flight: 0,
+            busy: HashMap::new(),
+            gave_up: false,
+            done,
+            senders,
+        }
+    }
 }
 
 impl<S: KvStore> Flusher<S> {
     fn run(mut self) -> Result<()> {
         loop {
-            if self.backlog.is_empty() {
-                if self.shutting_down {
-                    return Ok(());
-                }
-                self.release();
-                match self.rx.recv() {
+            while let Ok(d) = self.done.try_recv() {
+                self.complete(d);
+            }
+            if self.gave_up {
+                return self.give_up();
+            }
+            while self.takes_writes() {
+                match self.rx.try_recv() {
                     Ok(m) => self.take(m),
-                    Err(_) => return Ok(()),
+                    Err(_) => break,
                 }
+            }
+            if self.backlog.is_empty() && self.shutting_down && self.in_flight.is_empty() {
+                self.release();
+                return Ok(());
+            }
+            let due = self
+                .backlog
+                .front()
+                .map(|op| op.at.checked_add(self.shared.config.max_delay));
+            let can_dispatch = self.in_flight.len() < self.shared.config.in_flight
+                && self
+                    .backlog
+                    .front()
+                    .is_some_and(|op| !self.busy.contains_key(&op.id));
+            let ready = self.full()
+                || self.flush_requested
+                || self.shutting_down
+                || due.is_some_and(|d| d.is_none_or(|d| Instant::now() >= d));
+            if can_dispatch && ready {
+                let batch = self.next_batch();
+                self.release();
+                self.dispatch(batch);
                 continue;
             }
-            self.gather();
-            let batch = self.next_batch();
+            // Writers blocked on a full queue must not wait for this pause.
             self.release();
-            if let Err(Stop::GaveUp) = self.send(&batch) {
-                return self.give_up(batch);
+            let timer = match due {
+                Some(Some(d)) if can_dispatch => Some(d),
+                _ => None,
+            };
+            match self.wait(timer) {
+                Event::Msg(m) => self.take(m),
+                Event::Done(d) => self.complete(d),
+                Event::Wake => {}
+                Event::Closed => self.shutting_down = true,
             }
+        }
+    }
+
+    /// Waits for a message (when it takes writes), a sender's report, or `until`.
+    fn wait(&self, until: Option<Instant>) -> Event {
+        let mut sel = Select::new();
+        let writes = (self.takes_writes() && !self.shutting_down).then(|| sel.recv(&self.rx));
+        let done = sel.recv(&self.done);
+        let oper = match until {
+            Some(t) => match sel.select_deadline(t) {
+                Ok(oper) => oper,
+                Err(_) => return Event::Wake,
+            },
+            None => sel.select(),
+        };
+        if Some(oper.index()) == writes {
+            return oper.recv(&self.rx).map_or(Event::Closed, Event::Msg);
+        }
+        debug_assert_eq!(oper.index(), done);
+        match oper.recv(&self.done) {
+            Ok(d) => Event::Done(d),
+            // The senders exit only when this flusher drops them, or after a panic they report.
+            Err(_) => unreachable!("the write-behind senders stopped while the flusher runs"),
         }
     }
 
@@ -840,55 +1251,40 @@ impl<S: KvStore> Flusher<S> {
         }
     }
 
+    /// Whether to take more writes from the channel: not while every sender is busy, nor beyond
+    /// one batch. So at most `in_flight` batches are out of the queue (plus one call), and
+    /// writers are held back by `capacity` alone.
+    fn takes_writes(&self) -> bool {
+        self.in_flight.len() < self.shared.config.in_flight && !self.full()
+    }
+
     fn full(&self) -> bool {
         let c = &self.shared.config;
         self.backlog.len() >= c.batch_items || self.backlog_bytes >= c.batch_bytes
     }
 
-    /// Fills the backlog up to one batch: first with what is already queued, then, unless
-    /// someone waits in flush or at shutdown, by waiting until the oldest write is
-    /// `max_delay` old.
-    fn gather(&mut self) {
-        while !self.full() {
-            match self.rx.try_recv() {
-                Ok(m) => self.take(m),
-                Err(_) => break,
-            }
-        }
-        if self.full() || self.flush_requested || self.shutting_down {
-            return;
-        }
-        let Some(due) = self
-            .backlog
-            .front()
-            .and_then(|op| op.at.checked_add(self.shared.config.max_delay))
-        else {
-            return;
-        };
-        // Writers blocked on a full queue must not wait for this pause.
-        self.release();
-        while !self.full() && !self.flush_requested && !self.shutting_down {
-            match self.rx.recv_deadline(due) {
-                Ok(m) => self.take(m),
-                Err(RecvTimeoutError::Timeout) => break,
-                Err(RecvTimeoutError::Disconnected) => {
-                    self.shutting_down = true;
-                    break;
-                }
-            }
-        }
-    }
-
-    /// Takes the next batch off the front of the backlog (at least one write).
+    /// Takes the next batch off the front of the backlog: at least one write, and none whose
+    /// id a batch in flight writes. Repeated ids inside it are marked superseded but the last.
     fn next_batch(&mut self) -> Vec<Op> {
         let c = &self.shared.config;
-        let mut batch = Vec::with_capacity(self.backlog.len().min(c.batch_items));
+        let number = self.first_in_flight + self.in_flight.len() as u64;
+        let mut batch: Vec<Op> = Vec::with_capacity(self.backlog.len().min(c.batch_items));
         let mut bytes = 0;
         while let Some(op) = self.backlog.front() {
             if !batch.is_empty()
                 && (batch.len() >= c.batch_items || bytes + op.bytes > c.batch_bytes)
             {
                 break;
+            }
+            match self.busy.entry(op.id.clone()) {
+                MapEntry::Occupied(e) if e.get().0 != number => break,
+                MapEntry::Occupied(mut e) => {
+                    batch[e.get().1].superseded = true;
+                    e.get_mut().1 = batch.len();
+                }
+                MapEntry::Vacant(e) => {
+                    e.insert((number, batch.len()));
+                }
             }
             bytes += op.bytes;
             batch.extend(self.backlog.pop_front());
@@ -898,6 +1294,36 @@ impl<S: KvStore> Flusher<S> {
             self.flush_requested = false;
         }
         batch
+    }
+
+    fn dispatch(&mut self, batch: Vec<Op>) {
+        let number = self.first_in_flight + self.in_flight.len() as u64;
+        self.in_flight.push_back(None);
+        self.senders.send(Job { number, batch });
+    }
+
+    /// Records a sender's report, frees its ids, and acknowledges the batches at the front
+    /// that are done, in order.
+    fn complete(&mut self, done: Done) {
+        for op in done.batch.iter().filter(|op| !op.superseded) {
+            self.busy.remove(&op.id);
+        }
+        let at = (done.number - self.first_in_flight) as usize;
+        match done.outcome {
+            Outcome::Panicked(payload) => panic::resume_unwind(payload),
+            Outcome::GaveUp => self.gave_up = true,
+            Outcome::Sent => {}
+        }
+        self.in_flight[at] = Some(done);
+        while let Some(Some(d)) = self.in_flight.front() {
+            if !matches!(d.outcome, Outcome::Sent) {
+                break;
+            }
+            if let Some(Some(d)) = self.in_flight.pop_front() {
+                self.first_in_flight += 1;
+                self.shared.acknowledge(&d.batch);
+            }
+        }
     }
 
     /// Subtracts the writes taken from the channel from `queued`, and wakes blocked writers.
@@ -912,187 +1338,29 @@ impl<S: KvStore> Flusher<S> {
         self.shared.not_full.notify_all();
     }
 
-    /// Sends one batch, retrying retryable errors, then acknowledges it.
-    fn send(&mut self, batch: &[Op]) -> Result<(), Stop> {
-        let start = Instant::now();
-        // Only the last write of each id matters: the overlay shows it to readers until the
-        // whole batch is acknowledged, so the intermediate states are never observable. What is
-        // left touches each id once, so the upserts and the deletes are disjoint and can go in
-        // two calls in either order.
-        let mut last: HashMap<&str, &Op> = HashMap::with_capacity(batch.len());
-        for op in batch {
-            last.insert(op.id.as_str(), op);
-        }
-        let mut upserts: Vec<(&str, &Arc<Value>)> = Vec::new();
-        let mut deletes: Vec<String> = Vec::new();
-        for op in batch {
-            if !std::ptr::eq(last[op.id.as_str()], op) {
-                continue;
-            }
-            match &op.value {
-                Some(v) => upserts.push((&op.id, v)),
-                None => deletes.push(op.id.clone()),
+    /// The shutdown deadline passed: the other batches in flight finish (or give up too), and
+    /// everything not sent goes to the sink, or is counted in the error log. Returns the error
+    /// `close` reports.
+    fn give_up(mut self) -> Result<()> {
+        while self.in_flight.iter().any(Option::is_none) {
+            match self.done.recv() {
+                Ok(d) => self.complete(d),
+                Err(_) => unreachable!("the write-behind senders stopped while the flusher runs"),
             }
         }
-        let mut dropped = 0;
-        if !upserts.is_empty() {
-            dropped += self.send_upserts(&upserts)?;
-        }
-        if !deletes.is_empty() {
-            dropped += self.send_deletes(&deletes)?;
-        }
-        // Counted before the acknowledgement, so that a flush that returns sees its batch in
-        // `stats_snapshot` (the state lock in `acknowledge` orders these stores before it).
-        let elapsed = start.elapsed();
-        let c = &self.shared.counters;
-        c.batches.fetch_add(1, Ordering::Relaxed);
-        c.items
-            .fetch_add(batch.len() as u64 - dropped, Ordering::Relaxed);
-        c.last_batch_items
-            .store(batch.len() as u64, Ordering::Relaxed);
-        let ns = elapsed.as_nanos().min(u64::MAX as u128) as u64;
-        c.last_latency_ns.store(ns, Ordering::Relaxed);
-        c.total_latency_ns.fetch_add(ns, Ordering::Relaxed);
-        self.acknowledge(batch);
-        Ok(())
-    }
-
-    /// Sends upserts; on a refusal, item by item so that only the refused ones are dropped.
-    /// Returns how many were dropped.
-    fn send_upserts(&self, items: &[(&str, &Arc<Value>)]) -> Result<u64, Stop> {
-        // The values are cloned for each attempt: the inner store takes ownership, and the
-        // queue's copy must survive a failed attempt.
-        let attempt = || {
-            self.shared.inner.upsert(
-                items
-                    .iter()
-                    .map(|(id, v)| (id.to_string(), Value::clone(v)))
-                    .collect(),
-            )
-        };
-        match self.with_retries(attempt) {
-            Ok(()) => Ok(0),
-            Err(Stop::GaveUp) => Err(Stop::GaveUp),
-            Err(Stop::Refused(e)) if items.len() == 1 => {
-                self.record_refusal(e, 1);
-                Ok(1)
-            }
-            Err(Stop::Refused(e)) => {
-                log::warn!(
-                    "write-behind: namespace {:?} refused a batch of {} upserts ({e}); \
-                     sending them one by one to find the refused ones",
-                    self.shared.namespace(),
-                    items.len()
-                );
-                items
-                    .iter()
-                    .map(|item| self.send_upserts(std::slice::from_ref(item)))
-                    .sum()
+        // Sent batches stay acknowledged in order below; the rest is unsent, in queue order.
+        let mut sent = Vec::new();
+        let mut unsent = Vec::new();
+        for d in self.in_flight.drain(..).flatten() {
+            match d.outcome {
+                Outcome::Sent => sent.push(d.batch),
+                _ => unsent.extend(d.batch),
             }
         }
-    }
-
-    /// Sends deletes, as `send_upserts`.
-    fn send_deletes(&self, ids: &[String]) -> Result<u64, Stop> {
-        match self.with_retries(|| self.shared.inner.delete_by_ids(ids)) {
-            Ok(()) => Ok(0),
-            Err(Stop::GaveUp) => Err(Stop::GaveUp),
-            Err(Stop::Refused(e)) if ids.len() == 1 => {
-                self.record_refusal(e, 1);
-                Ok(1)
-            }
-            Err(Stop::Refused(_)) => ids
-                .iter()
-                .map(|id| self.send_deletes(std::slice::from_ref(id)))
-                .sum(),
-        }
-    }
-
-    /// Runs `call` until it succeeds, fails with a non-retryable error, or the shutdown
-    /// deadline passes. Retrying is safe because upserts and deletes of whole values are
-    /// idempotent, and nothing later in the queue is sent meanwhile, so nothing is reordered.
-    fn with_retries(&self, mut call: impl FnMut() -> Result<()>) -> Result<(), Stop> {
-        let mut attempt = 0u32;
-        loop {
-            match call() {
-                Ok(()) => {
-                    if attempt > 0 {
-                        log::info!(
-                            "write-behind: namespace {:?} is writable again after {attempt} \
-                             retries",
-                            self.shared.namespace()
-                        );
-                    }
-                    return Ok(());
-                }
-                Err(e) if e.is_retryable() => {
-                    self.shared.counters.retries.fetch_add(1, Ordering::Relaxed);
-                    let pause = backoff(attempt);
-                    if attempt == 0 {
-                        log::warn!(
-                            "write-behind: sending to namespace {:?} failed ({e}); retrying \
-                             with backoff, writers continue until the queue is full",
-                            self.shared.namespace()
-                        );
-                    } else {
-                        log::debug!(
-                            "write-behind: retry {attempt} failed ({e}); next in {pause:?}"
-                        );
-                    }
-                    self.shared.state().last_error = Some(e);
-                    if !self.shared.shutdown.pause(pause) {
-                        return Err(Stop::GaveUp);
-                    }
-                    attempt += 1;
-                }
-                Err(e) => return Err(Stop::Refused(e)),
-            }
-        }
-    }
-
-    fn record_refusal(&self, e: Error, n: u64) {
-        log::error!(
-            "write-behind: namespace {:?} refused {n} queued write(s), which are dropped: {e} \
-             (reported again by the next flush)",
-            self.shared.namespace()
-        );
-        self.shared.counters.failed.fetch_add(n, Ordering::Relaxed);
-        let mut st = self.shared.state();
-        match &mut st.failure {
-            Some((_, count)) => *count += n,
-            None => st.failure = Some((e, n)),
-        }
-    }
-
-    /// The batch is in the inner store (or dropped): its ids leave the overlay, unless a newer
-    /// write of the same id is pending. Only after this may readers go to the inner store for
-    /// them.
-    fn acknowledge(&self, batch: &[Op]) {
-        let mut st = self.shared.state();
-        for op in batch {
-            if st
-                .overlay
-                .get(op.id.as_str())
-                .is_some_and(|e| e.seq == op.seq)
-            {
-                st.overlay.remove(op.id.as_str());
-            }
-        }
-        if let Some(op) = batch.last() {
-            st.acked_seq = st.acked_seq.max(op.seq);
-        }
-        st.last_error = None;
-        drop(st);
-        self.shared.acked.notify_all();
-    }
-
-    /// The shutdown deadline passed: everything not yet acknowledged goes to the sink, or is
-    /// counted in the error log. Returns the error `close` reports.
-    fn give_up(mut self, batch: Vec<Op>) -> Result<()> {
-        let mut unsent = batch;
         unsent.extend(self.backlog.drain(..));
         while let Ok(m) = self.rx.try_recv() {
             if let Msg::Ops(ops) = m {
+                self.untracked += ops.len();
                 unsent.extend(ops);
             }
         }
@@ -1110,10 +1378,12 @@ impl<S: KvStore> Flusher<S> {
             .iter()
             .map(|op| match &op.value {
                 Some(v) => UnsentWrite::Upsert {
-                    id: op.id.clone(),
+                    id: op.id.to_string(),
                     value: Value::clone(v),
                 },
-                None => UnsentWrite::Delete { id: op.id.clone() },
+                None => UnsentWrite::Delete {
+                    id: op.id.to_string(),
+                },
             })
             .collect();
         let reason = match &self.shared.sink {
@@ -1144,7 +1414,10 @@ impl<S: KvStore> Flusher<S> {
                 format!("{n} writes are lost (no fallback sink is configured)")
             }
         };
-        self.acknowledge(&unsent);
+        for batch in &sent {
+            self.shared.acknowledge(batch);
+        }
+        self.shared.acknowledge(&unsent);
         Err(Error::Unavailable {
             namespace,
             reason: format!(
@@ -1279,15 +1552,7 @@ impl<S: KvStore + 'static> WriteBehind<S> {
             shutdown: shutdown.clone(),
             counters: Counters::default(),
         });
-        let flusher = Flusher {
-            shared: shared.clone(),
-            rx,
-            backlog: VecDeque::new(),
-            backlog_bytes: 0,
-            untracked: 0,
-            flush_requested: false,
-            shutting_down: false,
-        };
+        let flusher = Flusher::new(shared.clone(), rx);
         let alive = AliveGuard {
             shared: shared.clone(),
         };
@@ -1414,9 +1679,9 @@ impl<S: KvStore + 'static> KvStore for WriteBehind<S> {
             let mut removed = HashSet::new();
             for (id, e) in &st.overlay {
                 match e.pending {
-                    Pending::Upsert(_) => added.push(id.clone()),
+                    Pending::Upsert(_) => added.push(id.to_string()),
                     Pending::Delete => {
-                        removed.insert(id.clone());
+                        removed.insert(id.to_string());
                     }
                 }
             }
@@ -1526,6 +1791,20 @@ impl<S: KvStore + 'static> KvStore for WriteBehind<S> {
         )
     }
 
+    /// Copies the items and queues them as [`WriteBehind::upsert`](#method.upsert) does: the
+    /// queue must own what it keeps.
+    ///
+    /// # Errors
+    /// As [`WriteBehind::upsert`](#method.upsert).
+    fn upsert_refs(&self, items: &[(&str, &Value)]) -> Result<()> {
+        self.upsert(
+            items
+                .iter()
+                .map(|(id, v)| ((*id).to_string(), (*v).clone()))
+                .collect(),
+        )
+    }
+
     /// Queues the deletes and returns; reads see the ids as gone at once.
     ///
     /// # Errors
@@ -1600,6 +1879,7 @@ mod tests {
             (ENV_CAPACITY, "100"),
             (ENV_ENQUEUE_TIMEOUT_MS, "250"),
             (ENV_FLUSH_TIMEOUT_MS, "1500"),
+            (ENV_IN_FLIGHT, "3"),
         ]))
         .unwrap()
         .unwrap();
@@ -1612,6 +1892,7 @@ mod tests {
                 capacity: 100,
                 enqueue_timeout: Duration::from_millis(250),
                 flush_timeout: Duration::from_millis(1500),
+                in_flight: 3,
             }
         );
     }
@@ -1627,6 +1908,8 @@ mod tests {
             (ENV_CAPACITY, "0", "from 1"),
             (ENV_ENQUEUE_TIMEOUT_MS, "x", "an integer"),
             (ENV_FLUSH_TIMEOUT_MS, "0", "from 1"),
+            (ENV_IN_FLIGHT, "0", "from 1"),
+            (ENV_IN_FLIGHT, "65", "to 64"),
         ] {
             // Checked even when write-behind is off.
             for enabled in ["true", "false"] {

@@ -370,6 +370,26 @@ pub fn duplicate_id_in_batch_last_wins(open: Open) {
         "upsert",
     );
     assert_eq!(ok(store.get_by_id("other"), "get_by_id"), Some(json!(2)));
+
+    // The borrowed form stores the same thing (the write-behind queue sends through it).
+    let (v1, v2, v3) = (json!({"r": 1}), json!({"r": 2}), json!(["x"]));
+    ok(
+        store.upsert_refs(&[("r", &v1), ("other", &v3), ("r", &v2)]),
+        "upsert_refs with a repeated id",
+    );
+    assert_eq!(ok(store.get_by_id("r"), "get_by_id"), Some(v2));
+    assert_eq!(ok(store.get_by_id("other"), "get_by_id"), Some(v3));
+    assert_eq!(keys_of(&*store), ids(&["k", "other", "r"]));
+    ok(store.upsert_refs(&[]), "upsert_refs([])");
+    assert!(
+        store.upsert_refs(&[("ok", &v1), ("", &v1)]).is_err(),
+        "upsert_refs must refuse an empty id"
+    );
+    assert_eq!(
+        ok(store.get_by_id("ok"), "get_by_id"),
+        None,
+        "nothing of a refused upsert_refs batch is written"
+    );
 }
 
 /// filter_keys returns each missing id once, in the order of first request.

@@ -748,12 +748,9 @@ impl RedisStore {
             })
     }
 
-    /// `upsert` on a single server: each chunk's SETs (and WAIT) packed by hand into one
-    /// buffer (each value encoded into a reused buffer, then copied in), sent as one pipeline.
-    fn upsert_single(&self, items: &[Item]) -> Result<()> {
-        let Conns::Single(pool) = &self.shared.conns else {
-            unreachable!("upsert_single on a cluster")
-        };
+    /// `upsert` on a single server: each chunk's SETs (and WAIT) packed by hand, window by
+    /// window (each value encoded into a reused buffer, then copied in).
+    fn upsert_single(&self, pool: &RedisPool, items: &[(&str, &Json)]) -> Result<()> {
         let ttl = self.ttl.to_string();
         let want = self.shared.config.wait_replicas;
         let wait_ms = (self.shared.config.wait_timeout.as_millis() as u64).to_string();
@@ -1138,9 +1135,17 @@ impl KvStore for RedisStore {
     }
 
     fn upsert(&self, items: Vec<Item>) -> Result<()> {
-        validate_ids(&self.namespace, items.iter().map(|(id, _)| id))?;
+        let refs: Vec<(&str, &Json)> = items.iter().map(|(id, v)| (id.as_str(), v)).collect();
+        self.upsert_refs(&refs)
+    }
+
+    /// Encodes straight from the references: no copy of the values.
+    fn upsert_refs(&self, items: &[(&str, &Json)]) -> Result<()> {
+        for (id, _) in items {
+            validate_id(&self.namespace, id)?;
+        }
         let pool = match &self.shared.conns {
-            Conns::Single(_) => return self.upsert_single(&items),
+            Conns::Single(pool) => return self.upsert_single(pool, items),
             Conns::Cluster(pool) => pool,
         };
         let mut start = 0;
@@ -1150,7 +1155,7 @@ impl KvStore for RedisStore {
             let mut bytes = 0usize;
             let mut values = Vec::new();
             while end < items.len() && end - start < WRITE_CHUNK && bytes < WRITE_CHUNK_BYTES {
-                let v = self.encode(&items[end].0, &items[end].1)?;
+                let v = self.encode(items[end].0, items[end].1)?;
                 bytes += v.len();
                 values.push(v);
                 end += 1;
