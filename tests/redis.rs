@@ -282,6 +282,40 @@ fn large_get_by_ids_over_one_connection_survives_a_bad_value_midway() {
     assert!(e.to_string().contains("m:ns:id-200"), "{e}");
 }
 
+/// `filter_keys` sends its EXISTS commands in windows, two in flight: across chunks and windows
+/// the missing ids come back in order, once each, over one connection reused call after call.
+#[test]
+fn large_filter_keys_over_one_connection_keeps_order() {
+    let server = RedisServer::start();
+    let s = Storage::open(&config_for(&server, "f").max_connections(1).build().unwrap())
+        .unwrap()
+        .namespace("ns")
+        .unwrap();
+    let ids: Vec<String> = (0..4_600).map(|i| format!("id-{i:05}")).collect();
+    s.upsert(
+        ids.iter()
+            .step_by(3)
+            .map(|id| (id.clone(), json!(1)))
+            .collect(),
+    )
+    .unwrap();
+    let mut asked = ids.clone();
+    asked.extend(ids.iter().take(700).cloned()); // repeats: each missing id once
+    let expected: Vec<String> = ids
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 3 != 0)
+        .map(|(_, id)| id.clone())
+        .collect();
+    for _ in 0..3 {
+        assert_eq!(s.filter_keys(&asked).unwrap(), expected);
+        assert_eq!(
+            s.filter_keys(&ids[..3]).unwrap(),
+            vec![ids[1].clone(), ids[2].clone()]
+        );
+    }
+}
+
 /// `REDIS_WAIT_REPLICAS` on a single server: an `upsert` spanning several windows and chunks
 /// returns once a replica has every value, and is an error naming the shortfall otherwise.
 #[test]

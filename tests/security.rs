@@ -339,6 +339,12 @@ fn acl_user_is_refused_outside_its_prefix_and_admin_commands() {
     assert!(e.is_permission_denied(), "{e}");
     let e = foreign.filter_keys(&["k".into()]).unwrap_err();
     assert!(e.is_permission_denied(), "{e}");
+    // Also when the refusals span several windows of one exchange, call after call.
+    let many: Vec<String> = (0..900).map(|i| format!("k{i}")).collect();
+    for _ in 0..2 {
+        let e = foreign.filter_keys(&many).unwrap_err();
+        assert!(e.is_permission_denied(), "{e}");
+    }
     let e = foreign.delete_by_ids(&["k".into()]).unwrap_err();
     assert!(e.is_permission_denied(), "{e}");
     // SCAN takes no key argument, so Redis ACLs cannot filter it: the user may list the NAMES
