@@ -242,6 +242,54 @@ fn counters_move_with_operations_on_redis() {
     assert_eq!(http_get(addr, "/").0, 404);
 }
 
+/// `redis_retries_total` counts the backend's own retries: a pooled connection the server
+/// dropped fails once, the call is retried on a new one and succeeds.
+#[test]
+fn retries_of_the_backend_are_counted() {
+    let server = RedisServer::start();
+    let storage = Storage::open(
+        &StoreConfig::builder()
+            .backend(BackendKind::Redis)
+            .redis_url(server.url())
+            .key_prefix(unique_prefix("retry"))
+            .retries(3)
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    let registry = Registry::new();
+    let metrics = Metrics::new(&registry).unwrap();
+    // Attached twice (a clone, then the same again): still counted once per retry.
+    let storage = storage
+        .with_metrics(&metrics.clone())
+        .with_metrics(&metrics);
+    let docs = storage.namespace("full_docs").unwrap();
+    let retries = |registry: &Registry| {
+        Scrape(graphrag_kv::metrics::render(registry))
+            .get(
+                "redis_retries_total",
+                &[("namespace", "full_docs"), ("operation", "get_by_id")],
+            )
+            .unwrap_or(0.0)
+    };
+    docs.upsert(vec![("d1".into(), json!({"content": "one"}))])
+        .unwrap();
+    assert_eq!(retries(&registry), 0.0);
+    // The server closes every connection but the admin's own; the pooled one is now dead.
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("normal")
+        .query(&mut server.conn())
+        .unwrap();
+    assert!(killed >= 1, "no pooled connection to kill");
+    assert_eq!(
+        docs.get_by_id("d1").unwrap(),
+        Some(json!({"content": "one"}))
+    );
+    assert_eq!(retries(&registry), 1.0);
+}
+
 #[test]
 fn evictions_and_server_memory_come_from_info() {
     // A small server that evicts keys with a TTL (the LLM cache's) when full.

@@ -78,6 +78,10 @@ pub struct RedisShared {
     codec: Codec,
     checkpoints: Coalescer,
     warned_no_durability: AtomicBool,
+    /// Where retries are counted (`redis_retries_total`). A lock and a list: the pool is shared
+    /// process-wide, so several `Storage`s with their own registries may watch it; it is read
+    /// only when a command is retried.
+    retry_metrics: std::sync::RwLock<Vec<crate::metrics::Metrics>>,
 }
 
 impl std::fmt::Debug for RedisShared {
@@ -153,6 +157,7 @@ impl RedisShared {
             codec: Codec::new(config.compression, config.compression_min_bytes),
             checkpoints: Coalescer::default(),
             warned_no_durability: AtomicBool::new(false),
+            retry_metrics: std::sync::RwLock::new(Vec::new()),
         }))
     }
 
@@ -368,12 +373,33 @@ impl RedisShared {
                 return Err(err);
             }
             let pause = backoff(n);
+            for m in self
+                .retry_metrics
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .iter()
+            {
+                m.record_retry(namespace, operation);
+            }
             log::debug!(
                 "redis {operation} on {namespace:?} failed ({err}); retry {} in {pause:?}",
                 n + 1
             );
             std::thread::sleep(pause);
             n += 1;
+        }
+    }
+
+    /// Counts every retry of a command on these connections in `metrics`
+    /// (`redis_retries_total{namespace, operation}`, `namespace` empty for server-wide commands).
+    /// Attaching the same `Metrics` (or a clone) again changes nothing.
+    pub fn record_retries_to(&self, metrics: &crate::metrics::Metrics) {
+        let mut all = self
+            .retry_metrics
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !all.iter().any(|m| m.same_as(metrics)) {
+            all.push(metrics.clone());
         }
     }
 
