@@ -412,6 +412,47 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// A row; a reference that is not a finite number (a failed parse) is left out.
+fn row(
+    name: &str,
+    unit: &'static str,
+    ours: f64,
+    reference: Option<f64>,
+    target: Option<(Better, f64)>,
+) -> Row {
+    Row {
+        name: name.to_string(),
+        unit,
+        ours,
+        reference: reference.filter(|r| r.is_finite()),
+        target,
+    }
+}
+
+/// Runs ours and the reference alternately `rounds` times and returns the row of the medians,
+/// for a throughput that must reach `target` times the reference.
+fn versus(
+    name: &str,
+    unit: &'static str,
+    target: f64,
+    rounds: usize,
+    mut ours: impl FnMut() -> f64,
+    mut reference: impl FnMut() -> f64,
+) -> Row {
+    let (mut o, mut r) = (vec![], vec![]);
+    for _ in 0..rounds {
+        o.push(ours());
+        r.push(reference());
+    }
+    row(
+        name,
+        unit,
+        median(o),
+        Some(median(r)),
+        Some((Better::Higher, target)),
+    )
+}
+
 fn percentile(sorted: &[u64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -639,13 +680,6 @@ fn measure_all(args: &Args, t: &Target) -> Vec<Row> {
     let mut rows = Vec::new();
     // Exact names, so `get` does not select `get_by_ids`.
     let want = |m: &str| args.only.is_empty() || args.only.iter().any(|o| o == m);
-    let row = |name: &str, unit, ours, reference: Option<f64>, target| Row {
-        name: name.to_string(),
-        unit,
-        ours,
-        reference: reference.filter(|r| r.is_finite()),
-        target,
-    };
     rows.push(row("value_bytes_chunk", "B", chunk_size as f64, None, None));
     rows.push(row("value_bytes_cache", "B", cache_size as f64, None, None));
     rows.push(row(
@@ -722,6 +756,14 @@ fn measure_all(args: &Args, t: &Target) -> Vec<Row> {
     let r = args.items.to_string();
     let secs = args.seconds;
     let rounds = args.rounds.max(1);
+    // The stores a measure with a `_nocompress` variant runs on, with the suffix of its name.
+    let sides: Vec<(&Side, &str)> = [(&sides_lz4, ""), (&sides_plain, "_nocompress")]
+        .into_iter()
+        .filter(|(_, suffix)| match suffix.is_empty() {
+            true => !args.only_nocompress,
+            false => !args.no_nocompress,
+        })
+        .collect();
 
     // Sanity: what the measures read is there.
     let got = sides_lz4
@@ -740,10 +782,7 @@ fn measure_all(args: &Args, t: &Target) -> Vec<Row> {
         rest: vec!["-r".into(), r.clone(), "GET".into(), rand(&ref2k)],
         rate_guess: 20_000.0,
     };
-    for (side, suffix) in [(&sides_lz4, ""), (&sides_plain, "_nocompress")] {
-        if !suffix.is_empty() && args.no_nocompress || suffix.is_empty() && args.only_nocompress {
-            continue;
-        }
+    for &(side, suffix) in &sides {
         if !want("get") {
             continue;
         }
@@ -790,36 +829,31 @@ fn measure_all(args: &Args, t: &Target) -> Vec<Row> {
             })
             .collect()
     };
-    for (side, suffix) in [(&sides_lz4, ""), (&sides_plain, "_nocompress")] {
-        if !suffix.is_empty() && args.no_nocompress || suffix.is_empty() && args.only_nocompress {
-            continue;
-        }
+    for &(side, suffix) in &sides {
         if !want("get_by_ids") {
             continue;
         }
         progress(args, &format!("get_by_ids 100{suffix}"));
-        let (mut ours, mut refs) = (vec![], vec![]);
-        for _ in 0..rounds {
-            ours.push(batches(
-                secs,
-                100,
-                |i| &id_batches[i % id_batches.len()],
-                |b| {
-                    let v = side
-                        .chunks
-                        .get_by_ids(b, None)
-                        .unwrap_or_else(|e| fail(&e.to_string()));
-                    drop(std::hint::black_box(v));
-                },
-            ));
-            refs.push(ref_mget.run(t, secs).rps);
-        }
-        rows.push(row(
+        rows.push(versus(
             &format!("get_by_ids_100{suffix}"),
             "items/s",
-            median(ours),
-            Some(median(refs)),
-            Some((Better::Higher, 0.8)),
+            0.8,
+            rounds,
+            || {
+                batches(
+                    secs,
+                    100,
+                    |i| &id_batches[i % id_batches.len()],
+                    |b| {
+                        let v = side
+                            .chunks
+                            .get_by_ids(b, None)
+                            .unwrap_or_else(|e| fail(&e.to_string()));
+                        drop(std::hint::black_box(v));
+                    },
+                )
+            },
+            || ref_mget.run(t, secs).rps,
         ));
     }
 
@@ -865,35 +899,30 @@ fn measure_all(args: &Args, t: &Target) -> Vec<Row> {
         ],
         rate_guess: 90_000.0,
     };
-    for (side, suffix) in [(&sides_lz4, ""), (&sides_plain, "_nocompress")] {
-        if !suffix.is_empty() && args.no_nocompress || suffix.is_empty() && args.only_nocompress {
-            continue;
-        }
+    for &(side, suffix) in &sides {
         if !want("upsert") {
             continue;
         }
         progress(args, &format!("upsert 100{suffix}"));
-        let (mut ours, mut refs) = (vec![], vec![]);
-        for _ in 0..rounds {
-            let n = chunks.len() / 100;
-            ours.push(batches(
-                secs,
-                100,
-                |i| chunks[(i % n) * 100..(i % n) * 100 + 100].to_vec(),
-                |b| {
-                    side.chunks
-                        .upsert(b)
-                        .unwrap_or_else(|e| fail(&e.to_string()));
-                },
-            ));
-            refs.push(ref_set.run(t, secs).rps);
-        }
-        rows.push(row(
+        let n = chunks.len() / 100;
+        rows.push(versus(
             &format!("upsert_100{suffix}"),
             "items/s",
-            median(ours),
-            Some(median(refs)),
-            Some((Better::Higher, 0.8)),
+            0.8,
+            rounds,
+            || {
+                batches(
+                    secs,
+                    100,
+                    |i| chunks[(i % n) * 100..(i % n) * 100 + 100].to_vec(),
+                    |b| {
+                        side.chunks
+                            .upsert(b)
+                            .unwrap_or_else(|e| fail(&e.to_string()));
+                    },
+                )
+            },
+            || ref_set.run(t, secs).rps,
         ));
     }
 
@@ -938,29 +967,27 @@ fn measure_all(args: &Args, t: &Target) -> Vec<Row> {
             ],
             rate_guess: 600_000.0,
         };
-        let (mut ours, mut refs) = (vec![], vec![]);
-        for _ in 0..rounds {
-            ours.push(batches(
-                secs,
-                1_000,
-                |i| &id_batches[i % id_batches.len()],
-                |b| {
-                    drop(std::hint::black_box(
-                        sides_lz4
-                            .chunks
-                            .filter_keys(b)
-                            .unwrap_or_else(|e| fail(&e.to_string())),
-                    ));
-                },
-            ));
-            refs.push(ref_exists.run(t, secs).rps);
-        }
-        rows.push(row(
+        rows.push(versus(
             "filter_keys_1000",
             "ids/s",
-            median(ours),
-            Some(median(refs)),
-            Some((Better::Higher, 0.8)),
+            0.8,
+            rounds,
+            || {
+                batches(
+                    secs,
+                    1_000,
+                    |i| &id_batches[i % id_batches.len()],
+                    |b| {
+                        drop(std::hint::black_box(
+                            sides_lz4
+                                .chunks
+                                .filter_keys(b)
+                                .unwrap_or_else(|e| fail(&e.to_string())),
+                        ));
+                    },
+                )
+            },
+            || ref_exists.run(t, secs).rps,
         ));
     }
 
@@ -971,10 +998,7 @@ fn measure_all(args: &Args, t: &Target) -> Vec<Row> {
         rest: vec!["-r".into(), r.clone(), "GET".into(), rand(&ref2k)],
         rate_guess: 30_000.0,
     };
-    for (side, suffix) in [(&sides_lz4, ""), (&sides_plain, "_nocompress")] {
-        if !suffix.is_empty() && args.no_nocompress || suffix.is_empty() && args.only_nocompress {
-            continue;
-        }
+    for &(side, suffix) in &sides {
         if !want("concurrent_get") {
             continue;
         }
@@ -982,17 +1006,13 @@ fn measure_all(args: &Args, t: &Target) -> Vec<Row> {
             args,
             &format!("64 concurrent readers, pool of {pool_size}{suffix}"),
         );
-        let (mut ours, mut refs) = (vec![], vec![]);
-        for _ in 0..rounds {
-            ours.push(concurrent_gets(&side.cache, &cache_ids, 64, secs));
-            refs.push(ref_conc.run(t, secs).rps);
-        }
-        rows.push(row(
+        rows.push(versus(
             &format!("concurrent_get_64{suffix}"),
             "ops/s",
-            median(ours),
-            Some(median(refs)),
-            Some((Better::Higher, 0.8)),
+            0.8,
+            rounds,
+            || concurrent_gets(&side.cache, &cache_ids, 64, secs),
+            || ref_conc.run(t, secs).rps,
         ));
     }
 
@@ -1010,25 +1030,18 @@ fn measure_all(args: &Args, t: &Target) -> Vec<Row> {
         rate_guess: 140_000.0,
     };
     let cache_arc = Arc::new(cache.clone());
-    for (side, suffix) in [(&sides_lz4, ""), (&sides_plain, "_nocompress")] {
-        if !suffix.is_empty() && args.no_nocompress || suffix.is_empty() && args.only_nocompress {
-            continue;
-        }
+    for &(side, suffix) in &sides {
         if !want("write_behind") {
             continue;
         }
         progress(args, &format!("write-behind, 8 writers{suffix}"));
-        let (mut ours, mut refs) = (vec![], vec![]);
-        for _ in 0..rounds {
-            ours.push(write_behind(side.cache.clone(), &cache_arc, 8, secs));
-            refs.push(ref_wb.run(t, secs).rps);
-        }
-        rows.push(row(
+        rows.push(versus(
             &format!("write_behind_8{suffix}"),
             "items/s",
-            median(ours),
-            Some(median(refs)),
-            Some((Better::Higher, 0.5)),
+            0.5,
+            rounds,
+            || write_behind(side.cache.clone(), &cache_arc, 8, secs),
+            || ref_wb.run(t, secs).rps,
         ));
     }
 

@@ -978,7 +978,8 @@ impl KindDescription for redis::RedisError {
     }
 }
 
-fn config_error(variable: &str, value: &str, expected: &str) -> Error {
+/// The [`Error::Config`] for `variable` set to `value`, saying what was `expected`.
+pub(crate) fn config_error(variable: &str, value: &str, expected: &str) -> Error {
     Error::Config {
         variable: variable.to_string(),
         value: value.to_string(),
@@ -998,7 +999,11 @@ pub fn parse_bool(variable: &str, value: &str) -> Result<bool> {
     }
 }
 
-fn parse_u64(variable: &str, value: &str, min: u64, max: u64) -> Result<u64> {
+/// Parses an integer from `min` to `max`.
+///
+/// # Errors
+/// [`Error::Config`] naming `variable`.
+pub(crate) fn parse_u64(variable: &str, value: &str, min: u64, max: u64) -> Result<u64> {
     match value.trim().parse::<u64>() {
         Ok(n) if (min..=max).contains(&n) => Ok(n),
         _ => Err(config_error(

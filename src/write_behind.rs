@@ -125,7 +125,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Select, Sender};
 use serde_json::Value;
 
-use crate::config::parse_bool;
+use crate::config::{config_error, parse_bool, parse_u64};
 use crate::error::{Error, Result};
 use crate::store::{
     missing_in_order, project, validate_id, validate_ids, Item, KvStore, NamespaceStats,
@@ -390,25 +390,6 @@ impl WriteBehindConfigBuilder {
             ));
         }
         Ok(self.config)
-    }
-}
-
-fn config_error(variable: &str, value: &str, expected: &str) -> Error {
-    Error::Config {
-        variable: variable.to_string(),
-        value: value.to_string(),
-        expected: expected.to_string(),
-    }
-}
-
-fn parse_u64(variable: &str, value: &str, min: u64, max: u64) -> Result<u64> {
-    match value.trim().parse::<u64>() {
-        Ok(n) if (min..=max).contains(&n) => Ok(n),
-        _ => Err(config_error(
-            variable,
-            value,
-            &format!("an integer from {min} to {max}"),
-        )),
     }
 }
 
