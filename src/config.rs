@@ -754,9 +754,12 @@ impl StoreConfigBuilder {
         Ok(b)
     }
 
-    /// Sets the backend.
+    /// Sets the one backend to use; turns dual-write (see [`StoreConfigBuilder::dual`]) off, so
+    /// `graphrag-kv --backend json` means the JSON files alone even under
+    /// `STORAGE_KV_BACKEND=dual`.
     pub fn backend(mut self, backend: BackendKind) -> Self {
         self.config.backend = backend;
+        self.config.dual = None;
         self
     }
     /// Sets the JSON working directory.
@@ -1040,19 +1043,23 @@ fn parse_seconds(variable: &str, value: &str, zero_ok: bool) -> Result<Duration>
 }
 
 /// A URL (or comma-separated URLs) with any password replaced by `<redacted>`.
+///
+/// Written for URLs that do not parse too (that is when one lands in an error message): a raw
+/// `/`, `?`, `@` or `,` inside a password must not leave part of it visible, so the user
+/// information runs to the last `@` of its URL, and a comma starts a new URL only when a scheme
+/// (`name://`) follows it.
 pub fn redact_url(url: &str) -> String {
-    url.split(',')
+    split_urls(url)
+        .iter()
         .map(|one| {
             let Some(scheme_end) = one.find("://") else {
                 return one.to_string();
             };
             let rest = &one[scheme_end + 3..];
-            let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-            let authority = &rest[..authority_end];
-            let Some(at) = authority.rfind('@') else {
+            let Some(at) = rest.rfind('@') else {
                 return one.to_string();
             };
-            let userinfo = &authority[..at];
+            let userinfo = &rest[..at];
             let redacted = match userinfo.find(':') {
                 Some(colon) => format!("{}:<redacted>", &userinfo[..colon]),
                 None => "<redacted>".to_string(),
@@ -1061,6 +1068,35 @@ pub fn redact_url(url: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// `url` split at the commas that are followed by a scheme (`redis://`, `rediss://`, ...).
+fn split_urls(url: &str) -> Vec<&str> {
+    let starts_url = |s: &str| {
+        s.trim_start().find("://").is_some_and(|i| {
+            let scheme = &s.trim_start()[..i];
+            !scheme.is_empty()
+                && scheme
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+        })
+    };
+    let mut out: Vec<&str> = Vec::new();
+    let mut start = 0;
+    for (i, _) in url.match_indices(',') {
+        if starts_url(&url[i + 1..]) {
+            out.push(&url[start..i]);
+            start = i + 1;
+        }
+    }
+    out.push(&url[start..]);
+    out
+}
+
+/// True when `url` carries user information (a name or a password before an `@`).
+pub(crate) fn has_userinfo(url: &str) -> bool {
+    url.split_once("://")
+        .is_some_and(|(_, rest)| rest.contains('@'))
 }
 
 #[cfg(test)]
@@ -1194,5 +1230,21 @@ mod tests {
             redact_url("redis://a:b@h1:1,redis://a:c@h2:2"),
             "redis://a:<redacted>@h1:1,redis://a:<redacted>@h2:2"
         );
+        // Raw separators inside a password (such URLs do not parse, and end up in errors).
+        for (url, secret) in [
+            ("redis://:p/ss@h:6379", "p/ss"),
+            ("redis://u:p?ss@h", "p?ss"),
+            ("redis://u:p@ss@h/0", "p@ss"),
+            ("redis://u:pa,ss@h1:1,redis://u:x,y@h2:2", "pa,ss"),
+        ] {
+            let r = redact_url(url);
+            assert!(!r.contains(secret) && !r.contains("ss@"), "{url} -> {r}");
+            assert!(r.contains("<redacted>@h"), "{url} -> {r}");
+        }
+        assert_eq!(
+            redact_url("redis://u:pa,ss@h1:1,redis://u:x,y@h2:2"),
+            "redis://u:<redacted>@h1:1,redis://u:<redacted>@h2:2"
+        );
+        assert!(has_userinfo("redis://:p/ss@h") && !has_userinfo("redis://h:1/0"));
     }
 }

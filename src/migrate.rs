@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use redis::Cmd;
 
 use crate::backend::redis::{cluster, RedisShared, RedisStore};
-use crate::config::{redact_url, BackendKind, StoreConfig, StoreConfigBuilder};
+use crate::config::{has_userinfo, redact_url, BackendKind, StoreConfig, StoreConfigBuilder};
 use crate::error::{Error, Result};
 use crate::open::Storage;
 use crate::store::KvStore;
@@ -106,30 +106,31 @@ impl Spec {
     /// `REDIS_PASSWORD`, which apply only to URLs without any, so a source and a target with
     /// different passwords can be given in one command.
     ///
+    /// The spec names one store and nothing else: dual-write, write-behind and the fallback
+    /// journal of the environment are dropped, so a copy goes straight to the target (and a TTL
+    /// set after it finds the key), and a comparison reads the store it names.
+    ///
     /// # Errors
     /// As [`StoreConfigBuilder::build`].
     pub fn config(&self, base: StoreConfigBuilder) -> Result<StoreConfig> {
-        match self {
-            Spec::Json(dir) => base.backend(BackendKind::Json).working_dir(dir).build(),
+        // `backend` also turns dual-write off.
+        let mut config = match self {
+            Spec::Json(dir) => base.backend(BackendKind::Json).working_dir(dir).build()?,
             Spec::Redis(url) => {
                 let mut config = base.backend(BackendKind::Redis).redis_url(url).build()?;
                 config.redis.sentinel_urls.clear();
                 config.redis.sentinel_master = None;
-                if url.split(',').any(has_userinfo) {
+                if has_userinfo(url) {
                     config.redis.username = None;
                     config.redis.password = None;
                 }
-                Ok(config)
+                config
             }
-        }
+        };
+        config.write_behind = None;
+        config.fallback = None;
+        Ok(config)
     }
-}
-
-/// True when a URL carries `user:password@` or `password@`.
-fn has_userinfo(url: &str) -> bool {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let authority = &rest[..rest.find(['/', '?']).unwrap_or(rest.len())];
-    authority.contains('@')
 }
 
 /// [`Spec::parse`] then [`Spec::config`] over the defaults (no environment).
@@ -639,6 +640,29 @@ fn open_cluster(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_spec_drops_the_environment_s_dual_write_write_behind_and_fallback() {
+        let vars: std::collections::HashMap<String, String> = [
+            ("STORAGE_KV_BACKEND", "dual"),
+            ("KV_DUAL_PRIMARY", "redis"),
+            ("KV_WRITE_BEHIND", "true"),
+            ("KV_FALLBACK", "json"),
+            ("REDIS_KEY_PREFIX", "kept"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        for spec in ["json:/tmp/x", "redis://h:1"] {
+            let base = StoreConfigBuilder::from_vars(&vars).unwrap();
+            assert!(base.clone().build().unwrap().dual.is_some());
+            let c = Spec::parse(spec).unwrap().config(base).unwrap();
+            assert!(c.dual.is_none(), "{spec}");
+            assert!(c.write_behind.is_none(), "{spec}");
+            assert!(c.fallback.is_none(), "{spec}");
+            assert_eq!(c.redis.key_prefix, "kept", "{spec}");
+        }
+    }
 
     #[test]
     fn specs() {

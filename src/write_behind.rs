@@ -1811,8 +1811,12 @@ impl<S: KvStore + 'static> KvStore for WriteBehind<S> {
 
     /// Flushes, then runs the inner store's checkpoint.
     fn index_done_callback(&self) -> Result<()> {
-        self.flush()?;
-        self.shared.inner.index_done_callback()
+        // The checkpoint runs even when the flush reports an error (e.g. a write the backend
+        // refused): the writes that did go through are made durable all the same, and the
+        // flush's error is the one returned.
+        let flushed = self.flush();
+        let checkpoint = self.shared.inner.index_done_callback();
+        flushed.and(checkpoint)
     }
 
     /// Flushes, then returns the inner store's figures. Flushing first makes the counts exact.

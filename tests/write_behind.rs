@@ -893,6 +893,28 @@ fn refused_writes_are_dropped_and_reported_by_the_next_flush() {
     assert_eq!(inner_keys, keys);
 }
 
+/// `index_done_callback` whose flush reports a refused write still checkpoints the writes that
+/// went through: on the JSON backend they are in the file afterwards.
+#[test]
+fn checkpoint_runs_even_when_the_flush_reports_a_refusal() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = JsonDir::open(dir.path()).unwrap();
+    let wb = WriteBehind::new(
+        RefusesBadIds(json.namespace("ns").unwrap()),
+        WriteBehindConfig::default(),
+    );
+    wb.upsert(vec![("good".into(), json!(1)), ("bad".into(), json!(2))])
+        .unwrap();
+    let e = wb.index_done_callback().unwrap_err();
+    assert!(
+        matches!(&e, Error::Encode { key, .. } if key == "bad"),
+        "{e:?}"
+    );
+    let file = std::fs::read_to_string(dir.path().join("kv_store_ns.json")).unwrap();
+    let saved: Value = serde_json::from_str(&file).unwrap();
+    assert_eq!(saved, json!({"good": 1}));
+}
+
 /// A read-only JSON store refuses every write: each is reported, none blocks the queue.
 #[test]
 fn read_only_inner_store_errors_surface_at_flush() {

@@ -182,8 +182,10 @@ pub(crate) fn checkpoint_server(
                     if n >= 1 {
                         return Ok(Durable::Yes);
                     }
+                    // A client-side kind, not Io: the connection is fine and the outcome is
+                    // final, so it must neither discard the connection nor be retried.
                     return Err(redis::RedisError::from((
-                        redis::ErrorKind::Io,
+                        redis::ErrorKind::Client,
                         "WAITAOF timed out before the local AOF fsync",
                     )));
                 }
@@ -193,7 +195,7 @@ pub(crate) fn checkpoint_server(
                 let p = Persistence::parse(&ops.info_persistence()?);
                 if !p.aof_last_write_ok {
                     return Err(redis::RedisError::from((
-                        redis::ErrorKind::Io,
+                        redis::ErrorKind::Client,
                         "the server reports a failed AOF write (aof_last_write_status:err)",
                     )));
                 }
@@ -225,7 +227,7 @@ fn rdb_checkpoint(
         if (saves >= target && !p.rdb_bgsave_in_progress) || saves > target {
             if !p.rdb_last_bgsave_ok && saves == target {
                 return Err(redis::RedisError::from((
-                    redis::ErrorKind::Io,
+                    redis::ErrorKind::Client,
                     "BGSAVE failed on the server (rdb_last_bgsave_status:err; see its log)",
                 )));
             }
@@ -234,7 +236,7 @@ fn rdb_checkpoint(
         if !p.rdb_bgsave_in_progress {
             if asked && !p.rdb_last_bgsave_ok {
                 return Err(redis::RedisError::from((
-                    redis::ErrorKind::Io,
+                    redis::ErrorKind::Client,
                     "BGSAVE failed on the server (rdb_last_bgsave_status:err; see its log)",
                 )));
             }
@@ -244,7 +246,7 @@ fn rdb_checkpoint(
         }
         if Instant::now() >= deadline {
             return Err(redis::RedisError::from((
-                redis::ErrorKind::Io,
+                redis::ErrorKind::Client,
                 "timed out waiting for BGSAVE to finish",
             )));
         }
@@ -264,7 +266,7 @@ fn legacy_rdb_checkpoint(
     while p.rdb_bgsave_in_progress {
         if Instant::now() >= deadline {
             return Err(redis::RedisError::from((
-                redis::ErrorKind::Io,
+                redis::ErrorKind::Client,
                 "timed out waiting for a running BGSAVE",
             )));
         }
@@ -280,14 +282,14 @@ fn legacy_rdb_checkpoint(
                 Ok(Durable::Yes)
             } else {
                 Err(redis::RedisError::from((
-                    redis::ErrorKind::Io,
+                    redis::ErrorKind::Client,
                     "BGSAVE failed on the server",
                 )))
             };
         }
         if Instant::now() >= deadline {
             return Err(redis::RedisError::from((
-                redis::ErrorKind::Io,
+                redis::ErrorKind::Client,
                 "timed out waiting for BGSAVE to finish",
             )));
         }
