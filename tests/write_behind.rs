@@ -974,6 +974,9 @@ struct Scripted {
     /// Ids of the calls in progress, and how often a call found one of its ids there.
     active: Mutex<Vec<String>>,
     overlaps: AtomicUsize,
+    /// Write calls in progress, and the most seen at once.
+    in_progress: AtomicUsize,
+    peak: AtomicUsize,
     /// Calls writing this id wait until it is cleared.
     hold: Mutex<Option<String>>,
     released: Condvar,
@@ -1017,6 +1020,8 @@ impl Scripted {
     }
 
     fn write(&self, writes: Call) -> graphrag_kv::Result<()> {
+        let now = self.in_progress.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak.fetch_max(now, Ordering::SeqCst);
         {
             let mut active = self.active.lock().unwrap();
             if writes.iter().any(|(id, _)| active.contains(id)) {
@@ -1064,6 +1069,7 @@ impl Scripted {
                 active.swap_remove(i);
             }
         }
+        self.in_progress.fetch_sub(1, Ordering::SeqCst);
         result
     }
 }
@@ -1279,7 +1285,24 @@ fn hot_ids_are_never_in_two_batches_in_flight() {
         .build()
         .unwrap();
     let wb = WriteBehind::new(inner.clone(), config);
+    // A write of an id no one writes again is parked in the store until another batch has been
+    // sent past it: batches are then provably in flight together, not one after another.
+    inner.hold("parked");
+    wb.upsert(vec![("parked".into(), json!(0))]).unwrap();
+    // In flight alone (a batch holding writers' ids would stop the queue at their next write).
+    inner.wait_calls("the parked batch sent", |calls| {
+        calls.iter().any(|c| c.iter().any(|(id, _)| id == "parked"))
+    });
     std::thread::scope(|s| {
+        s.spawn(|| {
+            inner.wait_calls("a batch sent while the parked one waits", |calls| {
+                calls
+                    .iter()
+                    .position(|c| c.iter().any(|(id, _)| id == "parked"))
+                    .is_some_and(|p| !calls[p + 1..].is_empty())
+            });
+            inner.release();
+        });
         for t in 0..THREADS {
             let wb = &wb;
             s.spawn(move || {
@@ -1297,6 +1320,10 @@ fn hot_ids_are_never_in_two_batches_in_flight() {
     });
     wb.flush().unwrap();
     assert_eq!(inner.overlaps.load(Ordering::SeqCst), 0);
+    assert!(
+        inner.peak.load(Ordering::SeqCst) >= 2,
+        "never two batches in flight"
+    );
     for t in 0..THREADS {
         assert_eq!(
             inner.get_by_id(&format!("hot-{t}")).unwrap(),
