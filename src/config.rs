@@ -207,6 +207,17 @@ impl RedisConfig {
     /// Checks the TLS settings: `rediss://` URLs when TLS files are set, both halves of a
     /// client identity, and files that can be read and parsed.
     fn check_tls(&self) -> Result<()> {
+        // The redis crate reaches the master found through Sentinel without TLS whatever the
+        // sentinels' scheme: a rediss:// Sentinel URL would promise encryption and send the
+        // password and the data in clear text.
+        if let Some(u) = self.sentinel_urls.iter().find(|u| is_tls_url(u)) {
+            return Err(config_error(
+                "REDIS_SENTINEL_URLS",
+                &redact_url(u),
+                "redis:// Sentinel URLs: TLS through Sentinel is not supported (the connection \
+                 to the master would not be encrypted)",
+            ));
+        }
         if !self.has_tls_files() {
             return Ok(());
         }

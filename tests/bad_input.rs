@@ -158,6 +158,12 @@ fn invalid_env_values_name_the_variable() {
             "redis:// URLs",
         ),
         ("REDIS_SENTINEL_URLS", "sentinel-1:26379", "redis:// URLs"),
+        // TLS through Sentinel would reach the master in clear text: refused.
+        (
+            "REDIS_SENTINEL_URLS",
+            "rediss://sentinel-1:26379",
+            "TLS through Sentinel is not supported",
+        ),
     ];
     for (variable, value, expected) in cases {
         let mut vars: HashMap<String, String> = HashMap::new();

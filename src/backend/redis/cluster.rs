@@ -257,7 +257,7 @@ pub(crate) fn parse_masters(nodes: &str) -> Vec<(String, u16)> {
                 return None; // a master without slots (or a replica) serves no keys
             }
             let flags = f[2];
-            if !flags.split(',').any(|x| x == "master") || flags.contains("fail") {
+            if !is_live_master(flags) {
                 return None;
             }
             let addr = f[1].split('@').next()?;
@@ -300,14 +300,17 @@ pub(crate) fn wait_for_keys(
         RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
     )?)?;
     let owners = slot_owners(&nodes);
-    let mut involved: Vec<&(String, u16)> = keys
-        .iter()
-        .filter_map(|k| {
-            owners
-                .get(key_slot(k.as_bytes()) as usize)
-                .and_then(Option::as_ref)
-        })
-        .collect();
+    let mut involved: Vec<&(String, u16)> = Vec::with_capacity(keys.len());
+    for k in keys {
+        match owners
+            .get(key_slot(k.as_bytes()) as usize)
+            .and_then(Option::as_ref)
+        {
+            Some(owner) => involved.push(owner),
+            // No live master serves the key's slot (mid-failover): nothing can confirm it.
+            None => return Ok(0),
+        }
+    }
     involved.sort();
     involved.dedup();
     let mut fewest = i64::MAX;
@@ -329,12 +332,19 @@ pub(crate) fn wait_for_keys(
     })
 }
 
+/// True for the flags of a master that is neither failed (`fail`) nor suspected (`fail?`).
+/// Whole flags are compared: `nofailover` (a master that will not be failed over) is live.
+fn is_live_master(flags: &str) -> bool {
+    let has = |flag: &str| flags.split(',').any(|f| f == flag);
+    has("master") && !has("fail") && !has("fail?")
+}
+
 /// For each of the 16384 slots, the master serving it, from `CLUSTER NODES` text.
 fn slot_owners(nodes: &str) -> Vec<Option<(String, u16)>> {
     let mut owners = vec![None; 16384];
     for line in nodes.lines() {
         let f: Vec<&str> = line.split_whitespace().collect();
-        if f.len() < 9 || !f[2].split(',').any(|x| x == "master") || f[2].contains("fail") {
+        if f.len() < 9 || !is_live_master(f[2]) {
             continue;
         }
         let Some((host, port)) = f[1]
@@ -390,6 +400,17 @@ pub(crate) fn key_slot(key: &[u8]) -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn live_masters_by_whole_flags() {
+        assert!(is_live_master("master"));
+        assert!(is_live_master("myself,master"));
+        assert!(is_live_master("master,nofailover"));
+        assert!(!is_live_master("master,fail?"));
+        assert!(!is_live_master("master,fail"));
+        assert!(!is_live_master("slave"));
+        assert!(!is_live_master("myself,slave,nofailover"));
+    }
 
     #[test]
     fn key_slots_match_redis() {
