@@ -286,4 +286,14 @@ impl<P: KvStore, S: KvStore> KvStore for DualWrite<P, S> {
     fn stats(&self) -> Result<NamespaceStats> {
         self.primary.stats()
     }
+
+    /// Both stores' flush. The secondary's failure is a divergence (logged), not an error, as
+    /// for writes.
+    fn flush(&self) -> Result<()> {
+        self.primary.flush()?;
+        if let Err(e) = self.secondary.flush() {
+            self.diverged("flush", &[], &e.to_string());
+        }
+        Ok(())
+    }
 }

@@ -17,6 +17,11 @@
 //!   releases it (only if it still owns it, by a compare-and-delete script) after storing the
 //!   answer, or after failing. A holder that dies stops renewing: its lock expires after the TTL
 //!   and a waiter takes over.
+//! - **The answer is in Redis before the lock is released.** The holder stores it, then calls
+//!   [`KvStore::flush`] on the store: every layer forwards it, and a write-behind queue
+//!   (`KV_WRITE_BEHIND`) first waits until the answer is sent. Otherwise the answer could still
+//!   sit in this process's queue when the lock is released, and the next process to take the
+//!   lock would miss it in Redis and pay the LLM again.
 //!
 //! Lock keys are `{prefix}::lock:{namespace}:{hash}`. A namespace can never be empty, so no
 //! namespace's keys (`{prefix}:{namespace}:*`) include them: `all_keys`, `clear`, `stats`,
@@ -24,9 +29,24 @@
 //!
 //! On the JSON backend only the in-process single-flight applies: a JSON working directory has
 //! one writing process at a time anyway (its directory lock).
+//!
+//! # During a Redis outage
+//!
+//! With the fallback journal (`KV_FALLBACK=json`; [`LlmCache::open`] picks it up), an outage
+//! does not fail [`LlmCache::get_or_compute`]: the cache degrades to in-process single-flight
+//! and logs a warning once per outage. Each prompt is computed once per process: the answer
+//! goes to the journal, which answers this process's later calls. Other processes cannot see
+//! the journal, nor take the lock, so during the outage each process may pay once for the same
+//! prompt, and an answer that is in Redis but not in this process's journal is computed again
+//! (an LLM call, never a wrong answer). When Redis answers again, the journals are replayed
+//! (the last replay wins, every replayed answer is a valid one) and single-flight across
+//! processes resumes. While the fallback is offline the lock is not even tried, so an outage
+//! costs no connection timeout per prompt.
+//!
+//! Without the fallback, an outage fails `get_or_compute` with the backend's error.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -36,6 +56,7 @@ use serde_json::Value;
 
 use crate::backend::redis::RedisShared;
 use crate::error::{Error, Result};
+use crate::fallback::Fallback;
 use crate::llm::LlmClient;
 use crate::llm_hash::{compute_args_hash, Message};
 use crate::open::Storage;
@@ -89,6 +110,13 @@ pub struct LlmCache {
     store: Arc<dyn KvStore>,
     /// The cross-process lock; `None` on JSON (in-process single-flight only).
     lock: Option<RedisLock>,
+    /// The fallback under the store, if any: while it is offline (or when Redis fails with a
+    /// connection error or timeout), `get_or_compute` degrades to in-process single-flight
+    /// instead of failing, since the store still takes the answers.
+    fallback: Option<Arc<Fallback>>,
+    /// True from the first degradation of an outage to the next lock taken: the warning is
+    /// logged once per outage, not once per prompt.
+    degraded: AtomicBool,
     /// Computations in progress in this process, by cache key. A `std::sync::Mutex` held only
     /// to look up or insert an entry (never across the LLM call): contention is one map
     /// operation per miss, negligible next to an LLM call.
@@ -122,6 +150,8 @@ impl LlmCache {
         LlmCache {
             store,
             lock: None,
+            fallback: None,
+            degraded: AtomicBool::new(false),
             flights: Mutex::new(HashMap::new()),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
@@ -130,16 +160,28 @@ impl LlmCache {
     }
 
     /// The `llm_response_cache` namespace of `storage`, with the cross-process lock when the
-    /// backend is Redis.
+    /// backend is Redis, and riding out outages when it has a fallback (`KV_FALLBACK`).
     ///
     /// # Errors
     /// As [`Storage::namespace`].
     pub fn open(storage: &Storage) -> Result<LlmCache> {
-        let cache = LlmCache::new(storage.namespace(LLM_RESPONSE_CACHE)?);
-        Ok(match storage.redis() {
-            Some(shared) => cache.with_redis_lock(shared.clone()),
-            None => cache,
-        })
+        let mut cache = LlmCache::new(storage.namespace(LLM_RESPONSE_CACHE)?);
+        if let Some(shared) = storage.redis() {
+            cache = cache.with_redis_lock(shared.clone());
+        }
+        if let Some(fallback) = storage.fallback() {
+            cache = cache.with_fallback(fallback.clone());
+        }
+        Ok(cache)
+    }
+
+    /// Declares that the store sits on `fallback` (a [`crate::fallback::FallbackStore`] under
+    /// any other wrappers): during a Redis outage, [`LlmCache::get_or_compute`] then degrades
+    /// to in-process single-flight with a warning instead of failing. See the [module
+    /// docs](self#during-a-redis-outage).
+    pub fn with_fallback(mut self, fallback: Arc<Fallback>) -> LlmCache {
+        self.fallback = Some(fallback);
+        self
     }
 
     /// Adds single-flight across processes through locks in `shared`'s Redis. `shared` must be
@@ -226,11 +268,15 @@ impl LlmCache {
     /// Redis lock) are serialised: one calls its `f`, the others wait and return that answer.
     /// A waiter calls its own `f` only when the one computing failed, or (across processes)
     /// when the lock holder's lock expired. `f` runs on the calling thread, with no lock of
-    /// this cache held.
+    /// this cache held. With a Redis lock, the answer is flushed through the store (write-behind
+    /// included) before the lock is released.
+    ///
+    /// With a fallback ([`LlmCache::with_fallback`]), a Redis outage is not an error: the call
+    /// degrades to in-process single-flight (see the [module docs](self#during-a-redis-outage)).
     ///
     /// # Errors
     /// `f`'s error (waiters do not see it: one of them computes instead); backend failures,
-    /// including a failure to store `f`'s answer.
+    /// including a failure to store `f`'s answer or to flush it to Redis.
     pub fn get_or_compute(
         &self,
         model: &str,
@@ -293,7 +339,7 @@ impl LlmCache {
         f: impl FnOnce() -> Result<String>,
     ) -> Result<Option<String>> {
         let key = Self::key(model, messages);
-        if let Some(answer) = self.get_key(&key)? {
+        if let Some(answer) = self.lookup(&key)? {
             self.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(Some(answer));
         }
@@ -349,7 +395,7 @@ impl LlmCache {
         f: impl FnOnce() -> Result<String>,
     ) -> Result<Option<String>> {
         // A leader that finished just before this one took its place stored its answer first.
-        if let Some(answer) = self.get_key(key)? {
+        if let Some(answer) = self.lookup(key)? {
             self.count_answered(waited);
             return Ok(Some(answer));
         }
@@ -357,16 +403,35 @@ impl LlmCache {
             return self.compute(key, model, f).map(Some);
         };
         loop {
-            if let Some(held) = lock.try_acquire(key)? {
+            if self.fallback_offline() {
+                // Redis is known to be down: the lock cannot be had, and trying would cost a
+                // connection timeout per prompt. This thread leads this process's flight.
+                self.degrade(&"the fallback journal is taking the writes");
+                return self.compute(key, model, f).map(Some);
+            }
+            let held = match lock.try_acquire(key) {
+                Ok(held) => held,
+                Err(e) if self.rides_out(&e) => {
+                    self.degrade(&e);
+                    return self.compute(key, model, f).map(Some);
+                }
+                Err(e) => return Err(e),
+            };
+            if let Some(held) = held {
+                self.recovered();
                 // The previous holder may have stored its answer and released the lock between
                 // our last look at the cache and our acquisition.
-                if let Some(answer) = self.get_key(key)? {
+                if let Some(answer) = self.lookup(key)? {
                     drop(held);
                     self.count_answered(waited);
                     return Ok(Some(answer));
                 }
-                let result = self.compute(key, model, f);
-                drop(held); // released after the answer is stored: waiters find it
+                // Flushed before the release: a write-behind queue would otherwise still hold
+                // the answer when another process takes the lock and looks in Redis.
+                let result = self
+                    .compute(key, model, f)
+                    .and_then(|answer| self.store.flush().map(|()| answer));
+                drop(held); // released after the answer is in Redis: waiters find it
                 return result.map(Some);
             }
             if wait == Wait::No {
@@ -374,10 +439,51 @@ impl LlmCache {
             }
             waited = true;
             std::thread::sleep(lock.poll);
-            if let Some(answer) = self.get_key(key)? {
+            if let Some(answer) = self.lookup(key)? {
                 self.waits.fetch_add(1, Ordering::Relaxed);
                 return Ok(Some(answer));
             }
+        }
+    }
+
+    /// True when `e` is an outage the fallback absorbs: a connection failure or a timeout,
+    /// with a fallback under the store.
+    fn rides_out(&self, e: &Error) -> bool {
+        self.fallback.is_some() && (e.is_connection() || e.is_timeout())
+    }
+
+    /// True while the fallback journals the writes because Redis is unreachable.
+    fn fallback_offline(&self) -> bool {
+        self.fallback.as_ref().is_some_and(|f| !f.is_online())
+    }
+
+    /// Notes that single-flight is in-process only for now; warns once per outage.
+    fn degrade(&self, cause: &dyn std::fmt::Display) {
+        if !self.degraded.swap(true, Ordering::Relaxed) {
+            log::warn!(
+                "LLM cache: Redis is unreachable ({cause}); degrading to in-process \
+                 single-flight: until Redis answers, other processes may compute the same \
+                 prompts (each process at most once per prompt)"
+            );
+        }
+    }
+
+    /// The cross-process lock was taken again after an outage.
+    fn recovered(&self) {
+        if self.degraded.swap(false, Ordering::Relaxed) {
+            log::info!("LLM cache: Redis answers again; single-flight across processes resumes");
+        }
+    }
+
+    /// `get_key` for `get_or_compute`: with a fallback, an outage reads as a miss
+    /// (the prompt is computed, and its answer journaled) rather than failing the call.
+    fn lookup(&self, key: &str) -> Result<Option<String>> {
+        match self.get_key(key) {
+            Err(e) if self.rides_out(&e) => {
+                self.degrade(&e);
+                Ok(None)
+            }
+            other => other,
         }
     }
 

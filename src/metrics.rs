@@ -746,6 +746,10 @@ impl<S: KvStore> KvStore for Metered<S> {
     fn stats(&self) -> Result<NamespaceStats> {
         self.sample_memory()
     }
+
+    fn flush(&self) -> Result<()> {
+        self.inner.flush()
+    }
 }
 
 #[cfg(test)]

@@ -145,6 +145,23 @@ pub trait KvStore: Send + Sync {
     /// # Errors
     /// Backend failures.
     fn stats(&self) -> Result<NamespaceStats>;
+
+    /// Returns once every write this store accepted before the call has reached the backend:
+    /// on Redis, readable by other processes. Unlike [`KvStore::index_done_callback`], it asks
+    /// for no durable save, so it costs no more than the writes still held back.
+    ///
+    /// The backends write through, so the default does nothing. Every wrapper forwards the
+    /// call, and the write-behind queue first waits until the writes it holds are sent. While
+    /// the fallback is offline, the writes are in its journal (fsynced) and reach Redis only
+    /// when it answers again: other processes cannot see them until then. The JSON backend
+    /// keeps writes in this process until `index_done_callback` saves them.
+    ///
+    /// # Errors
+    /// Those of the write-behind queue's flush: the backend kept failing until the flush
+    /// deadline, writes refused by the backend since the last report, a stopped flusher.
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// A shared store is a store, so wrappers can hold the `Arc<dyn KvStore>` that
@@ -186,6 +203,9 @@ impl<S: KvStore + ?Sized> KvStore for std::sync::Arc<S> {
     }
     fn stats(&self) -> Result<NamespaceStats> {
         (**self).stats()
+    }
+    fn flush(&self) -> Result<()> {
+        (**self).flush()
     }
 }
 

@@ -1826,6 +1826,13 @@ impl<S: KvStore + 'static> KvStore for WriteBehind<S> {
         self.flush()?;
         self.shared.inner.stats()
     }
+
+    /// [`WriteBehind::flush`] (every write accepted before the call is acknowledged by the
+    /// inner store), then the inner store's flush.
+    fn flush(&self) -> Result<()> {
+        WriteBehind::flush(self)?;
+        self.shared.inner.flush()
+    }
 }
 
 #[cfg(test)]
