@@ -763,6 +763,32 @@ fn checkpoint_reports_its_own_failed_rdb_save() {
     assert!(e.to_string().contains("rdb_last_bgsave_status:err"), "{e}");
 }
 
+/// `graphrag-kv import` checkpoints after its writes: when the save fails, the command fails
+/// (non-zero exit) and says why on stderr, instead of reporting the entries as imported.
+#[test]
+fn cli_import_fails_clearly_when_the_save_fails() {
+    let server = RedisServer::start_with(&["--dbfilename", "dump.rdb"]);
+    let work = tempfile::tempdir().unwrap();
+    let file = work.path().join("kv_store_full_docs.json");
+    std::fs::write(&file, r#"{"d1": {"content": "x"}, "d2": {"content": "y"}}"#).unwrap();
+    std::fs::remove_dir_all(server.dir()).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_graphrag-kv"))
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("STORAGE_KV_BACKEND", "redis")
+        .env("REDIS_URL", server.url())
+        .args(["import", "full_docs"])
+        .arg(&file)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "import succeeded: {stderr}");
+    assert!(stderr.contains("checkpoint failed"), "{stderr}");
+    assert!(stderr.contains("rdb_last_bgsave_status:err"), "{stderr}");
+    assert!(!stderr.contains("imported 2 entries"), "{stderr}");
+}
+
 /// `REDIS_WAIT_REPLICAS=1` with the only replica frozen (SIGSTOP): the write is applied on the
 /// master but reported as [`Error::Replication`], neither success nor a socket timeout.
 #[test]
