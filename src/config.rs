@@ -153,7 +153,8 @@ pub struct RedisConfig {
     pub read_from_replicas: bool,
     /// Replicas that must confirm every write batch (`WAIT`) before it returns. Defaults to 0.
     pub wait_replicas: u32,
-    /// How long a write batch waits for `wait_replicas` confirmations. Defaults to 2 s.
+    /// How long a write batch waits for `wait_replicas` confirmations. Defaults to 2 s. Must be
+    /// below `socket_timeout` when `wait_replicas` is set.
     pub wait_timeout: Duration,
     /// Sentinel URLs; when set, the master named `sentinel_master` is found through them.
     /// Defaults to none.
@@ -924,6 +925,21 @@ impl StoreConfigBuilder {
             if d.is_zero() {
                 return Err(config_error(name, "0", "a number of seconds above 0"));
             }
+        }
+        // A WAIT blocks for up to `wait_timeout` before its reply; one that may outlast the
+        // socket timeout would turn a missing replica into a client-side timeout (a broken
+        // connection, retried) instead of `Error::Replication`.
+        if r.wait_replicas > 0 && r.wait_timeout >= r.socket_timeout {
+            return Err(config_error(
+                "REDIS_WAIT_TIMEOUT",
+                &format!("{}", r.wait_timeout.as_secs_f64()),
+                &format!(
+                    "fewer seconds than REDIS_SOCKET_TIMEOUT ({}) when REDIS_WAIT_REPLICAS is \
+                     set, leaving room for the round trip: a WAIT reply later than the socket \
+                     timeout is a timeout, not a replication error",
+                    r.socket_timeout.as_secs_f64()
+                ),
+            ));
         }
         if r.key_prefix.is_empty() || !r.key_prefix.chars().all(is_name_char) {
             return Err(config_error(

@@ -1,7 +1,8 @@
 //! Durability proved with real processes: Redis killed with SIGKILL under AOF `always`, a
 //! graceful restart in the middle of a write stream, and the fallback journal through an outage
-//! and through the death of the writing process. (RDB and AOF `everysec` checkpoints followed by
-//! SIGKILL are in tests/redis.rs.)
+//! and through the death of the writing process. Each runs on redis-server 7.0 (module `redis7`)
+//! and on valkey-server 8.1 (module `valkey8`, the API of Redis 7.2+). (RDB and AOF `everysec`
+//! checkpoints are in tests/redis.rs.)
 
 mod support;
 
@@ -11,7 +12,7 @@ use std::time::Duration;
 
 use graphrag_kv::{BackendKind, Error, KvStore, Storage, StoreConfig, StoreConfigBuilder};
 use serde_json::json;
-use support::RedisServer;
+use support::{RedisServer, ServerKind};
 
 fn config(server: &RedisServer) -> StoreConfigBuilder {
     StoreConfig::builder()
@@ -66,9 +67,9 @@ fn assert_all_present(store: &dyn KvStore, ids: &[String]) {
     }
 }
 
-#[test]
-fn aof_always_sigkill_mid_stream_keeps_every_acknowledged_write() {
-    let mut server = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+fn aof_always_sigkill_mid_stream_keeps_every_acknowledged_write(kind: ServerKind) {
+    let mut server =
+        RedisServer::start_kind_with(kind, &["--appendonly", "yes", "--appendfsync", "always"]);
     let storage = Storage::open(&config(&server).retries(0).build().unwrap()).unwrap();
     let store = storage.namespace("text_chunks").unwrap();
     let stop = Arc::new(AtomicBool::new(false));
@@ -90,9 +91,9 @@ fn aof_always_sigkill_mid_stream_keeps_every_acknowledged_write() {
     assert_all_present(&*store, &acked);
 }
 
-#[test]
-fn graceful_restart_mid_stream_is_ridden_through() {
-    let mut server = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+fn graceful_restart_mid_stream_is_ridden_through(kind: ServerKind) {
+    let mut server =
+        RedisServer::start_kind_with(kind, &["--appendonly", "yes", "--appendfsync", "always"]);
     let storage = Storage::open(&config(&server).retries(12).build().unwrap()).unwrap();
     let store = storage.namespace("text_chunks").unwrap();
     let stop = Arc::new(AtomicBool::new(false));
@@ -112,9 +113,8 @@ fn fallback_config(server: &RedisServer, dir: &std::path::Path) -> StoreConfig {
     config(server).retries(1).fallback_dir(dir).build().unwrap()
 }
 
-#[test]
-fn fallback_journals_an_outage_and_replays_it() {
-    let mut server = RedisServer::start_with(&["--appendonly", "yes"]);
+fn fallback_journals_an_outage_and_replays_it(kind: ServerKind) {
+    let mut server = RedisServer::start_kind_with(kind, &["--appendonly", "yes"]);
     let dir = tempfile::tempdir().unwrap();
     let storage = Storage::open(&fallback_config(&server, dir.path())).unwrap();
     let store = storage.namespace("llm_response_cache").unwrap();
@@ -207,9 +207,8 @@ fn fallback_child_writer() {
     std::process::abort();
 }
 
-#[test]
-fn journal_of_a_dead_process_is_replayed_by_the_next_open() {
-    let mut server = RedisServer::start();
+fn journal_of_a_dead_process_is_replayed_by_the_next_open(kind: ServerKind) {
+    let mut server = RedisServer::start_kind(kind);
     let url = server.url();
     server.stop();
     let dir = tempfile::tempdir().unwrap();
@@ -246,9 +245,8 @@ fn journal_of_a_dead_process_is_replayed_by_the_next_open() {
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
 
-#[test]
-fn store_opens_while_redis_is_down() {
-    let mut server = RedisServer::start();
+fn store_opens_while_redis_is_down(kind: ServerKind) {
+    let mut server = RedisServer::start_kind(kind);
     server.stop();
     let dir = tempfile::tempdir().unwrap();
     let storage = Storage::open(&fallback_config(&server, dir.path())).unwrap();
@@ -260,9 +258,8 @@ fn store_opens_while_redis_is_down() {
     assert!(!storage.fallback().unwrap().is_online());
 }
 
-#[test]
-fn write_behind_over_fallback_loses_nothing_through_an_outage() {
-    let mut server = RedisServer::start_with(&["--appendonly", "yes"]);
+fn write_behind_over_fallback_loses_nothing_through_an_outage(kind: ServerKind) {
+    let mut server = RedisServer::start_kind_with(kind, &["--appendonly", "yes"]);
     let dir = tempfile::tempdir().unwrap();
     let vars: std::collections::HashMap<String, String> = [
         ("STORAGE_KV_BACKEND", "redis".to_string()),
@@ -305,3 +302,30 @@ fn write_behind_over_fallback_loses_nothing_through_an_outage() {
     let plain = Storage::open(&config(&server).key_prefix("wbf").build().unwrap()).unwrap();
     assert_all_present(&*plain.namespace("text_chunks").unwrap(), &ids);
 }
+
+/// Each scenario on both servers.
+macro_rules! on_both_servers {
+    ($($name:ident),* $(,)?) => {
+        mod redis7 {
+            $(#[test]
+            fn $name() {
+                super::$name(super::ServerKind::Redis);
+            })*
+        }
+        mod valkey8 {
+            $(#[test]
+            fn $name() {
+                super::$name(super::ServerKind::Valkey);
+            })*
+        }
+    };
+}
+
+on_both_servers!(
+    aof_always_sigkill_mid_stream_keeps_every_acknowledged_write,
+    graceful_restart_mid_stream_is_ridden_through,
+    fallback_journals_an_outage_and_replays_it,
+    journal_of_a_dead_process_is_replayed_by_the_next_open,
+    store_opens_while_redis_is_down,
+    write_behind_over_fallback_loses_nothing_through_an_outage
+);

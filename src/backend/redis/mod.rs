@@ -457,7 +457,7 @@ impl RedisShared {
     fn checkpoint(&self) -> Result<()> {
         let outcome = self.checkpoints.run(|| {
             let durable = self.each_master("index_done_callback", "", |ops, _| {
-                checkpoint_server(ops, CHECKPOINT_TIMEOUT)
+                checkpoint_server(ops, CHECKPOINT_TIMEOUT, &self.config.key_prefix)
             });
             let why = match durable {
                 Ok(all) => all.into_iter().find_map(|d| match d {
