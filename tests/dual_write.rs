@@ -369,12 +369,11 @@ fn two_handles_racing_on_the_same_ids_leave_both_stores_identical() {
     .namespace("full_docs")
     .unwrap();
     let ids: Vec<String> = (0..4).map(|i| format!("shared-{i}")).collect();
-    let threads = HANDLES;
-    let barrier = std::sync::Barrier::new(threads);
+    let barrier = std::sync::Barrier::new(HANDLES);
     let diverged: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
     std::thread::scope(|scope| {
-        for t in 0..threads {
-            let handle = handles[t].clone();
+        for (t, handle) in handles.iter().enumerate() {
+            let handle = handle.clone();
             // Uneven values: a writer with big values takes longer between its JSON and its
             // Redis write, so a writer with small ones can overtake it in between.
             let pad = if t % 2 == 0 {

@@ -575,10 +575,8 @@ mod tests {
     fn directory_fsync_error_is_reported() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kv_store_x.json");
-        let e = write_atomically_with(&path, b"{}", |_| {
-            Err(io::Error::new(io::ErrorKind::Other, "injected EIO"))
-        })
-        .unwrap_err();
+        let e = write_atomically_with(&path, b"{}", |_| Err(io::Error::other("injected EIO")))
+            .unwrap_err();
         match &e {
             Error::Io {
                 action, path: p, ..
