@@ -4,7 +4,7 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 
@@ -14,6 +14,9 @@ use crate::store::{Item, KvStore, NamespaceStats};
 
 /// How many ids a divergence warning names; the rest are counted.
 const IDS_IN_WARNING: usize = 5;
+
+/// The lock that puts the writes of one namespace's `DualWrite`s in one order.
+pub(crate) type WriteOrder = Arc<Mutex<()>>;
 
 /// Writes every change to a primary and a secondary store and reads from the primary only.
 ///
@@ -28,6 +31,10 @@ const IDS_IN_WARNING: usize = 5;
 /// Writes (`upsert`, `delete_by_ids`, `clear`) are serialized per `DualWrite`, so two threads
 /// writing the same id leave both stores with the same last value; without that, the two stores
 /// could apply the two writes in opposite orders and diverge silently. Reads are not serialized.
+/// Every `DualWrite` that [`crate::Storage::namespace`] builds for one namespace of one
+/// `Storage` (and its clones) shares one order, so two handles of a namespace are ordered
+/// too. Two `DualWrite`s built by hand, or by two separately opened `Storage`s, are not
+/// ordered against each other: open the namespace from one `Storage`.
 /// This only orders writes of one process, which is enough while a JSON store is one of the two:
 /// its directory lock allows one writing process.
 ///
@@ -72,7 +79,9 @@ pub struct DualWrite<P, S> {
     /// Held across the primary's and the secondary's write so both apply writes in one order.
     /// A `std::sync::Mutex` rather than a channel to a writer thread: the caller must see the
     /// primary's result synchronously, and the lock is uncontended for a single-writer indexer.
-    write_order: Mutex<()>,
+    /// Shared (an `Arc`) by every handle `Storage` opens for the namespace: a lock per handle
+    /// would let two handles apply the same ids in opposite orders.
+    write_order: WriteOrder,
     /// Where divergences are also counted, if anywhere.
     metrics: Option<Metrics>,
 }
@@ -105,9 +114,16 @@ impl<P: KvStore, S: KvStore> DualWrite<P, S> {
             primary_name: "primary".into(),
             secondary_name: "secondary".into(),
             divergences: AtomicU64::new(0),
-            write_order: Mutex::new(()),
+            write_order: WriteOrder::default(),
             metrics: None,
         }
+    }
+
+    /// Orders this store's writes with every other `DualWrite` holding `order` (all the
+    /// handles of one namespace).
+    pub(crate) fn with_write_order(mut self, order: WriteOrder) -> Self {
+        self.write_order = order;
+        self
     }
 
     /// Names the two stores in log lines (e.g. `json` and `redis`). Defaults to `primary` and

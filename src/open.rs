@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, Weak};
 use crate::backend::json_file::JsonDir;
 use crate::backend::redis::RedisShared;
 use crate::config::{BackendKind, RedisConfig, StoreConfig};
-use crate::dual_write::DualWrite;
+use crate::dual_write::{DualWrite, WriteOrder};
 use crate::error::Result;
 use crate::fallback::{Fallback, FallbackGuard};
 use crate::metrics::{Metered, Metrics};
@@ -35,6 +35,11 @@ enum Inner {
         json: Arc<JsonDir>,
         redis: Arc<RedisShared>,
         primary: BackendKind,
+        /// One write order per namespace, shared by every `DualWrite` this storage (and its
+        /// clones) builds for it: each `namespace()` call builds a new `DualWrite`, and handles
+        /// with separate locks could apply the same ids to the two stores in opposite orders.
+        /// Weak, so a namespace no handle uses any more costs nothing.
+        write_orders: Arc<Mutex<HashMap<String, Weak<Mutex<()>>>>>,
     },
 }
 
@@ -62,6 +67,7 @@ impl Storage {
                     json: JsonDir::open(&config.json.working_dir)?,
                     redis: shared_redis(config)?,
                     primary: dual.primary,
+                    write_orders: Arc::default(),
                 },
                 write_behind: config.write_behind.clone(),
                 metrics: None,
@@ -163,6 +169,7 @@ impl Storage {
                 json,
                 redis,
                 primary,
+                write_orders,
             } => {
                 let j: Arc<dyn KvStore> = json.namespace(namespace)?;
                 let r: Arc<dyn KvStore> = Arc::new(redis.namespace(namespace)?);
@@ -170,7 +177,9 @@ impl Storage {
                     BackendKind::Json => (j, r, ("json", "redis")),
                     BackendKind::Redis => (r, j, ("redis", "json")),
                 };
-                let mut dual = DualWrite::new(p, s).with_names(names.0, names.1);
+                let mut dual = DualWrite::new(p, s)
+                    .with_names(names.0, names.1)
+                    .with_write_order(write_order(write_orders, namespace));
                 if let Some(m) = &self.metrics {
                     dual = dual.with_metrics(m);
                 }
@@ -290,6 +299,18 @@ fn shared_redis(config: &StoreConfig) -> Result<Arc<RedisShared>> {
     let shared = RedisShared::connect(&config.redis)?;
     pools.push((config.redis.clone(), Arc::downgrade(&shared)));
     Ok(shared)
+}
+
+/// The write order of `namespace` in `orders`, created on first use.
+fn write_order(orders: &Mutex<HashMap<String, Weak<Mutex<()>>>>, namespace: &str) -> WriteOrder {
+    let mut orders = orders.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(order) = orders.get(namespace).and_then(Weak::upgrade) {
+        return order;
+    }
+    orders.retain(|_, w| w.strong_count() > 0);
+    let order = WriteOrder::default();
+    orders.insert(namespace.to_string(), Arc::downgrade(&order));
+    order
 }
 
 /// Write-behind queues of this process, by backend object and namespace.

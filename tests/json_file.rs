@@ -200,3 +200,88 @@ fn list_namespaces_reads_the_files() {
         ["full_docs", "text_chunks"]
     );
 }
+
+/// The mode a file created with `File::create` gets here (0666 less the umask), found by
+/// creating one, so the test does not have to change the process-wide umask.
+#[cfg(unix)]
+fn file_create_mode(dir: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    let probe = dir.join("probe-file-create-mode");
+    std::fs::File::create(&probe).unwrap();
+    let mode = std::fs::metadata(&probe).unwrap().permissions().mode() & 0o7777;
+    std::fs::remove_file(&probe).unwrap();
+    mode
+}
+
+#[cfg(unix)]
+fn mode_of(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+/// A save keeps the mode of the file it replaces (a query service running as another user in
+/// the file's group must still read it), and a new file gets `File::create`'s mode.
+#[cfg(unix)]
+#[test]
+fn save_keeps_the_file_mode_and_new_files_get_file_create_mode() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    for (ns, mode) in [
+        ("full_docs", 0o640),
+        ("text_chunks", 0o644),
+        ("community_reports", 0o604),
+    ] {
+        let path = dir.path().join(file_name(ns));
+        std::fs::write(&path, "{}").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let expected_new = file_create_mode(dir.path());
+    // The group too, when this process may set it (root may give any group).
+    let group_path = dir.path().join(file_name("full_docs"));
+    let group_set = std::os::unix::fs::chown(&group_path, None, Some(4242)).is_ok();
+    {
+        let storage = Storage::open(
+            &StoreConfig::builder()
+                .working_dir(dir.path())
+                .build()
+                .unwrap(),
+        )
+        .unwrap();
+        for ns in [
+            "full_docs",
+            "text_chunks",
+            "community_reports",
+            "llm_response_cache",
+        ] {
+            let s = storage.namespace(ns).unwrap();
+            for round in 0..2 {
+                s.upsert(vec![("k".into(), json!({ "round": round }))])
+                    .unwrap();
+                s.index_done_callback().unwrap();
+            }
+        }
+    }
+    for (ns, mode) in [
+        ("full_docs", 0o640),
+        ("text_chunks", 0o644),
+        ("community_reports", 0o604),
+        ("llm_response_cache", expected_new),
+    ] {
+        let path = dir.path().join(file_name(ns));
+        assert_eq!(
+            mode_of(&path),
+            mode,
+            "mode of {} after two saves: {:o}, expected {:o}",
+            path.display(),
+            mode_of(&path),
+            mode
+        );
+        let saved: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(saved, json!({"k": {"round": 1}}));
+    }
+    if group_set {
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(std::fs::metadata(&group_path).unwrap().gid(), 4242);
+    }
+}

@@ -7,7 +7,8 @@
 //! - Loaded whole when the namespace is opened; held in memory; written back whole by
 //!   `index_done_callback` (and when the last handle is dropped, if anything changed).
 //! - Written atomically: a temporary file in the same directory, fsync, rename, fsync of the
-//!   directory. A crash leaves the old file or the new one, never a truncated one.
+//!   directory. A crash leaves the old file or the new one, never a truncated one. The new
+//!   file keeps the old one's mode, so readers running as another user keep their access.
 //! - A corrupt or truncated file is refused with its path, line and column, and never
 //!   overwritten.
 //! - One writer per directory: opening for writing takes an advisory lock on
@@ -444,16 +445,54 @@ pub fn to_python_json<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
 }
 
 /// Replaces `path` with `bytes` so that a crash leaves either the old or the new file.
+///
+/// The new file keeps the mode of the file it replaces (and its group, where the process may
+/// set it), so a reader running as another user keeps its access; a new file gets the mode
+/// `File::create` gives (0666 less the umask), not the 0600 of a temporary file.
+///
+/// # Errors
+/// [`Error::Io`] naming `path` and the step that failed. When the fsync of the directory
+/// after the rename fails, the new file is in place but its rename may not survive a crash:
+/// that is an error too, since the caller asked for a durable save.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomically_with(path, bytes, sync_dir)
+}
+
+/// Makes the directory entries of `dir` durable (the rename into place).
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// [`write_atomically`] with the directory fsync passed in, so the error path can be tested.
+fn write_atomically_with(
+    path: &Path,
+    bytes: &[u8],
+    sync_dir: impl FnOnce(&Path) -> io::Result<()>,
+) -> Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".kv_store_")
-        .suffix(".tmp")
+    let existing = match fs::metadata(path) {
+        Ok(m) => Some(m),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(io_error("reading the permissions of", path, e)),
+    };
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(".kv_store_").suffix(".tmp");
+    // Created as `File::create` would (the umask applies), instead of tempfile's 0600.
+    #[cfg(unix)]
+    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
+    let mut tmp = builder
         .tempfile_in(dir)
         .map_err(|e| io_error("creating a temporary file to write", path, e))?;
+    if let Some(old) = &existing {
+        keep_owner_group(tmp.as_file(), old, path);
+        // Exactly the old mode, whatever the umask: set after creation, not at open.
+        tmp.as_file()
+            .set_permissions(old.permissions())
+            .map_err(|e| io_error("setting the permissions of", path, e))?;
+    }
     {
         let mut w = BufWriter::new(tmp.as_file_mut());
         w.write_all(bytes)
@@ -466,11 +505,31 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     tmp.persist(path)
         .map_err(|e| io_error("renaming into place", path, e.error))?;
     // The rename is durable only once the directory entry is.
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    sync_dir(dir).map_err(|e| io_error("syncing the directory after replacing", path, e))
 }
+
+/// Gives the new file the old file's group, so group readers keep their access. Only the
+/// owner or root may change a group, and only to one of its own groups: when that is not
+/// allowed the save goes on (the data matters more) and says so.
+#[cfg(unix)]
+fn keep_owner_group(new: &File, old: &fs::Metadata, path: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(now) = new.metadata() else { return };
+    if now.gid() == old.gid() {
+        return;
+    }
+    if let Err(e) = std::os::unix::fs::fchown(new, None, Some(old.gid())) {
+        log::warn!(
+            "{}: the saved file's group cannot be kept ({} instead of {}): {e}",
+            path.display(),
+            now.gid(),
+            old.gid()
+        );
+    }
+}
+
+#[cfg(not(unix))]
+fn keep_owner_group(_new: &File, _old: &fs::Metadata, _path: &Path) {}
 
 fn io_error(action: &'static str, path: &Path, source: io::Error) -> Error {
     Error::Io {
@@ -507,5 +566,29 @@ mod tests {
             .to_string();
         assert!(e.contains("f.json") && e.contains("an array"), "{e}");
         assert!(parse_kv_file(Path::new("f.json"), b"").is_err());
+    }
+
+    /// A failed fsync of the directory after the rename is the save's error, not ignored:
+    /// the caller asked for a durable save and did not get one. (No real file system here
+    /// makes a directory fsync fail on demand, hence the injected failure.)
+    #[test]
+    fn directory_fsync_error_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kv_store_x.json");
+        let e = write_atomically_with(&path, b"{}", |_| Err(io::Error::other("injected EIO")))
+            .unwrap_err();
+        match &e {
+            Error::Io {
+                action, path: p, ..
+            } => {
+                assert!(action.contains("directory"), "{e}");
+                assert_eq!(p, &path);
+            }
+            other => panic!("expected Error::Io, got {other:?}"),
+        }
+        assert!(e.to_string().contains("injected EIO"), "{e}");
+        // The real one succeeds.
+        write_atomically(&path, b"{}").unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"{}");
     }
 }
