@@ -357,3 +357,21 @@ fn oom_is_retried_a_few_times_then_reported_as_refused() {
     wb.flush().unwrap();
     assert_eq!(wb.inner().get_by_id("doc-1").unwrap(), Some(json!("y")));
 }
+
+/// The same on a cluster, whose upsert path reports each key's error itself: a one-master
+/// cluster with `min-replicas-to-write 1` answers `NOREPLICAS` per SET, and the key's error
+/// keeps that code, so the writes are retried until it is lifted.
+#[test]
+fn cluster_noreplicas_writes_are_retried_until_the_server_takes_them() {
+    let cluster = support::cluster::RedisCluster::start_with(1, 0, &[]);
+    let node = &cluster.nodes()[0];
+    let mut admin = node.conn();
+    let shared = redis_shared(cluster.url_list(), "cnorep", 0);
+    assert_eq!(shared.mode(), "cluster");
+    let wb = write_behind(&shared);
+    config_set(&mut admin, "min-replicas-to-write", "1");
+    retried_until_the_condition_clears(&wb, &mut admin, "NOREPLICAS", |admin| {
+        config_set(admin, "min-replicas-to-write", "0")
+    });
+    wb.close().unwrap();
+}
