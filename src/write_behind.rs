@@ -40,8 +40,10 @@
 //!   sent item by item, so only the refused writes are dropped. Each is logged at once, and the
 //!   next [`WriteBehind::flush`] or `index_done_callback` *of the thread that queued it*
 //!   returns [`Error::WritesRefused`]: the count, the first few ids and the first error. Other
-//!   threads' flushes do not see it. Refusals of a thread that never flushes again are
-//!   returned by [`WriteBehind::close`] (and logged by drop and `into_inner`).
+//!   threads' flushes do not see it while that thread runs; once it has ended, its unreported
+//!   refusals go to the next flush of any thread, so they are not lost with it. What is left
+//!   is returned by [`WriteBehind::close`]; each refusal is also logged at error level when it
+//!   happens.
 //!
 //! # What it costs
 //!
@@ -133,7 +135,7 @@ use std::fmt;
 use std::hash::{BuildHasher, Hasher};
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
 use std::thread::{JoinHandle, ThreadId};
 use std::time::{Duration, Instant};
 
@@ -509,8 +511,22 @@ struct Entry {
     pending: Pending,
 }
 
+thread_local! {
+    /// Lives as long as its thread; the queue keeps weak references to it. A refusal whose
+    /// writer has ended is reported by any thread's next flush, so it is not lost with the
+    /// thread (workers of a pool that ends before the main thread's `index_done_callback`).
+    static WRITER_TOKEN: Arc<()> = Arc::new(());
+}
+
+/// The calling thread's token; a dead one while the thread is being torn down.
+fn writer_token() -> Weak<()> {
+    WRITER_TOKEN.try_with(Arc::downgrade).unwrap_or_default()
+}
+
 /// Refused writes of one thread since its last report.
 struct Refusal {
+    /// See [`Op::writer_alive`].
+    writer_alive: Weak<()>,
     /// The backend's error for the first of them.
     first: Error,
     count: u64,
@@ -541,6 +557,8 @@ struct Op {
     bytes: usize,
     /// The thread that queued it: a refusal is reported to that thread's next flush.
     writer: ThreadId,
+    /// Dead once that thread has ended: its refusals then go to any thread's next flush.
+    writer_alive: Weak<()>,
     /// When the call was accepted, for the age limit.
     at: Instant,
     /// A later write of the same id is in the same batch, so this one is not sent. Set when the
@@ -684,6 +702,7 @@ impl<S: KvStore> Shared<S> {
         // Work that needs no lock is done before taking it: sizes, the shared ids.
         let at = Instant::now();
         let writer = std::thread::current().id();
+        let writer_alive = writer_token();
         let mut prepared: Vec<Op> = writes
             .into_iter()
             .map(|(id, value)| {
@@ -694,6 +713,7 @@ impl<S: KvStore> Shared<S> {
                     value,
                     bytes,
                     writer,
+                    writer_alive: writer_alive.clone(),
                     at,
                     superseded: false,
                 }
@@ -815,23 +835,37 @@ impl<S: KvStore> Shared<S> {
         self.take_refused(&mut st, Some(std::thread::current().id()))
     }
 
-    /// Reports (once) the writes the backend refused: those `writer` queued, or every
-    /// thread's when `None` (at close).
+    /// Reports (once) the writes the backend refused: those `writer` queued and those of
+    /// threads that have ended, or every thread's when `None` (at close).
     fn take_refused(&self, st: &mut State, writer: Option<ThreadId>) -> Result<()> {
-        let refusal = match writer {
-            Some(thread) => st.refused.remove(&thread),
-            None => {
-                let mut all = st.refused.drain().map(|(_, r)| r);
-                all.next().map(|mut first| {
-                    for r in all {
-                        first.count += r.count;
-                        let room = REFUSED_IDS_KEPT.saturating_sub(first.ids.len());
-                        first.ids.extend(r.ids.into_iter().take(room));
-                    }
-                    first
-                })
+        let mine: Vec<ThreadId> = st
+            .refused
+            .iter()
+            .filter(|(thread, r)| {
+                writer.is_none_or(|w| w == **thread) || r.writer_alive.strong_count() == 0
+            })
+            .map(|(thread, _)| *thread)
+            .collect();
+        // The caller's own first, so its first error is the one returned.
+        let mut taken: Vec<Refusal> = Vec::with_capacity(mine.len());
+        for thread in mine {
+            if let Some(r) = st.refused.remove(&thread) {
+                if Some(thread) == writer {
+                    taken.insert(0, r);
+                } else {
+                    taken.push(r);
+                }
             }
-        };
+        }
+        let mut all = taken.into_iter();
+        let refusal = all.next().map(|mut first| {
+            for r in all {
+                first.count += r.count;
+                let room = REFUSED_IDS_KEPT.saturating_sub(first.ids.len());
+                first.ids.extend(r.ids.into_iter().take(room));
+            }
+            first
+        });
         match refusal {
             None => Ok(()),
             Some(r) => Err(Error::WritesRefused {
@@ -1165,6 +1199,7 @@ impl<S: KvStore> Shared<S> {
             }
             MapEntry::Vacant(r) => {
                 r.insert(Refusal {
+                    writer_alive: op.writer_alive.clone(),
                     first: e,
                     count: 1,
                     ids: vec![op.id.to_string()],
@@ -1699,7 +1734,8 @@ impl<S: KvStore + 'static> WriteBehind<S> {
     ///   retrying after that), or [`Error::Unavailable`] if none was recorded.
     /// - [`Error::WritesRefused`] for writes this thread queued that the backend refused since
     ///   this thread's last report (they were dropped): their count, first ids and first
-    ///   error. Writes refused from other threads are theirs to hear about.
+    ///   error; also those of threads that have ended without hearing of theirs. Writes
+    ///   refused from other running threads are theirs to hear about.
     /// - [`Error::Unavailable`] when the flusher thread has stopped.
     pub fn flush(&self) -> Result<()> {
         self.shared.flush_timeout(self.shared.config.flush_timeout)

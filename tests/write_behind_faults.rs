@@ -375,3 +375,33 @@ fn cluster_noreplicas_writes_are_retried_until_the_server_takes_them() {
     });
     wb.close().unwrap();
 }
+
+/// A worker that ended without flushing does not take its refusals with it: the next flush of
+/// any thread (here the main thread's `index_done_callback`) reports them.
+#[test]
+fn refusals_of_an_ended_thread_go_to_the_next_flush() {
+    let server = RedisServer::start();
+    let shared = redis_shared(restricted_user(&server), "wb", 0);
+    let wb = Arc::new(WriteBehind::new(
+        shared.namespace("ns").unwrap(),
+        WriteBehindConfig::default(),
+    ));
+    let worker = {
+        let wb = wb.clone();
+        thread::spawn(move || {
+            wb.upsert(vec![
+                ("good-w".into(), json!(1)),
+                ("bad-w".into(), json!(2)),
+            ])
+            .unwrap();
+        })
+    };
+    worker.join().unwrap();
+    let e = wb.index_done_callback().unwrap_err();
+    assert!(
+        matches!(&e, Error::WritesRefused { count: 1, ids, .. } if ids == &["bad-w"]),
+        "{e:?}"
+    );
+    wb.flush().unwrap();
+    assert_eq!(wb.get_by_id("good-w").unwrap(), Some(json!(1)));
+}
