@@ -304,7 +304,7 @@ fn an_outage_holds_the_queue_to_its_byte_bound() {
     // The queue fills to the bound: at least the values that fit, a few more at most (the
     // flusher takes up to one batch plus `in_flight` batches off the queue).
     assert!(
-        taken >= RSS_BOUND / RSS_VALUE / 2 && taken < RSS_VALUES,
+        (RSS_BOUND / RSS_VALUE / 2..RSS_VALUES).contains(&taken),
         "{taken} of {RSS_VALUES} values of 1 MiB taken with a bound of {bound_mib} MiB\n{stdout}"
     );
     assert!(stdout.contains("REFUSED"), "{stdout}");
