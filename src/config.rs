@@ -30,6 +30,7 @@
 //! | `KV_WRITE_BEHIND_BATCH_BYTES` | 4194304 | bytes per batch |
 //! | `KV_WRITE_BEHIND_DELAY_MS` | 5 | longest a queued write waits before it is sent |
 //! | `KV_WRITE_BEHIND_CAPACITY` | 16384 | queued items before producers block |
+//! | `KV_WRITE_BEHIND_CAPACITY_BYTES` | 268435456 | queued bytes of values before producers block |
 //! | `KV_WRITE_BEHIND_ENQUEUE_TIMEOUT_MS` | 30000 | how long a producer blocks on a full queue |
 //! | `KV_WRITE_BEHIND_FLUSH_TIMEOUT_MS` | 30000 | deadline of flush, close and drop |
 //! | `KV_WRITE_BEHIND_IN_FLIGHT` | 4 | batches being sent at once (one thread each) |

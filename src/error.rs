@@ -181,6 +181,26 @@ pub enum Error {
         confirmed: u32,
     },
 
+    /// Writes that a write-behind queue had accepted and the backend then refused for good (a
+    /// value too large, out of memory after retries, no permission): they were dropped. Reported
+    /// by the next `flush` or `index_done_callback` of the thread that wrote them.
+    #[error(
+        "namespace {namespace:?}: the backend refused {count} queued write(s), which were \
+         dropped (ids: {}); first error: {source}",
+        list_ids(.ids, *.count)
+    )]
+    WritesRefused {
+        /// The namespace.
+        namespace: String,
+        /// How many writes were refused since the last report.
+        count: u64,
+        /// The ids of the first few of them, in the order they were refused.
+        ids: Vec<String>,
+        /// The backend's error for the first of them.
+        #[source]
+        source: Box<Error>,
+    },
+
     /// The backend cannot answer right now and no local copy can either.
     #[error("namespace {namespace:?} is unavailable: {reason}")]
     Unavailable {
@@ -224,6 +244,13 @@ impl Error {
         }
     }
 
+    /// True when the server refused a write for lack of memory (`OOM`: `maxmemory` reached with
+    /// nothing it may evict). Not retryable in general, as it may last; the write-behind queue
+    /// retries it a few times before it drops the write.
+    pub fn is_out_of_memory(&self) -> bool {
+        matches!(self, Error::Redis { source, .. } if server_codes(source).iter().any(|c| c == "OOM"))
+    }
+
     /// True when the server refused a command for lack of permission (ACL `NOPERM`).
     pub fn is_permission_denied(&self) -> bool {
         matches!(self, Error::Redis { source, .. } if is_noperm(source))
@@ -235,15 +262,50 @@ pub(crate) fn is_connection_error(e: &redis::RedisError) -> bool {
     e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout()
 }
 
-/// True for errors worth retrying an idempotent command on.
+/// Server replies that mean "not now": the server or the cluster is in a state that passes
+/// (loading its data, a script running, a failover, a failed BGSAVE with
+/// `stop-writes-on-bgsave-error`, too few replicas for `min-replicas-to-write`), and the same
+/// command succeeds once it has.
+const TRANSIENT_CODES: [&str; 8] = [
+    "LOADING",
+    "TRYAGAIN",
+    "CLUSTERDOWN",
+    "MASTERDOWN",
+    "BUSY",
+    "READONLY",
+    "MISCONF",
+    "NOREPLICAS",
+];
+
+/// True for errors worth retrying an idempotent command on: connection errors, and server
+/// replies with a [`TRANSIENT_CODES`] code. A pipeline's error is retryable when every failed
+/// command in it failed with such a code (redis-rs reports the code of an unknown one, such
+/// as `MISCONF`, only per command).
 pub(crate) fn is_retryable_redis(e: &redis::RedisError) -> bool {
     if is_connection_error(e) {
         return true;
     }
-    matches!(
-        e.code(),
-        Some("LOADING" | "TRYAGAIN" | "CLUSTERDOWN" | "MASTERDOWN" | "BUSY" | "READONLY")
-    )
+    let codes = server_codes(e);
+    !codes.is_empty() && codes.iter().all(|c| TRANSIENT_CODES.contains(&c.as_str()))
+}
+
+/// The error codes the server answered: one for a command, one per failed command of a
+/// pipeline; none for a client-side error.
+fn server_codes(e: &redis::RedisError) -> Vec<String> {
+    // A clone of a RedisError is a reference count: it holds its parts in `Arc`s.
+    match e.clone().into_server_errors() {
+        Some(errors) => errors.iter().map(|(_, s)| s.code().to_string()).collect(),
+        None => e.code().map(str::to_string).into_iter().collect(),
+    }
+}
+
+/// The ids of a [`Error::WritesRefused`] for its message: `"a", "b", ... (n in all)`.
+fn list_ids(ids: &[String], count: u64) -> String {
+    let mut out: Vec<String> = ids.iter().map(|id| display_id(id)).collect();
+    if count > ids.len() as u64 {
+        out.push(format!("... ({count} in all)"));
+    }
+    out.join(", ")
 }
 
 /// True when the server answered NOPERM (ACL).
@@ -262,4 +324,130 @@ pub(crate) fn display_id(id: &str) -> String {
         cut -= 1;
     }
     format!("{:?}... ({} bytes)", &id[..cut], id.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An error as redis-rs builds it from a server's error reply.
+    fn server_error(reply: &str) -> redis::RedisError {
+        let mut parser = redis::Parser::new();
+        match parser
+            .parse_value(format!("-{reply}\r\n").as_bytes())
+            .unwrap()
+        {
+            redis::Value::ServerError(e) => e.into(),
+            other => panic!("not an error reply: {other:?}"),
+        }
+    }
+
+    /// A pipeline's error, as redis-rs builds it from its replies.
+    fn pipeline_error(replies: &[&str]) -> redis::RedisError {
+        let mut input = Vec::new();
+        for r in replies {
+            input.extend_from_slice(format!("{r}\r\n").as_bytes());
+        }
+        let mut parser = redis::Parser::new();
+        let mut reader = &input[..];
+        let values: Vec<redis::Value> = (0..replies.len())
+            .map(|_| parser.parse_value(&mut reader).unwrap())
+            .collect();
+        let mut p = redis::pipe();
+        for _ in replies {
+            p.cmd("SET");
+        }
+        struct Replies(Option<Vec<redis::Value>>);
+        impl redis::ConnectionLike for Replies {
+            fn req_packed_command(&mut self, _: &[u8]) -> redis::RedisResult<redis::Value> {
+                Ok(redis::Value::Nil)
+            }
+            fn req_packed_commands(
+                &mut self,
+                _: &[u8],
+                _: usize,
+                _: usize,
+            ) -> redis::RedisResult<Vec<redis::Value>> {
+                Ok(self.0.take().unwrap_or_default())
+            }
+            fn get_db(&self) -> i64 {
+                0
+            }
+            fn check_connection(&mut self) -> bool {
+                true
+            }
+            fn is_open(&self) -> bool {
+                true
+            }
+        }
+        p.query::<Vec<redis::Value>>(&mut Replies(Some(values)))
+            .unwrap_err()
+    }
+
+    fn wrapped(source: redis::RedisError) -> Error {
+        Error::Redis {
+            operation: "upsert",
+            namespace: "ns".into(),
+            source,
+        }
+    }
+
+    #[test]
+    fn transient_server_states_are_retryable() {
+        for reply in [
+            "MISCONF Redis is configured to save RDB snapshots, but it's currently unable to persist to disk",
+            "NOREPLICAS Not enough good replicas to write.",
+            "LOADING Redis is loading the dataset in memory",
+            "BUSY Redis is busy running a script.",
+            "MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.",
+            "TRYAGAIN Multiple keys request during rehashing of slot",
+            "CLUSTERDOWN The cluster is down",
+            "READONLY You can't write against a read only replica.",
+        ] {
+            let e = wrapped(server_error(reply));
+            assert!(e.is_retryable(), "{reply}");
+            let e = wrapped(pipeline_error(&["+OK", &format!("-{reply}"), "+OK"]));
+            assert!(e.is_retryable(), "in a pipeline: {reply}");
+        }
+    }
+
+    #[test]
+    fn refusals_are_not_retryable() {
+        for reply in [
+            "OOM command not allowed when used memory > 'maxmemory'.",
+            "ERR Protocol error: invalid bulk length",
+            "NOPERM this user has no permissions to access one of the keys",
+            "WRONGTYPE Operation against a key holding the wrong kind of value",
+        ] {
+            let e = wrapped(server_error(reply));
+            assert!(!e.is_retryable(), "{reply}");
+            let e = wrapped(pipeline_error(&["+OK", &format!("-{reply}")]));
+            assert!(!e.is_retryable(), "in a pipeline: {reply}");
+        }
+        // One refusal among transient errors makes the pipeline a refusal.
+        let e = wrapped(pipeline_error(&[
+            "-MISCONF no disk",
+            "-OOM command not allowed",
+        ]));
+        assert!(!e.is_retryable());
+        assert!(e.is_out_of_memory());
+        assert!(wrapped(server_error("OOM command not allowed")).is_out_of_memory());
+        assert!(!wrapped(server_error("MISCONF no disk")).is_out_of_memory());
+    }
+
+    #[test]
+    fn writes_refused_names_the_first_ids_and_the_count() {
+        let e = Error::WritesRefused {
+            namespace: "docs".into(),
+            count: 9,
+            ids: vec!["a".into(), "b".into()],
+            source: Box::new(wrapped(server_error("OOM command not allowed"))),
+        };
+        let text = e.to_string();
+        assert!(
+            text.contains("\"a\", \"b\", ... (9 in all)") && text.contains("OOM"),
+            "{text}"
+        );
+        assert!(!e.is_retryable());
+    }
 }

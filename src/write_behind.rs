@@ -23,24 +23,40 @@
 //!   write) answers for those ids. An id leaves the overlay only after the inner store has
 //!   acknowledged its newest write. So a reader that finds no entry knows the inner store
 //!   already holds the newest value, and it never sees an older value after a newer one.
-//! - **Backpressure, never silent loss.** When [`WriteBehindConfig::capacity`] items are queued,
-//!   the writer waits up to [`WriteBehindConfig::enqueue_timeout`]. After that the call fails and
-//!   the write is not taken: it is not queued and not visible.
+//! - **Backpressure, never silent loss.** When [`WriteBehindConfig::capacity`] items or
+//!   [`WriteBehindConfig::capacity_bytes`] bytes of values are queued, whichever comes first,
+//!   the writer waits up to [`WriteBehindConfig::enqueue_timeout`]. After that the call fails
+//!   and the write is not taken: it is not queued and not visible.
 //! - **Backend failures.** After a retryable error ([`Error::is_retryable`]: connection
-//!   errors, timeouts, LOADING ...), its sender keeps the batch and retries it. The backoff
-//!   starts at 10 ms and doubles up to 1 s. Nothing is reordered: a later write of the same id
-//!   waits for it. Writers keep queueing until the queue is full. A batch that the backend *refuses* (a non-retryable error such as a value
-//!   too large) is split and sent item by item, so only the refused writes are dropped. The
-//!   error is logged at once and returned by the next [`WriteBehind::flush`] or
-//!   `index_done_callback`, so nothing fails silently.
+//!   errors, timeouts, and the server's passing states `MISCONF`, `NOREPLICAS`, `LOADING`,
+//!   `BUSY`, `MASTERDOWN`, `TRYAGAIN`, `CLUSTERDOWN`, `READONLY`), its sender keeps the batch
+//!   and retries it until it goes through or the shutdown deadline passes. `OOM` is retried
+//!   8 times (about 1 to 2.5 s), then it is a refusal. The backoff starts at 10 ms and
+//!   doubles up to 1 s. Nothing is reordered: a later write of the same id waits for it.
+//!   Writers keep queueing until the queue is full; a `flush` meanwhile returns the last error
+//!   at its deadline, and the writes stay queued.
+//! - **Refusals reach the thread that wrote them.** A batch that the backend *refuses* (a
+//!   non-retryable error: a value too large, `OOM` after its retries, `NOPERM`) is split and
+//!   sent item by item, so only the refused writes are dropped. Each is logged at once, and the
+//!   next [`WriteBehind::flush`] or `index_done_callback` *of the thread that queued it*
+//!   returns [`Error::WritesRefused`]: the count, the first few ids and the first error. Other
+//!   threads' flushes do not see it while that thread runs; once it has ended, its unreported
+//!   refusals go to the next flush of any thread, so they are not lost with it. What is left
+//!   is returned by [`WriteBehind::close`]; each refusal is also logged at error level when it
+//!   happens.
 //!
 //! # What it costs
 //!
 //! A write is **durable only after [`WriteBehind::flush`], `index_done_callback`,
 //! [`WriteBehind::close`] or drop**. When `upsert` returns, the write is only queued in this
-//! process. If the process dies, everything still queued (at most `capacity` items plus
-//! `in_flight` batches) is lost. Also, a refused write is reported later, by `flush`, not by the `upsert` that
-//! queued it. `stats`, `clear` and `index_done_callback` flush first, so they cost one flush.
+//! process. If the process dies (SIGKILL included), everything not yet acknowledged is lost:
+//! at most `capacity` items (and `capacity_bytes` bytes) queued, plus `in_flight` batches
+//! being sent and one being cut, each at most `batch_items` items and `batch_bytes` bytes. What
+//! a flush confirmed is in the backend, and each value there is whole: a batch is a set of
+//! single-key writes, each stored entirely or not at all (`tests/write_behind_crash.rs`).
+//! Also, a refused write is reported later, by a flush of the thread that queued it, not by
+//! the `upsert` that queued it. `stats`, `clear` and `index_done_callback` flush first, so
+//! they cost one flush.
 //!
 //! There is one case where accepted writes are not persisted: at close or drop, the backend is
 //! still unreachable after [`WriteBehindConfig::flush_timeout`]. The unsent writes then go to
@@ -71,6 +87,7 @@
 //! | `KV_WRITE_BEHIND_BATCH_BYTES` | 4194304 | most bytes of JSON per batch (estimated) |
 //! | `KV_WRITE_BEHIND_DELAY_MS` | 5 | most time a write waits for its batch to fill |
 //! | `KV_WRITE_BEHIND_CAPACITY` | 16384 | most writes queued before writers block |
+//! | `KV_WRITE_BEHIND_CAPACITY_BYTES` | 268435456 | most bytes of values queued (estimated JSON) before writers block |
 //! | `KV_WRITE_BEHIND_ENQUEUE_TIMEOUT_MS` | 30000 | how long a writer blocks on a full queue |
 //! | `KV_WRITE_BEHIND_FLUSH_TIMEOUT_MS` | 30000 | deadline of `flush`, `close` and drop |
 //! | `KV_WRITE_BEHIND_IN_FLIGHT` | 4 | most batches being sent at once (1 to 64), one thread each |
@@ -118,8 +135,8 @@ use std::fmt;
 use std::hash::{BuildHasher, Hasher};
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
+use std::thread::{JoinHandle, ThreadId};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Select, Sender};
@@ -142,6 +159,8 @@ pub const DEFAULT_BATCH_BYTES: usize = 4 * 1024 * 1024;
 pub const DEFAULT_MAX_DELAY: Duration = Duration::from_millis(5);
 /// Default of [`WriteBehindConfig::capacity`].
 pub const DEFAULT_CAPACITY: usize = 16_384;
+/// Default of [`WriteBehindConfig::capacity_bytes`]: 256 MiB.
+pub const DEFAULT_CAPACITY_BYTES: usize = 256 * 1024 * 1024;
 /// Default of [`WriteBehindConfig::enqueue_timeout`].
 pub const DEFAULT_ENQUEUE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default of [`WriteBehindConfig::flush_timeout`].
@@ -184,6 +203,20 @@ pub struct WriteBehindConfig {
     /// about 0.3 s of writes. A longer outage makes writers wait (backpressure, not loss).
     /// A single call larger than this is accepted when the queue is empty.
     pub capacity: usize,
+    /// Most bytes of queued values (accepted and not yet taken by the flusher) before writers
+    /// block, whichever of this and [`WriteBehindConfig::capacity`] is reached first. Defaults
+    /// to 256 MiB.
+    ///
+    /// The item bound alone does not bound memory: 16,384 queued documents of 1 MB are 16 GB
+    /// during an outage. A value counts as its estimated JSON length (the id's length plus the
+    /// value's, escapes not counted; the same estimate as [`WriteBehindConfig::batch_bytes`]),
+    /// computed once when it is queued; the count is released when the flusher takes the
+    /// value off the queue. The flusher holds at most `in_flight` batches and one being cut
+    /// besides, each at most `batch_bytes` (or one value), so the values held by the queue stay
+    /// below about `capacity_bytes + (in_flight + 1) * batch_bytes`. A single call larger than
+    /// this is accepted when the queue is empty, as for `capacity`: refusing it would make a
+    /// large document impossible to write at all.
+    pub capacity_bytes: usize,
     /// How long a writer waits for room in a full queue before its call fails (the write is
     /// then not taken). Defaults to 30 s.
     ///
@@ -215,6 +248,7 @@ impl Default for WriteBehindConfig {
             batch_bytes: DEFAULT_BATCH_BYTES,
             max_delay: DEFAULT_MAX_DELAY,
             capacity: DEFAULT_CAPACITY,
+            capacity_bytes: DEFAULT_CAPACITY_BYTES,
             enqueue_timeout: DEFAULT_ENQUEUE_TIMEOUT,
             flush_timeout: DEFAULT_FLUSH_TIMEOUT,
             in_flight: DEFAULT_IN_FLIGHT,
@@ -232,6 +266,8 @@ pub const ENV_BATCH_BYTES: &str = "KV_WRITE_BEHIND_BATCH_BYTES";
 pub const ENV_DELAY_MS: &str = "KV_WRITE_BEHIND_DELAY_MS";
 /// Variable of [`WriteBehindConfig::capacity`].
 pub const ENV_CAPACITY: &str = "KV_WRITE_BEHIND_CAPACITY";
+/// Variable of [`WriteBehindConfig::capacity_bytes`].
+pub const ENV_CAPACITY_BYTES: &str = "KV_WRITE_BEHIND_CAPACITY_BYTES";
 /// Variable of [`WriteBehindConfig::enqueue_timeout`], in milliseconds.
 pub const ENV_ENQUEUE_TIMEOUT_MS: &str = "KV_WRITE_BEHIND_ENQUEUE_TIMEOUT_MS";
 /// Variable of [`WriteBehindConfig::flush_timeout`], in milliseconds.
@@ -243,11 +279,12 @@ pub const ENV_IN_FLIGHT: &str = "KV_WRITE_BEHIND_IN_FLIGHT";
 const MAX_IN_FLIGHT: usize = 64;
 
 /// Accepted ranges: (variable, min, max).
-const LIMITS: [(&str, u64, u64); 7] = [
+const LIMITS: [(&str, u64, u64); 8] = [
     (ENV_BATCH, 1, 1_000_000),
     (ENV_BATCH_BYTES, 1, 1 << 30),
     (ENV_DELAY_MS, 0, 3_600_000),
     (ENV_CAPACITY, 1, 100_000_000),
+    (ENV_CAPACITY_BYTES, 1, 1 << 40),
     (ENV_ENQUEUE_TIMEOUT_MS, 0, 86_400_000),
     (ENV_FLUSH_TIMEOUT_MS, 1, 86_400_000),
     (ENV_IN_FLIGHT, 1, MAX_IN_FLIGHT as u64),
@@ -311,6 +348,7 @@ impl WriteBehindConfig {
                 ENV_BATCH_BYTES => b.batch_bytes(n as usize),
                 ENV_DELAY_MS => b.max_delay(Duration::from_millis(n)),
                 ENV_CAPACITY => b.capacity(n as usize),
+                ENV_CAPACITY_BYTES => b.capacity_bytes(n as usize),
                 ENV_ENQUEUE_TIMEOUT_MS => b.enqueue_timeout(Duration::from_millis(n)),
                 ENV_IN_FLIGHT => b.in_flight(n as usize),
                 _ => b.flush_timeout(Duration::from_millis(n)),
@@ -348,6 +386,11 @@ impl WriteBehindConfigBuilder {
         self.config.capacity = n;
         self
     }
+    /// Sets the most bytes of values queued before writers block.
+    pub fn capacity_bytes(mut self, n: usize) -> Self {
+        self.config.capacity_bytes = n;
+        self
+    }
     /// Sets how long a writer waits on a full queue.
     pub fn enqueue_timeout(mut self, d: Duration) -> Self {
         self.config.enqueue_timeout = d;
@@ -375,6 +418,7 @@ impl WriteBehindConfigBuilder {
             (ENV_BATCH, c.batch_items == 0),
             (ENV_BATCH_BYTES, c.batch_bytes == 0),
             (ENV_CAPACITY, c.capacity == 0),
+            (ENV_CAPACITY_BYTES, c.capacity_bytes == 0),
             (ENV_FLUSH_TIMEOUT_MS, c.flush_timeout.is_zero()),
             (ENV_IN_FLIGHT, c.in_flight == 0),
         ] {
@@ -467,6 +511,39 @@ struct Entry {
     pending: Pending,
 }
 
+thread_local! {
+    /// Lives as long as its thread; the queue keeps weak references to it. A refusal whose
+    /// writer has ended is reported by any thread's next flush, so it is not lost with the
+    /// thread (workers of a pool that ends before the main thread's `index_done_callback`).
+    static WRITER_TOKEN: Arc<()> = Arc::new(());
+}
+
+/// The calling thread's token; a dead one while the thread is being torn down.
+fn writer_token() -> Weak<()> {
+    WRITER_TOKEN.try_with(Arc::downgrade).unwrap_or_default()
+}
+
+/// Refused writes of one thread since its last report.
+struct Refusal {
+    /// See [`Op::writer_alive`].
+    writer_alive: Weak<()>,
+    /// The backend's error for the first of them.
+    first: Error,
+    count: u64,
+    /// The ids of the first [`REFUSED_IDS_KEPT`].
+    ids: Vec<String>,
+}
+
+/// How many refused ids an error names: enough to find the writes, not a copy of a whole
+/// batch's ids.
+const REFUSED_IDS_KEPT: usize = 5;
+
+/// How many times a write answered `OOM` is retried before it is dropped as refused: memory
+/// can come back (keys expire, another client deletes), but a server full of keys it may not
+/// evict stays full, and the queue must not stall on it until the flush deadline. With the
+/// backoff this is about 1 to 2.5 s.
+const OOM_RETRIES: u32 = 8;
+
 /// One queued write.
 struct Op {
     /// Position in the queue: increasing in queue order.
@@ -476,8 +553,12 @@ struct Op {
     id: Arc<str>,
     /// `None` for a delete.
     value: Option<Arc<Value>>,
-    /// Estimated JSON bytes, for the batch byte limit.
+    /// Estimated JSON bytes, for the batch and queue byte limits.
     bytes: usize,
+    /// The thread that queued it: a refusal is reported to that thread's next flush.
+    writer: ThreadId,
+    /// Dead once that thread has ended: its refusals then go to any thread's next flush.
+    writer_alive: Weak<()>,
     /// When the call was accepted, for the age limit.
     at: Instant,
     /// A later write of the same id is in the same batch, so this one is not sent. Set when the
@@ -511,9 +592,12 @@ struct State {
     acked_seq: u64,
     /// Writes accepted and not yet taken by the flusher: the quantity `capacity` bounds.
     queued: usize,
-    /// The first refusal (non-retryable error) not yet reported by a flush, and how many writes
-    /// were dropped since the last report.
-    failure: Option<(Error, u64)>,
+    /// Their estimated bytes: the quantity `capacity_bytes` bounds.
+    queued_bytes: usize,
+    /// Writes the backend refused (non-retryable errors), not yet reported, per writing thread:
+    /// each thread's next flush reports its own, and no other thread's. A thread that never
+    /// flushes again leaves them to `close` (they are logged at once in any case).
+    refused: HashMap<ThreadId, Refusal>,
     /// The latest retryable error while the flusher is stuck on a batch; cleared when a batch
     /// gets through. A flush that times out returns it.
     last_error: Option<Error>,
@@ -617,6 +701,8 @@ impl<S: KvStore> Shared<S> {
         let n = writes.len();
         // Work that needs no lock is done before taking it: sizes, the shared ids.
         let at = Instant::now();
+        let writer = std::thread::current().id();
+        let writer_alive = writer_token();
         let mut prepared: Vec<Op> = writes
             .into_iter()
             .map(|(id, value)| {
@@ -626,18 +712,24 @@ impl<S: KvStore> Shared<S> {
                     id: id.into(),
                     value,
                     bytes,
+                    writer,
+                    writer_alive: writer_alive.clone(),
                     at,
                     superseded: false,
                 }
             })
             .collect();
+        let bytes: usize = prepared.iter().map(|op| op.bytes).sum();
         let deadline = at.checked_add(self.config.enqueue_timeout);
         let mut st = self.state();
         loop {
             if !st.flusher_alive {
                 return Err(self.stopped_error());
             }
-            if st.queued == 0 || st.queued + n <= self.config.capacity {
+            if st.queued == 0
+                || (st.queued + n <= self.config.capacity
+                    && st.queued_bytes + bytes <= self.config.capacity_bytes)
+            {
                 break;
             }
             let now = Instant::now();
@@ -648,10 +740,14 @@ impl<S: KvStore> Shared<S> {
                 return Err(Error::Unavailable {
                     namespace: self.namespace().to_string(),
                     reason: format!(
-                        "the write-behind queue stayed full ({} of {} writes queued) for {:?}: \
-                         the backend is down or not keeping up; this write of {n} item(s) was \
-                         not taken",
-                        st.queued, self.config.capacity, self.config.enqueue_timeout
+                        "the write-behind queue stayed full ({} of {} writes, {} of {} bytes \
+                         queued) for {:?}: the backend is down or not keeping up; this write \
+                         of {n} item(s), {bytes} bytes, was not taken",
+                        st.queued,
+                        self.config.capacity,
+                        st.queued_bytes,
+                        self.config.capacity_bytes,
+                        self.config.enqueue_timeout
                     ),
                 });
             }
@@ -662,6 +758,7 @@ impl<S: KvStore> Shared<S> {
                 .0;
         }
         st.queued += n;
+        st.queued_bytes += bytes;
         let mut ops = Vec::with_capacity(n);
         for mut op in prepared.drain(..) {
             st.last_seq += 1;
@@ -735,23 +832,48 @@ impl<S: KvStore> Shared<S> {
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
         }
-        self.take_failure(&mut st)
+        self.take_refused(&mut st, Some(std::thread::current().id()))
     }
 
-    /// Reports (once) the writes the backend refused.
-    fn take_failure(&self, st: &mut State) -> Result<()> {
-        match st.failure.take() {
-            None => Ok(()),
-            Some((e, n)) => {
-                if n > 1 {
-                    log::error!(
-                        "write-behind: the backend refused {n} queued writes of namespace {:?} \
-                         since the last flush; the first error follows",
-                        self.namespace()
-                    );
+    /// Reports (once) the writes the backend refused: those `writer` queued and those of
+    /// threads that have ended, or every thread's when `None` (at close).
+    fn take_refused(&self, st: &mut State, writer: Option<ThreadId>) -> Result<()> {
+        let mine: Vec<ThreadId> = st
+            .refused
+            .iter()
+            .filter(|(thread, r)| {
+                writer.is_none_or(|w| w == **thread) || r.writer_alive.strong_count() == 0
+            })
+            .map(|(thread, _)| *thread)
+            .collect();
+        // The caller's own first, so its first error is the one returned.
+        let mut taken: Vec<Refusal> = Vec::with_capacity(mine.len());
+        for thread in mine {
+            if let Some(r) = st.refused.remove(&thread) {
+                if Some(thread) == writer {
+                    taken.insert(0, r);
+                } else {
+                    taken.push(r);
                 }
-                Err(e)
             }
+        }
+        let mut all = taken.into_iter();
+        let refusal = all.next().map(|mut first| {
+            for r in all {
+                first.count += r.count;
+                let room = REFUSED_IDS_KEPT.saturating_sub(first.ids.len());
+                first.ids.extend(r.ids.into_iter().take(room));
+            }
+            first
+        });
+        match refusal {
+            None => Ok(()),
+            Some(r) => Err(Error::WritesRefused {
+                namespace: self.namespace().to_string(),
+                count: r.count,
+                ids: r.ids,
+                source: Box::new(r.first),
+            }),
         }
     }
 }
@@ -926,20 +1048,16 @@ impl<S: KvStore> Shared<S> {
         // superseded): the overlay shows it to readers until the whole batch is acknowledged,
         // so the intermediate states are never observable. What is left touches each id once,
         // so the upserts and the deletes are disjoint and can go in two calls in either order.
-        let mut upserts: Vec<(&str, &Arc<Value>)> = Vec::new();
-        let mut deletes: Vec<String> = Vec::new();
-        for op in batch.iter().filter(|op| !op.superseded) {
-            match &op.value {
-                Some(v) => upserts.push((&op.id, v)),
-                None => deletes.push(op.id.to_string()),
-            }
-        }
+        let (upserts, deletes): (Vec<&Op>, Vec<&Op>) = batch
+            .iter()
+            .filter(|op| !op.superseded)
+            .partition(|op| op.value.is_some());
         let mut dropped = 0;
         if !upserts.is_empty() {
-            dropped += self.send_upserts(&upserts)?;
+            dropped += self.send_upserts(&upserts, OOM_RETRIES)?;
         }
         if !deletes.is_empty() {
-            dropped += self.send_deletes(&deletes)?;
+            dropped += self.send_deletes(&deletes, OOM_RETRIES)?;
         }
         // Counted before the acknowledgement, so that a flush that returns sees its batch in
         // `stats_snapshot` (the report to the flusher orders these stores before it).
@@ -958,15 +1076,22 @@ impl<S: KvStore> Shared<S> {
 
     /// Sends upserts; on a refusal, item by item so that only the refused ones are dropped.
     /// Returns how many were dropped.
-    fn send_upserts(&self, items: &[(&str, &Arc<Value>)]) -> Result<u64, Stop> {
+    ///
+    /// `oom_retries`: [`OOM_RETRIES`] for the batch, none for the writes of a batch split after
+    /// a refusal: the server was just found full for seconds, and a batch of 256 writes would
+    /// otherwise stall the queue 256 times as long.
+    fn send_upserts(&self, items: &[&Op], oom_retries: u32) -> Result<u64, Stop> {
         // Borrowed: the queue keeps its values for readers and for a retry, and no attempt
         // copies them (a deep copy of a 2 KB value costs about what encoding it does).
-        let refs: Vec<(&str, &Value)> = items.iter().map(|(id, v)| (*id, &***v)).collect();
-        match self.with_retries(|| self.inner.upsert_refs(&refs)) {
+        let refs: Vec<(&str, &Value)> = items
+            .iter()
+            .filter_map(|op| Some((&*op.id, &**op.value.as_ref()?)))
+            .collect();
+        match self.with_retries(oom_retries, || self.inner.upsert_refs(&refs)) {
             Ok(()) => Ok(0),
             Err(Stop::GaveUp) => Err(Stop::GaveUp),
             Err(Stop::Refused(e)) if items.len() == 1 => {
-                self.record_refusal(e, 1);
+                self.record_refusal(e, items[0]);
                 Ok(1)
             }
             Err(Stop::Refused(e)) => {
@@ -978,24 +1103,25 @@ impl<S: KvStore> Shared<S> {
                 );
                 items
                     .iter()
-                    .map(|item| self.send_upserts(std::slice::from_ref(item)))
+                    .map(|item| self.send_upserts(std::slice::from_ref(item), 0))
                     .sum()
             }
         }
     }
 
     /// Sends deletes, as `send_upserts`.
-    fn send_deletes(&self, ids: &[String]) -> Result<u64, Stop> {
-        match self.with_retries(|| self.inner.delete_by_ids(ids)) {
+    fn send_deletes(&self, ops: &[&Op], oom_retries: u32) -> Result<u64, Stop> {
+        let ids: Vec<String> = ops.iter().map(|op| op.id.to_string()).collect();
+        match self.with_retries(oom_retries, || self.inner.delete_by_ids(&ids)) {
             Ok(()) => Ok(0),
             Err(Stop::GaveUp) => Err(Stop::GaveUp),
-            Err(Stop::Refused(e)) if ids.len() == 1 => {
-                self.record_refusal(e, 1);
+            Err(Stop::Refused(e)) if ops.len() == 1 => {
+                self.record_refusal(e, ops[0]);
                 Ok(1)
             }
-            Err(Stop::Refused(_)) => ids
+            Err(Stop::Refused(_)) => ops
                 .iter()
-                .map(|id| self.send_deletes(std::slice::from_ref(id)))
+                .map(|op| self.send_deletes(std::slice::from_ref(op), 0))
                 .sum(),
         }
     }
@@ -1004,7 +1130,15 @@ impl<S: KvStore> Shared<S> {
     /// deadline passes. Retrying is safe because upserts and deletes of whole values are
     /// idempotent, and no later write of the same ids is sent meanwhile (batches in flight
     /// never share an id), so nothing is reordered.
-    fn with_retries(&self, mut call: impl FnMut() -> Result<()>) -> Result<(), Stop> {
+    ///
+    /// Retryable are connection errors, timeouts and the server's passing states
+    /// ([`Error::is_retryable`]: MISCONF, NOREPLICAS, LOADING, BUSY ...), without limit until
+    /// the deadline; and `OOM`, `oom_retries` times, after which it is a refusal.
+    fn with_retries(
+        &self,
+        mut oom_retries: u32,
+        mut call: impl FnMut() -> Result<()>,
+    ) -> Result<(), Stop> {
         let mut attempt = 0u32;
         loop {
             match call() {
@@ -1018,7 +1152,10 @@ impl<S: KvStore> Shared<S> {
                     }
                     return Ok(());
                 }
-                Err(e) if e.is_retryable() => {
+                Err(e) if e.is_retryable() || (e.is_out_of_memory() && oom_retries > 0) => {
+                    if !e.is_retryable() {
+                        oom_retries -= 1;
+                    }
                     self.counters.retries.fetch_add(1, Ordering::Relaxed);
                     let pause = backoff(attempt);
                     if attempt == 0 {
@@ -1043,17 +1180,31 @@ impl<S: KvStore> Shared<S> {
         }
     }
 
-    fn record_refusal(&self, e: Error, n: u64) {
+    fn record_refusal(&self, e: Error, op: &Op) {
         log::error!(
-            "write-behind: namespace {:?} refused {n} queued write(s), which are dropped: {e} \
-             (reported again by the next flush)",
-            self.namespace()
+            "write-behind: namespace {:?} refused the queued write of {}, which is dropped: \
+             {e} (reported again by the next flush of the thread that wrote it)",
+            self.namespace(),
+            crate::error::display_id(&op.id)
         );
-        self.counters.failed.fetch_add(n, Ordering::Relaxed);
+        self.counters.failed.fetch_add(1, Ordering::Relaxed);
         let mut st = self.state();
-        match &mut st.failure {
-            Some((_, count)) => *count += n,
-            None => st.failure = Some((e, n)),
+        match st.refused.entry(op.writer) {
+            MapEntry::Occupied(mut r) => {
+                let r = r.get_mut();
+                r.count += 1;
+                if r.ids.len() < REFUSED_IDS_KEPT {
+                    r.ids.push(op.id.to_string());
+                }
+            }
+            MapEntry::Vacant(r) => {
+                r.insert(Refusal {
+                    writer_alive: op.writer_alive.clone(),
+                    first: e,
+                    count: 1,
+                    ids: vec![op.id.to_string()],
+                });
+            }
         }
     }
 
@@ -1099,6 +1250,8 @@ struct Flusher<S: KvStore> {
     /// Writes taken from the channel not yet subtracted from `State::queued`: subtracted once
     /// per batch (or before waiting), so the flusher takes the lock once per batch, not per call.
     untracked: usize,
+    /// Their bytes, not yet subtracted from `State::queued_bytes`.
+    untracked_bytes: usize,
     /// A `Flush` message arrived: no lingering until the backlog is empty.
     flush_requested: bool,
     /// The `Shutdown` message arrived (or the channel closed): nothing follows it.
@@ -1130,6 +1283,7 @@ impl<S: KvStore + 'static> Flusher<S> {
             backlog: VecDeque::new(),
             backlog_bytes: 0,
             untracked: 0,
+            untracked_bytes: 0,
             flush_requested: false,
             shutting_down: false,
             in_flight: VecDeque::new(),
@@ -1224,6 +1378,7 @@ impl<S: KvStore> Flusher<S> {
                 self.untracked += ops.len();
                 for op in ops {
                     self.backlog_bytes += op.bytes;
+                    self.untracked_bytes += op.bytes;
                     self.backlog.push_back(op);
                 }
             }
@@ -1314,8 +1469,10 @@ impl<S: KvStore> Flusher<S> {
         }
         let mut st = self.shared.state();
         st.queued -= self.untracked;
+        st.queued_bytes -= self.untracked_bytes;
         drop(st);
         self.untracked = 0;
+        self.untracked_bytes = 0;
         self.shared.not_full.notify_all();
     }
 
@@ -1342,6 +1499,7 @@ impl<S: KvStore> Flusher<S> {
         while let Ok(m) = self.rx.try_recv() {
             if let Msg::Ops(ops) = m {
                 self.untracked += ops.len();
+                self.untracked_bytes += ops.iter().map(|op| op.bytes).sum::<usize>();
                 unsent.extend(ops);
             }
         }
@@ -1523,7 +1681,8 @@ impl<S: KvStore + 'static> WriteBehind<S> {
                 last_seq: 0,
                 acked_seq: 0,
                 queued: 0,
-                failure: None,
+                queued_bytes: 0,
+                refused: HashMap::new(),
                 last_error: None,
                 flusher_alive: true,
             }),
@@ -1573,8 +1732,10 @@ impl<S: KvStore + 'static> WriteBehind<S> {
     /// # Errors
     /// - The backend's last error when it keeps failing until the deadline (the flusher keeps
     ///   retrying after that), or [`Error::Unavailable`] if none was recorded.
-    /// - The first error of writes the backend refused since the last report (they were
-    ///   dropped); the count is logged.
+    /// - [`Error::WritesRefused`] for writes this thread queued that the backend refused since
+    ///   this thread's last report (they were dropped): their count, first ids and first
+    ///   error; also those of threads that have ended without hearing of theirs. Writes
+    ///   refused from other running threads are theirs to hear about.
     /// - [`Error::Unavailable`] when the flusher thread has stopped.
     pub fn flush(&self) -> Result<()> {
         self.shared.flush_timeout(self.shared.config.flush_timeout)
@@ -1614,11 +1775,11 @@ impl<S: KvStore + 'static> WriteBehind<S> {
     ///
     /// # Errors
     /// [`Error::Unavailable`] when writes were still unsent at the deadline (handed to the
-    /// [`UnsentSink`], or lost and counted in the error log). Also the first error of writes the
-    /// backend refused and no flush reported yet.
+    /// [`UnsentSink`], or lost and counted in the error log). Also [`Error::WritesRefused`] for
+    /// refused writes that no flush reported yet, whichever thread queued them.
     pub fn close(mut self) -> Result<()> {
         let stopped = self.flusher.stop();
-        let refused = self.shared.take_failure(&mut self.shared.state());
+        let refused = self.shared.take_refused(&mut self.shared.state(), None);
         stopped.and(refused)
     }
 
@@ -1631,7 +1792,7 @@ impl<S: KvStore + 'static> WriteBehind<S> {
         } = self;
         if let Err(e) = flusher
             .stop()
-            .and_then(|()| shared.take_failure(&mut shared.state()))
+            .and_then(|()| shared.take_refused(&mut shared.state(), None))
         {
             log::error!("write-behind: closed with an error: {e}");
         }
@@ -1869,6 +2030,7 @@ mod tests {
             (ENV_BATCH_BYTES, "1048576"),
             (ENV_DELAY_MS, "0"),
             (ENV_CAPACITY, "100"),
+            (ENV_CAPACITY_BYTES, "1000000"),
             (ENV_ENQUEUE_TIMEOUT_MS, "250"),
             (ENV_FLUSH_TIMEOUT_MS, "1500"),
             (ENV_IN_FLIGHT, "3"),
@@ -1882,6 +2044,7 @@ mod tests {
                 batch_bytes: 1 << 20,
                 max_delay: Duration::ZERO,
                 capacity: 100,
+                capacity_bytes: 1_000_000,
                 enqueue_timeout: Duration::from_millis(250),
                 flush_timeout: Duration::from_millis(1500),
                 in_flight: 3,
@@ -1898,6 +2061,8 @@ mod tests {
             (ENV_BATCH_BYTES, "4MB", "an integer"),
             (ENV_DELAY_MS, "1.5", "an integer"),
             (ENV_CAPACITY, "0", "from 1"),
+            (ENV_CAPACITY_BYTES, "0", "from 1"),
+            (ENV_CAPACITY_BYTES, "256MiB", "an integer"),
             (ENV_ENQUEUE_TIMEOUT_MS, "x", "an integer"),
             (ENV_FLUSH_TIMEOUT_MS, "0", "from 1"),
             (ENV_IN_FLIGHT, "0", "from 1"),
@@ -1920,6 +2085,11 @@ mod tests {
             .build()
             .unwrap_err();
         assert!(e.to_string().contains(ENV_CAPACITY), "{e}");
+        let e = WriteBehindConfig::builder()
+            .capacity_bytes(0)
+            .build()
+            .unwrap_err();
+        assert!(e.to_string().contains(ENV_CAPACITY_BYTES), "{e}");
     }
 
     #[test]

@@ -877,7 +877,9 @@ fn refused_writes_are_dropped_and_reported_by_the_next_flush() {
     );
     let e = wb.index_done_callback().unwrap_err();
     assert!(
-        matches!(&e, Error::Encode { key, .. } if key == "bad1"),
+        matches!(&e, Error::WritesRefused { count: 2, ids, source, .. }
+            if ids == &["bad1", "bad2"]
+                && matches!(&**source, Error::Encode { key, .. } if key == "bad1")),
         "{e:?}"
     );
     assert_eq!(wb.stats_snapshot().failed_writes, 2);
@@ -907,7 +909,8 @@ fn checkpoint_runs_even_when_the_flush_reports_a_refusal() {
         .unwrap();
     let e = wb.index_done_callback().unwrap_err();
     assert!(
-        matches!(&e, Error::Encode { key, .. } if key == "bad"),
+        matches!(&e, Error::WritesRefused { count: 1, source, .. }
+            if matches!(&**source, Error::Encode { key, .. } if key == "bad")),
         "{e:?}"
     );
     let file = std::fs::read_to_string(dir.path().join("kv_store_ns.json")).unwrap();
@@ -925,7 +928,11 @@ fn read_only_inner_store_errors_surface_at_flush() {
         wb.upsert(vec![(format!("k{i}"), json!(i))]).unwrap();
     }
     let e = wb.flush().unwrap_err();
-    assert!(matches!(e, Error::ReadOnly { .. }), "{e:?}");
+    assert!(
+        matches!(&e, Error::WritesRefused { count: 10, ids, source, .. }
+            if ids.len() == 5 && matches!(&**source, Error::ReadOnly { .. })),
+        "{e:?}"
+    );
     assert!(wb.flush().is_ok(), "reported once");
     assert_eq!(wb.all_keys().unwrap(), Vec::<String>::new());
     assert_eq!(wb.stats_snapshot().failed_writes, 10);

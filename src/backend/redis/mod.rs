@@ -956,6 +956,11 @@ impl RedisStore {
                             c.conn.send_packed_command(&packed[sent])?;
                             sent += 1;
                         }
+                        // An error reply (BUSY, LOADING ...) as a server error, with its code:
+                        // converting it to values would make it a type error, never retried.
+                        if let Value::ServerError(e) = reply {
+                            return Err(e.into());
+                        }
                         let values: Vec<Option<Vec<u8>>> = redis::from_redis_value(reply)?;
                         if values.len() != window.len() {
                             return Err(RedisError::from((
@@ -1046,14 +1051,19 @@ impl RedisStore {
                 .enumerate()
                 .find_map(|(i, r)| r.err().map(|e| (i, e)))
             {
+                // Rebuilt to name the key, keeping the server's code: retry decisions
+                // (MISCONF, NOREPLICAS, OOM ...) are taken on it.
                 return Err(Error::Redis {
                     operation: "upsert",
                     namespace: self.namespace.clone(),
-                    source: RedisError::from((
-                        redis::ErrorKind::Extension,
-                        "SET failed",
-                        format!("{}: {e}", display_id(&keys[i])),
-                    )),
+                    source: redis::make_extension_error(
+                        e.code().unwrap_or("ERR").to_string(),
+                        Some(format!(
+                            "SET {} failed: {}",
+                            display_id(&keys[i]),
+                            e.detail().unwrap_or_default()
+                        )),
+                    ),
                 });
             }
             self.shared
