@@ -78,6 +78,25 @@ fn journal_put(url: &str, prefix: &str, dir: &Path, ns: &str, id: &str, value: &
     );
 }
 
+/// As [`journal_put`], for a key prefix other than that of the journals already in `dir`
+/// (a process of that prefix would refuse to open on them): written in a directory of its own,
+/// then moved in. Returns the journal's path.
+fn foreign_journal_put(
+    url: &str,
+    prefix: &str,
+    dir: &Path,
+    ns: &str,
+    id: &str,
+    value: &str,
+) -> PathBuf {
+    let own = tempfile::tempdir().unwrap();
+    journal_put(url, prefix, own.path(), ns, id, value);
+    let from = journal_files(own.path()).pop().unwrap();
+    let to = dir.join(from.file_name().unwrap());
+    std::fs::rename(&from, &to).unwrap();
+    to
+}
+
 /// The journal files of `dir`, oldest first.
 fn journal_files(dir: &Path) -> Vec<PathBuf> {
     let Ok(rd) = std::fs::read_dir(dir) else {
@@ -438,4 +457,263 @@ fn replayed_journal_is_removed_before_its_lock_is_released() {
         "{still_there} of {JOURNALS} journals could be locked while still in the directory"
     );
     assert!(journal_files(dir.path()).is_empty());
+}
+/// `keys` says how many journaled writes of the namespace are not in Redis yet.
+#[test]
+fn keys_warns_about_journaled_writes_not_in_redis() {
+    let mut server = RedisServer::start();
+    let url = server.url();
+    server.stop();
+    let dir = tempfile::tempdir().unwrap();
+    journal_put(&url, "kw", dir.path(), "text_chunks", "journaled-1", "2");
+    journal_put(&url, "kw", dir.path(), "text_chunks", "journaled-2", "3");
+    journal_put(&url, "kw", dir.path(), "full_docs", "other", "4");
+    server.restart();
+    let out = output(cli(&url, "kw", dir.path()).args(["keys", "text_chunks"]));
+    assert_eq!(out.code, 0, "{out:#?}");
+    assert!(
+        out.stderr.contains("2 journaled writes") && out.stderr.contains("journal list"),
+        "{out:#?}"
+    );
+}
+
+/// Asserts a failed run: exit 2, one `graphrag-kv: ` line on stderr holding every needle.
+#[track_caller]
+fn fails(out: Out, needles: &[&str]) {
+    assert_eq!(out.code, 2, "expected exit status 2: {out:#?}");
+    assert_eq!(out.stderr.lines().count(), 1, "one line: {out:#?}");
+    assert!(out.stderr.starts_with("graphrag-kv: "), "{out:#?}");
+    for n in needles {
+        assert!(out.stderr.contains(n), "expected {n:?} in: {out:#?}");
+    }
+}
+
+/// Asserts a successful run and returns its stdout.
+#[track_caller]
+fn ok(out: Out) -> String {
+    assert_eq!(out.code, 0, "expected success: {out:#?}");
+    assert!(!out.stderr.contains("graphrag-kv: "), "{out:#?}");
+    out.stdout
+}
+
+/// A store of this process writing offline: its journal is live (locked) while it exists.
+fn live_journal(url: &str, prefix: &str, dir: &Path) -> (Storage, Arc<dyn KvStore>) {
+    let storage = Storage::open(&config(url, prefix).fallback_dir(dir).build().unwrap()).unwrap();
+    let store = storage.namespace("full_docs").unwrap();
+    store.upsert(vec![("live".into(), json!(1))]).unwrap();
+    assert!(!storage.fallback().unwrap().is_online());
+    (storage, store)
+}
+
+#[test]
+fn journal_list_shows_owner_target_and_writes_never_the_password() {
+    let mut server = RedisServer::start();
+    let port = server.port();
+    server.stop();
+    let url = format!("redis://:s3cret-pw@127.0.0.1:{port}");
+    let dir = tempfile::tempdir().unwrap();
+    // The live store first: opened later, it would adopt the orphan.
+    let (_storage, _store) = live_journal(&url, "jl", dir.path());
+    journal_put(&url, "jl", dir.path(), "full_docs", "d1", "1");
+    foreign_journal_put(&url, "other", dir.path(), "text_chunks", "c1", "2");
+    let files = journal_files(dir.path());
+    assert_eq!(files.len(), 3);
+
+    let text = ok(output(
+        cli(&url, "jl", dir.path()).args(["journal", "list"]),
+    ));
+    assert!(!text.contains("s3cret"), "{text}");
+    for f in &files {
+        assert!(text.contains(&f.display().to_string()), "{text}");
+    }
+    assert_eq!(text.matches("gone (orphaned").count(), 2, "{text}");
+    assert_eq!(text.matches("alive (holds").count(), 1, "{text}");
+    assert!(
+        text.contains(&format!(
+            "redis://:<redacted>@127.0.0.1:{port} (prefix \"jl\"): the configured target"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("(prefix \"other\"): NOT the configured target"),
+        "{text}"
+    );
+    assert!(text.contains("writes: full_docs 1"), "{text}");
+    assert!(text.contains("writes: text_chunks 1"), "{text}");
+    assert!(text.contains("created: 20"), "{text}");
+
+    // --dir instead of KV_FALLBACK_DIR, and JSON.
+    let mut cmd = cli(&url, "jl", dir.path());
+    cmd.env_remove("KV_FALLBACK_DIR");
+    let text = ok(output(
+        cmd.args(["journal", "list", "--json", "--dir"])
+            .arg(dir.path()),
+    ));
+    assert!(!text.contains("s3cret"), "{text}");
+    let doc: Value = serde_json::from_str(&text).unwrap();
+    let list = doc.as_array().unwrap();
+    assert_eq!(list.len(), 3);
+    let alive: Vec<bool> = list
+        .iter()
+        .map(|j| j["owner_alive"].as_bool().unwrap())
+        .collect();
+    assert_eq!(alive.iter().filter(|a| **a).count(), 1, "{text}");
+    let other = list.iter().find(|j| j["prefix"] == "other").unwrap();
+    assert_eq!(other["matches_configured_target"], json!(false));
+    assert_eq!(other["writes"], json!({"text_chunks": 1}));
+    assert_eq!(other["pid"].as_u64().is_some(), true);
+
+    let empty = tempfile::tempdir().unwrap();
+    let text = ok(output(
+        cli(&url, "jl", empty.path()).args(["journal", "list"]),
+    ));
+    assert!(text.starts_with("no journals in"), "{text}");
+}
+
+#[test]
+fn journal_replay_refuses_other_targets_and_replays_orphans() {
+    let mut server = RedisServer::start();
+    let url = server.url();
+    server.stop();
+    let dir = tempfile::tempdir().unwrap();
+    journal_put(&url, "rp", dir.path(), "full_docs", "d1", "1");
+    journal_put(&url, "rp", dir.path(), "full_docs", "d1", "2");
+    let foreign = foreign_journal_put(&url, "rp-other", dir.path(), "full_docs", "x", "3");
+    server.restart();
+
+    // Refused: one journal belongs to another prefix; nothing is replayed.
+    fails(
+        output(cli(&url, "rp", dir.path()).args(["journal", "replay"])),
+        &["rp-other", "--force", &foreign.display().to_string()],
+    );
+    assert_eq!(
+        direct(&server, "rp", "full_docs").get_by_id("d1").unwrap(),
+        None
+    );
+    assert_eq!(journal_files(dir.path()).len(), 3);
+
+    // Every orphan is checked before anything is written: the other prefix is refused too.
+    fails(
+        output(cli(&url, "rp-other", dir.path()).args(["journal", "replay"])),
+        &["\"rp\"", "--force"],
+    );
+    assert_eq!(
+        direct(&server, "rp-other", "full_docs")
+            .get_by_id("x")
+            .unwrap(),
+        None
+    );
+    assert_eq!(journal_files(dir.path()).len(), 3);
+
+    // Settled: the foreign journal discarded by name, then ours replayed.
+    ok(output(
+        cli(&url, "rp", dir.path())
+            .args(["journal", "discard", "--yes"])
+            .arg(&foreign),
+    ));
+    assert_eq!(journal_files(dir.path()).len(), 2);
+    let text = ok(output(
+        cli(&url, "rp", dir.path()).args(["journal", "replay"]),
+    ));
+    assert_eq!(text.matches("replayed ").count(), 2, "{text}");
+    // In order: the later write wins.
+    assert_eq!(
+        direct(&server, "rp", "full_docs").get_by_id("d1").unwrap(),
+        Some(json!(2))
+    );
+    assert!(journal_files(dir.path()).is_empty());
+    let text = ok(output(
+        cli(&url, "rp", dir.path()).args(["journal", "replay"]),
+    ));
+    assert!(text.starts_with("no orphaned journals"), "{text}");
+}
+
+/// A journal of an older version (no header) is refused at open, and `journal replay`
+/// replays it only with `--force`.
+#[test]
+fn journal_without_header_is_refused_until_replayed_with_force() {
+    let server = RedisServer::start();
+    let url = server.url();
+    let dir = tempfile::tempdir().unwrap();
+    let legacy = dir.path().join("journal-999999-1.jsonl");
+    std::fs::write(
+        &legacy,
+        "{\"op\":\"upsert\",\"ns\":\"full_docs\",\"items\":[[\"legacy\",5]]}\n",
+    )
+    .unwrap();
+    let e = Storage::open(&config(&url, "lg").fallback_dir(dir.path()).build().unwrap())
+        .expect_err("a journal without a header must not be replayed blindly");
+    assert!(matches!(e, graphrag_kv::Error::Journal { .. }), "{e:?}");
+    let text = e.to_string();
+    assert!(text.contains("no header"), "{text}");
+    assert!(
+        text.contains("graphrag-kv journal replay --force"),
+        "{text}"
+    );
+    assert!(text.contains("graphrag-kv journal discard --yes"), "{text}");
+    assert!(legacy.exists());
+
+    fails(
+        output(cli(&url, "lg", dir.path()).args(["journal", "replay"])),
+        &["no header", "--force"],
+    );
+    assert_eq!(
+        direct(&server, "lg", "full_docs")
+            .get_by_id("legacy")
+            .unwrap(),
+        None
+    );
+    let text = ok(output(
+        cli(&url, "lg", dir.path()).args(["journal", "replay", "--force"]),
+    ));
+    assert!(text.contains("journal-999999-1.jsonl (1 write)"), "{text}");
+    assert_eq!(
+        direct(&server, "lg", "full_docs")
+            .get_by_id("legacy")
+            .unwrap(),
+        Some(json!(5))
+    );
+    assert!(!legacy.exists());
+    Storage::open(&config(&url, "lg").fallback_dir(dir.path()).build().unwrap()).unwrap();
+}
+
+/// `journal discard` deletes nothing without `--yes`, and never a live process's journal.
+#[test]
+fn journal_discard_needs_yes_and_keeps_live_journals() {
+    let mut server = RedisServer::start();
+    let url = server.url();
+    server.stop();
+    let dir = tempfile::tempdir().unwrap();
+    let (_storage, _store) = live_journal(&url, "dc", dir.path());
+    let live = journal_files(dir.path()).pop().unwrap();
+    journal_put(&url, "dc", dir.path(), "full_docs", "d1", "1");
+    let orphan = journal_files(dir.path())
+        .into_iter()
+        .find(|p| *p != live)
+        .unwrap();
+    assert_eq!(journal_files(dir.path()).len(), 2);
+
+    fails(
+        output(cli(&url, "dc", dir.path()).args(["journal", "discard"])),
+        &["--yes", "1 orphaned journal holding 1 write"],
+    );
+    assert_eq!(journal_files(dir.path()).len(), 2);
+    fails(
+        output(cli(&url, "dc", dir.path()).args([
+            "journal",
+            "discard",
+            "--yes",
+            "journal-1-2.jsonl",
+        ])),
+        &["no such journal", "journal-1-2.jsonl"],
+    );
+    let text = ok(output(
+        cli(&url, "dc", dir.path()).args(["journal", "discard", "--yes"]),
+    ));
+    assert!(
+        text.contains(&format!("discarded {} (1 write lost)", orphan.display())),
+        "{text}"
+    );
+    assert!(text.contains("a live process holds it"), "{text}");
+    assert_eq!(journal_files(dir.path()), vec![live]);
 }

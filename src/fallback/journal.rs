@@ -422,19 +422,19 @@ pub(crate) fn refusal(path: &Path, contents: &Contents, target: &JournalTarget) 
     let reason = match &contents.header {
         None => format!(
             "it has no header (written by an older version), so the Redis server and key \
-             prefix its {} writes belong to are unknown; replay it into the configured Redis \
+             prefix its {} belong to are unknown; replay it into the configured Redis \
              ({}, prefix {:?}) with `graphrag-kv journal replay --force`, or delete it with \
              `graphrag-kv journal discard --yes`",
-            contents.entries.len(),
+            writes(contents.entries.len()),
             target.display,
             target.prefix
         ),
         Some(h) if !target.matches(h) => format!(
-            "its {} writes belong to {} with key prefix {:?}, not to the configured {} with \
+            "its {} belong to {} with key prefix {:?}, not to the configured {} with \
              prefix {:?}; replay it with its own configuration (`graphrag-kv journal replay`), \
              into this one with `graphrag-kv journal replay --force`, or delete it with \
              `graphrag-kv journal discard --yes`",
-            contents.entries.len(),
+            writes(contents.entries.len()),
             h.target,
             h.prefix,
             target.display,
@@ -446,6 +446,15 @@ pub(crate) fn refusal(path: &Path, contents: &Contents, target: &JournalTarget) 
         path: path.to_path_buf(),
         reason,
     })
+}
+
+/// `1 write`, `2 writes`.
+fn writes(n: usize) -> String {
+    if n == 1 {
+        "1 write".to_string()
+    } else {
+        format!("{n} writes")
+    }
 }
 
 /// One journal file as `graphrag-kv journal list` shows it.
@@ -475,8 +484,10 @@ impl JournalInfo {
     }
 }
 
-/// Describes every journal in `dir` (none when it does not exist), oldest first. Takes no
-/// lock that outlives the call.
+/// Describes every journal in `dir` (none when it does not exist), oldest first. Tells live
+/// journals from orphans by the locks listed in `/proc/locks`, so it takes none itself (a lock
+/// taken to look could make a store opening at that instant pass an orphan by); where that
+/// file cannot be read it takes each journal's lock for an instant.
 ///
 /// # Errors
 /// [`Error::Io`] when the directory cannot be listed.
@@ -484,6 +495,7 @@ pub fn list_journals(dir: &Path) -> Result<Vec<JournalInfo>> {
     if !dir.exists() {
         return Ok(Vec::new());
     }
+    let locked = locked_files();
     let mut out = Vec::new();
     for path in journal_paths(dir)? {
         let mut info = JournalInfo {
@@ -498,8 +510,10 @@ pub fn list_journals(dir: &Path) -> Result<Vec<JournalInfo>> {
         match File::open(&path) {
             Err(e) => info.error = Some(e.to_string()),
             Ok(file) => {
-                // A shared lock would do, but the owner's exclusive lock is what tells.
-                info.in_use = file.try_lock_shared().is_err();
+                info.in_use = match (&locked, file.metadata()) {
+                    (Some(locked), Ok(m)) => locked.contains(&file_id(&m)),
+                    _ => file.try_lock_shared().is_err(),
+                };
                 match read(&path, &file) {
                     Err(e) => info.error = Some(e.to_string()),
                     Ok(c) => {
@@ -515,6 +529,43 @@ pub fn list_journals(dir: &Path) -> Result<Vec<JournalInfo>> {
         out.push(info);
     }
     Ok(out)
+}
+
+/// A file's identity as `/proc/locks` prints it: device major, minor, inode.
+fn file_id(m: &fs::Metadata) -> (u64, u64, u64) {
+    let dev = m.dev();
+    // glibc's gnu_dev_major / gnu_dev_minor.
+    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
+    let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+    (major, minor, m.ino())
+}
+
+/// Files holding a `flock` lock, from `/proc/locks` (`1: FLOCK ADVISORY WRITE 42 08:01:1234 0
+/// EOF`, device numbers in hex); `None` when it cannot be read.
+fn locked_files() -> Option<std::collections::HashSet<(u64, u64, u64)>> {
+    let text = fs::read_to_string("/proc/locks").ok()?;
+    let mut out = std::collections::HashSet::new();
+    for line in text.lines().filter(|l| l.contains("FLOCK")) {
+        let Some(id) = line
+            .split_whitespace()
+            .find(|f| f.matches(':').count() == 2)
+        else {
+            continue;
+        };
+        let mut parts = id.split(':');
+        let (Some(major), Some(minor), Some(ino)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        if let (Ok(major), Ok(minor), Ok(ino)) = (
+            u64::from_str_radix(major, 16),
+            u64::from_str_radix(minor, 16),
+            ino.parse::<u64>(),
+        ) {
+            out.insert((major, minor, ino));
+        }
+    }
+    Some(out)
 }
 
 /// An [`Error::Io`].
