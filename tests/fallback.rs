@@ -134,10 +134,12 @@ fn direct(server: &RedisServer, prefix: &str, ns: &str) -> Arc<dyn KvStore> {
 #[test]
 fn index_done_callback_offline_is_an_error_counting_journaled_writes() {
     let mut server = RedisServer::start();
-    let dir = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    // Created with its missing parents on the first open.
+    let dir = tmp.path().join("a").join("journal");
     let storage = Storage::open(
         &config(&server.url(), "idc")
-            .fallback_dir(dir.path())
+            .fallback_dir(dir.as_path())
             .build()
             .unwrap(),
     )
@@ -155,7 +157,7 @@ fn index_done_callback_offline_is_an_error_counting_journaled_writes() {
     assert!(text.contains("Redis is unreachable"), "{text}");
     assert!(text.contains("2 writes"), "{text}");
     assert!(
-        text.contains(&dir.path().display().to_string()),
+        text.contains(&dir.as_path().display().to_string()),
         "the message names the journal directory: {text}"
     );
 }

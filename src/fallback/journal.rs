@@ -382,6 +382,29 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
         .map_err(|e| io_error("syncing journal directory", dir, e))
 }
 
+/// Creates the journal directory (and missing parents) and fsyncs the parent of each
+/// directory created, so the directory itself survives a crash like the journals in it.
+pub(crate) fn create_dir(dir: &Path) -> Result<()> {
+    let mut missing = Vec::new();
+    let mut p = dir;
+    while !p.as_os_str().is_empty() && !p.exists() {
+        missing.push(p);
+        match p.parent() {
+            Some(parent) => p = parent,
+            None => break,
+        }
+    }
+    fs::create_dir_all(dir).map_err(|e| io_error("creating journal directory", dir, e))?;
+    for created in missing {
+        let parent = created
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        sync_dir(parent)?;
+    }
+    Ok(())
+}
+
 /// The journal files of `dir`, oldest first (their names hold the creation time).
 pub(crate) fn journal_paths(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = fs::read_dir(dir)

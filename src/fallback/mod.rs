@@ -41,7 +41,7 @@ mod admin;
 mod journal;
 
 use std::collections::HashMap;
-use std::fs::{self, File};
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Duration;
@@ -165,7 +165,7 @@ impl Fallback {
         open_inner: Box<OpenInner>,
     ) -> Result<(Arc<Fallback>, FallbackGuard)> {
         let dir = dir.into();
-        fs::create_dir_all(&dir).map_err(|e| io_error("creating journal directory", &dir, e))?;
+        journal::create_dir(&dir)?;
         let mut state = State {
             online: true,
             ..State::default()
