@@ -563,7 +563,7 @@ fn journal_list_shows_owner_target_and_writes_never_the_password() {
     let other = list.iter().find(|j| j["prefix"] == "other").unwrap();
     assert_eq!(other["matches_configured_target"], json!(false));
     assert_eq!(other["writes"], json!({"text_chunks": 1}));
-    assert_eq!(other["pid"].as_u64().is_some(), true);
+    assert!(other["pid"].as_u64().is_some(), "{text}");
 
     let empty = tempfile::tempdir().unwrap();
     let text = ok(output(

@@ -615,8 +615,10 @@ mod tests {
             node_identity("redis+unix:///tmp/r.sock?db=1"),
             "unix:/tmp/r.sock"
         );
-        let mut a = RedisConfig::default();
-        a.url = "redis://x:pw@h1:1,redis://h2:2".into();
+        let a = RedisConfig {
+            url: "redis://x:pw@h1:1,redis://h2:2".into(),
+            ..RedisConfig::default()
+        };
         let mut b = a.clone();
         b.url = "redis://h2:2, redis://other:pw2@h1:1".into();
         let (ta, tb) = (JournalTarget::from_redis(&a), JournalTarget::from_redis(&b));
