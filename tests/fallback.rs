@@ -520,6 +520,15 @@ fn journal_list_shows_owner_target_and_writes_never_the_password() {
     foreign_journal_put(&url, "other", dir.path(), "text_chunks", "c1", "2");
     let files = journal_files(dir.path());
     assert_eq!(files.len(), 3);
+    for f in &files {
+        let bytes = String::from_utf8(std::fs::read(f).unwrap()).unwrap();
+        assert!(
+            !bytes.contains("s3cret"),
+            "the password is in {}",
+            f.display()
+        );
+        assert!(bytes.contains("<redacted>"), "{bytes}");
+    }
 
     let text = ok(output(
         cli(&url, "jl", dir.path()).args(["journal", "list"]),

@@ -33,6 +33,9 @@
 //!   writes made since the outage, but writes Redis acknowledged before it may be lost with
 //!   the server's unsynced tail.
 //!
+//! `journal.rs` holds the file format (header, entries, torn and failed appends, locks);
+//! `admin.rs` the functions behind `graphrag-kv journal replay|discard`.
+//!
 //! Replay writes what this process was told, in order: when other processes wrote the same ids
 //! meanwhile, the replayed value wins (last replay wins). A replayed `clear` removes what other
 //! processes wrote to that namespace before the replay.
