@@ -201,6 +201,16 @@ pub enum Error {
         source: Box<Error>,
     },
 
+    /// A fallback journal that cannot be replayed here: written for another Redis target or
+    /// key prefix, or by a version that did not record its target. It is left untouched.
+    #[error("journal {}: {reason}", path.display())]
+    Journal {
+        /// The journal file.
+        path: PathBuf,
+        /// Why, and the `graphrag-kv journal` command that settles it.
+        reason: String,
+    },
+
     /// The backend cannot answer right now and no local copy can either.
     #[error("namespace {namespace:?} is unavailable: {reason}")]
     Unavailable {

@@ -8,7 +8,7 @@ use crate::backend::redis::RedisShared;
 use crate::config::{BackendKind, RedisConfig, StoreConfig};
 use crate::dual_write::{DualWrite, WriteOrder};
 use crate::error::Result;
-use crate::fallback::{Fallback, FallbackGuard};
+use crate::fallback::{Fallback, FallbackGuard, JournalTarget};
 use crate::metrics::{Metered, Metrics};
 use crate::store::KvStore;
 use crate::write_behind::{WriteBehind, WriteBehindConfig};
@@ -90,6 +90,7 @@ impl Storage {
                     let for_replay = shared.clone();
                     let (fallback, guard) = Fallback::open(
                         &fb.dir,
+                        JournalTarget::from_redis(&config.redis),
                         Box::new(move |ns: &str| {
                             Ok(Arc::new(for_replay.namespace(ns)?) as Arc<dyn KvStore>)
                         }),

@@ -26,21 +26,34 @@
 //! - One journal file per process (`journal-{pid}-{nanos}.jsonl` in the journal directory), so
 //!   several processes can fall back at once. A process that dies offline leaves its journal;
 //!   the next fallback opened on that directory replays it (locks tell live journals from
-//!   orphans).
+//!   orphans). Each journal's header names the Redis target and key prefix it belongs to; a
+//!   journal of another target, or one without a header, is refused with [`Error::Journal`]
+//!   (the `graphrag-kv journal` commands settle it), never replayed into the wrong place.
+//! - `index_done_callback` offline is an error ([`Error::Unavailable`]): the journal holds the
+//!   writes made since the outage, but writes Redis acknowledged before it may be lost with
+//!   the server's unsynced tail.
+//!
+//! `journal.rs` holds the file format (header, entries, torn and failed appends, locks);
+//! `admin.rs` the functions behind `graphrag-kv journal replay|discard`.
 //!
 //! Replay writes what this process was told, in order: when other processes wrote the same ids
 //! meanwhile, the replayed value wins (last replay wins). A replayed `clear` removes what other
 //! processes wrote to that namespace before the replay.
 
+mod admin;
+mod journal;
+
 use std::collections::HashMap;
-use std::fs::{self, File};
-use std::io::{BufRead, BufReader, Write};
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+pub use admin::{discard_journals, replay_journals, Discarded, ReplayedJournal};
+use journal::{io_error, Entry, Writer};
+pub use journal::{list_journals, JournalHeader, JournalInfo, JournalTarget};
 
 use crate::error::{Error, Result};
 use crate::store::{
@@ -52,23 +65,6 @@ pub type OpenInner = dyn Fn(&str) -> Result<Arc<dyn KvStore>> + Send + Sync;
 
 /// How often an offline fallback asks Redis whether it is back.
 const PROBE_INTERVAL: Duration = Duration::from_millis(250);
-
-/// One journaled write.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
-enum Entry {
-    Upsert { ns: String, items: Vec<Item> },
-    Delete { ns: String, ids: Vec<String> },
-    Clear { ns: String },
-}
-
-impl Entry {
-    fn namespace(&self) -> &str {
-        match self {
-            Entry::Upsert { ns, .. } | Entry::Delete { ns, .. } | Entry::Clear { ns } => ns,
-        }
-    }
-}
 
 /// What the journal says about one namespace.
 #[derive(Debug, Default)]
@@ -86,8 +82,9 @@ struct State {
     pending: Vec<Entry>,
     overlay: HashMap<String, Overlay>,
     /// This process's journal, created on the first offline write. Holds an exclusive lock.
-    journal: Option<(PathBuf, File)>,
-    /// Orphaned journals being replayed; locked by us, removed after replay.
+    journal: Option<Writer>,
+    /// Orphaned journals being replayed, and journals of ours retired after an append that
+    /// could not be cut off; locked by us, removed after replay.
     orphans: Vec<(PathBuf, File)>,
 }
 
@@ -116,6 +113,8 @@ impl State {
 /// The fallback state shared by every namespace of one storage: mode, journal, prober.
 pub struct Fallback {
     dir: PathBuf,
+    /// Written in every journal's header; journals of another target are refused.
+    target: JournalTarget,
     open_inner: Box<OpenInner>,
     state: RwLock<State>,
     /// Wakes the prober early (on shutdown, or when going offline).
@@ -126,6 +125,8 @@ impl std::fmt::Debug for Fallback {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Fallback")
             .field("dir", &self.dir)
+            .field("target", &self.target.display)
+            .field("prefix", &self.target.prefix)
             .finish_non_exhaustive()
     }
 }
@@ -151,51 +152,53 @@ impl Drop for FallbackGuard {
 }
 
 impl Fallback {
-    /// Opens the journal directory, adopts orphaned journals of dead processes (they are
-    /// replayed as soon as Redis answers), and starts the prober.
+    /// Opens the journal directory, adopts orphaned journals of dead processes written for
+    /// `target` (they are replayed as soon as Redis answers), and starts the prober.
+    ///
+    /// A torn last line of an orphan (a crash mid-append, never acknowledged) is cut off.
     ///
     /// # Errors
-    /// [`Error::Io`] when the directory cannot be created or read.
+    /// [`Error::Io`] when the directory cannot be created or read; [`Error::Journal`] for an
+    /// orphan written for another target or key prefix, or without a header (older versions):
+    /// it is left untouched for `graphrag-kv journal replay` or `discard`;
+    /// [`Error::CorruptFile`] for an orphan with an unreadable whole line.
     pub fn open(
         dir: impl Into<PathBuf>,
+        target: JournalTarget,
         open_inner: Box<OpenInner>,
     ) -> Result<(Arc<Fallback>, FallbackGuard)> {
         let dir = dir.into();
-        fs::create_dir_all(&dir).map_err(|e| io_error("creating journal directory", &dir, e))?;
+        journal::create_dir(&dir)?;
         let mut state = State {
             online: true,
             ..State::default()
         };
-        let mut files: Vec<PathBuf> = fs::read_dir(&dir)
-            .map_err(|e| io_error("listing journal directory", &dir, e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("journal-") && n.ends_with(".jsonl"))
-            })
-            .collect();
-        // Names hold the creation time after the pid: replay older journals first.
-        files.sort_by_key(|p| journal_time(p));
-        for path in files {
-            let Ok(file) = File::options().read(true).append(true).open(&path) else {
+        // Oldest first: replay in the order the writes were accepted.
+        for path in journal::journal_paths(&dir)? {
+            // A live process holds its journal's lock: only orphans can be locked here.
+            let Some(file) = journal::lock_orphan(&path) else {
                 continue;
             };
-            // A live process holds its journal's lock: only orphans can be locked here.
-            if file.try_lock().is_err() {
+            let contents = journal::read(&path, &file)?;
+            if contents.entries.is_empty() {
+                // Nothing to replay (a process that died before its first write was taken).
+                journal::remove_locked(&path, file)?;
                 continue;
             }
-            let entries = read_journal(&path, &file)?;
+            if let Some(refused) = journal::refusal(&path, &contents, &target) {
+                return Err(refused);
+            }
+            journal::truncate_torn(&path, &file, &contents)?;
             log::warn!(
                 "found the journal {} of a process that stopped while Redis was down: {} \
                  writes will be replayed when Redis answers",
                 path.display(),
-                entries.len()
+                contents.entries.len()
             );
-            for e in &entries {
+            for e in &contents.entries {
                 state.apply_overlay(e);
             }
-            state.pending.extend(entries);
+            state.pending.extend(contents.entries);
             state.orphans.push((path, file));
         }
         if !state.pending.is_empty() {
@@ -203,6 +206,7 @@ impl Fallback {
         }
         let fallback = Arc::new(Fallback {
             dir,
+            target,
             open_inner,
             state: RwLock::new(state),
             wake: (Mutex::new(false), Condvar::new()),
@@ -308,6 +312,19 @@ impl Fallback {
             }
             done += 1;
         }
+        if done == total {
+            // The journal goes only once Redis has the replayed writes on its disk; until then
+            // they stay pending and are replayed again (idempotent in order) at the next probe.
+            let durable =
+                (self.open_inner)("graphrag_kv_probe").and_then(|s| s.index_done_callback());
+            if let Err(err) = durable {
+                log::warn!(
+                    "replayed {total} journaled writes but Redis could not make them durable \
+                     ({err}); the journal is kept and replayed again"
+                );
+                return;
+            }
+        }
         // Replayed entries are idempotent in order, so a crash now (before the files go)
         // replays them again harmlessly; keep only what is left in memory.
         st.pending.drain(..done);
@@ -315,10 +332,9 @@ impl Fallback {
             return;
         }
         let mut files: Vec<(PathBuf, File)> = st.orphans.drain(..).collect();
-        files.extend(st.journal.take());
+        files.extend(st.journal.take().map(|w| (w.path, w.file)));
         for (path, file) in files {
-            drop(file);
-            if let Err(e) = fs::remove_file(&path) {
+            if let Err(e) = journal::remove_locked(&path, file) {
                 log::error!("journal {} replayed but not removed: {e}", path.display());
             }
         }
@@ -327,40 +343,44 @@ impl Fallback {
         log::warn!("Redis answers again: {total} journaled writes replayed; back online");
     }
 
-    /// Records a write offline: appended to this process's journal and fsynced.
+    /// Records a write offline: appended to this process's journal and fsynced. A failed
+    /// append is cut back off the journal (the write is not taken).
     fn journal(&self, st: &mut State, entry: Entry) -> Result<()> {
-        if st.journal.is_none() {
-            let nanos = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0);
-            let path = self
-                .dir
-                .join(format!("journal-{}-{nanos}.jsonl", std::process::id()));
-            let file = File::options()
-                .create(true)
-                .append(true)
-                .read(true)
-                .open(&path)
-                .map_err(|e| io_error("creating journal", &path, e))?;
-            file.try_lock().map_err(|e| {
-                io_error(
-                    "locking journal",
-                    &path,
-                    std::io::Error::other(e.to_string()),
-                )
-            })?;
-            st.journal = Some((path, file));
+        if let Some(w) = st.journal.take_if(|w| w.broken) {
+            st.orphans.push((w.path, w.file));
         }
-        let (path, file) = st.journal.as_mut().expect("journal opened above");
-        let mut line = serde_json::to_vec(&entry).expect("serializing a journal entry");
-        line.push(b'\n');
-        file.write_all(&line)
-            .and_then(|_| file.sync_data())
-            .map_err(|e| io_error("appending to journal", path, e))?;
+        let writer = match &mut st.journal {
+            Some(w) => w,
+            None => st.journal.insert(Writer::create(&self.dir, &self.target)?),
+        };
+        writer.append(&entry)?;
         st.apply_overlay(&entry);
         st.pending.push(entry);
         Ok(())
+    }
+
+    /// The error of a checkpoint while Redis is unreachable: what the journal holds, and why
+    /// that is not "durable".
+    fn not_durable(&self, namespace: &str, cause: Option<&Error>) -> Error {
+        let n = self.pending_writes();
+        let cause = cause.map(|e| format!(" ({e})")).unwrap_or_default();
+        unavailable(
+            namespace,
+            &format!(
+                "Redis is unreachable{cause}: {n} {} safe in the journal in {} and replayed when \
+                 it answers, but writes Redis acknowledged before the outage may not be on its \
+                 disk, so the checkpoint cannot confirm them",
+                if n == 1 { "write is" } else { "writes are" },
+                self.dir.display()
+            ),
+        )
+    }
+
+    /// True when Redis answers a PING.
+    fn redis_answers(&self) -> bool {
+        (self.open_inner)("graphrag_kv_probe")
+            .and_then(|s| s.index_start_callback())
+            .is_ok()
     }
 
     fn go_offline(&self, st: &mut State, cause: &Error) {
@@ -483,56 +503,6 @@ fn unavailable(namespace: &str, reason: &str) -> Error {
         namespace: namespace.to_string(),
         reason: reason.to_string(),
     }
-}
-
-fn io_error(action: &'static str, path: &Path, source: std::io::Error) -> Error {
-    Error::Io {
-        action,
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
-/// The creation time in a journal's name (`journal-{pid}-{nanos}.jsonl`).
-fn journal_time(path: &Path) -> u128 {
-    path.file_stem()
-        .and_then(|s| s.to_str())
-        .and_then(|s| s.rsplit('-').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
-}
-
-/// Reads a journal; a torn last line (a crash mid-append, before the write was acknowledged)
-/// is ignored, a bad line elsewhere is an error naming the file and line.
-fn read_journal(path: &Path, file: &File) -> Result<Vec<Entry>> {
-    let lines: Vec<String> = BufReader::new(file)
-        .lines()
-        .collect::<std::io::Result<_>>()
-        .map_err(|e| io_error("reading journal", path, e))?;
-    let mut entries = Vec::with_capacity(lines.len());
-    for (n, line) in lines.iter().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        match serde_json::from_str::<Entry>(line) {
-            Ok(e) => entries.push(e),
-            Err(_) if n + 1 == lines.len() => {
-                log::warn!(
-                    "{}: ignoring a torn last line (never acknowledged)",
-                    path.display()
-                );
-            }
-            Err(e) => {
-                return Err(Error::CorruptFile {
-                    path: path.to_path_buf(),
-                    line: n + 1,
-                    column: e.column(),
-                    message: e.to_string(),
-                })
-            }
-        }
-    }
-    Ok(entries)
 }
 
 /// One namespace behind a [`Fallback`].
@@ -696,17 +666,27 @@ impl<S: KvStore> KvStore for FallbackStore<S> {
     }
 
     fn index_done_callback(&self) -> Result<()> {
+        // Offline, the journal holds the writes since the outage (fsynced when accepted), but
+        // writes Redis acknowledged before it may be lost with the server's unsynced tail:
+        // that is not something the journal can fix, so a checkpoint cannot succeed.
         if !self.fallback.is_online() {
-            // Journaled writes were fsynced when they were accepted.
-            return Ok(());
+            return Err(self.fallback.not_durable(self.namespace(), None));
         }
         match self.inner.index_done_callback() {
-            Err(e) if e.is_connection() || e.is_timeout() => {
-                // Writes made before the outage were acknowledged by Redis but may not be on
-                // its disk: that is not something the journal can fix, so say so.
-                Err(e)
+            Ok(()) => Ok(()),
+            // A checkpoint error does not say whether the server went away (a broken
+            // connection is reported as a failed checkpoint): a PING tells.
+            Err(e) if e.is_connection() || e.is_timeout() || !self.fallback.redis_answers() => {
+                let mut st = self
+                    .fallback
+                    .state
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner());
+                self.fallback.go_offline(&mut st, &e);
+                drop(st);
+                Err(self.fallback.not_durable(self.namespace(), Some(&e)))
             }
-            other => other,
+            Err(e) => Err(e),
         }
     }
 
