@@ -75,6 +75,7 @@ fn fallback_open(
     let for_replay = shared.clone();
     let (fallback, guard) = Fallback::open(
         journal,
+        graphrag_kv::fallback::JournalTarget::from_redis(&config.redis),
         Box::new(move |ns: &str| Ok(Arc::new(for_replay.namespace(ns)?) as Arc<dyn KvStore>)),
     )
     .unwrap();
@@ -432,28 +433,19 @@ offline_suite!(fallback_store_offline, fallback_offline_checked);
 offline_suite!(env_fallback_offline, || env_offline(false));
 offline_suite!(env_write_behind_and_fallback_offline, || env_offline(true));
 
-/// `invalid_ids_are_refused` offline, apart from the suite above: two stacks show a defect
-/// (marked, not hidden: `cargo test --test stacks -- --ignored` runs them and shows the
-/// failure). Write-behind validates ids itself before the fallback sees them, so that stack
-/// passes.
+/// `invalid_ids_are_refused` offline, apart from the suite above: `FallbackStore::get_by_id`
+/// answered an invalid id from the journal with `Ok(None)` until it validated ids itself
+/// (write-behind validates before the fallback sees them, so that stack always passed).
 mod offline_invalid_ids {
     use super::*;
 
     #[test]
-    #[ignore = "DEFECT in src/fallback.rs: offline, FallbackStore::get_by_id (and get_as) of an \
-                invalid id (empty, or longer than MAX_ID_BYTES) returns Ok(None) instead of \
-                Error::InvalidId: it does not validate the id before asking the journal. \
-                Run with --ignored to see it fail."]
     fn fallback_store_offline() {
         let (_guard, open) = fallback_offline_checked();
         support::conformance::invalid_ids_are_refused(&open);
     }
 
     #[test]
-    #[ignore = "DEFECT in src/fallback.rs: offline, FallbackStore::get_by_id (and get_as) of an \
-                invalid id (empty, or longer than MAX_ID_BYTES) returns Ok(None) instead of \
-                Error::InvalidId: it does not validate the id before asking the journal. \
-                Run with --ignored to see it fail."]
     fn env_fallback_offline() {
         let (_guard, open) = env_offline(false);
         support::conformance::invalid_ids_are_refused(&open);

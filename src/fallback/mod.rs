@@ -550,6 +550,9 @@ impl<S: KvStore> KvStore for FallbackStore<S> {
     }
 
     fn get_by_id(&self, id: &str) -> Result<Option<Value>> {
+        // Offline the journal answers, and it has no rule for ids: check them here as every
+        // backend does, so an invalid id is refused whether Redis is up or not.
+        validate_id(self.namespace(), id)?;
         self.fallback.read(
             self.namespace(),
             || self.inner.get_by_id(id),
