@@ -4,7 +4,7 @@
 
 mod support;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -227,6 +227,133 @@ fn resharding_under_load_is_invisible_to_callers() {
     all.sort();
     all.dedup();
     assert_eq!(all.len(), 2000 + written.len());
+}
+
+/// `all_keys` in a loop while slots move back and forth between two masters: every `Ok` holds
+/// exactly the stored ids, never a part of them; the rest are errors naming the moving slot map.
+#[test]
+fn all_keys_during_a_live_reshard_is_complete_or_an_error() {
+    const N: usize = 10_000;
+    /// Slots moved per direction per round, then the cluster is left alone for `IDLE` so some
+    /// scans can see a stable slot map (without the pauses every scan would overlap a move).
+    const SLOTS_PER_MOVE: usize = 40;
+    const ROUNDS: usize = 12;
+    const IDLE: Duration = Duration::from_millis(150);
+    let cluster = RedisCluster::start();
+    let storage = Storage::open(&cluster_config(&cluster).build().unwrap()).unwrap();
+    let store = storage.namespace("full_docs").unwrap();
+    let items: Vec<_> = (0..N).map(|i| (format!("doc-{i}"), json!(i))).collect();
+    let expected: HashSet<String> = items.iter().map(|(id, _)| id.clone()).collect();
+    store.upsert(items).unwrap();
+    assert_eq!(store.all_keys().unwrap().len(), N);
+
+    let masters = cluster.masters();
+    let (a, b) = (masters[0].1, masters[1].1);
+    let stop = AtomicBool::new(false);
+    let (mut oks, mut errors, mut partial) = (0u32, 0u32, Vec::new());
+    std::thread::scope(|scope| {
+        let resharder = scope.spawn(|| {
+            for _ in 0..ROUNDS {
+                // `reshard` moves the lowest slots of the source: the same slots go to `b`
+                // and come back to `a` (they are then `b`'s lowest).
+                cluster.reshard(SLOTS_PER_MOVE, a, b);
+                std::thread::sleep(IDLE);
+                cluster.reshard(SLOTS_PER_MOVE, b, a);
+                std::thread::sleep(IDLE);
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
+        while !stop.load(Ordering::Relaxed) {
+            match store.all_keys() {
+                Ok(ids) => {
+                    let got: HashSet<String> = ids.iter().cloned().collect();
+                    if ids.len() == N && got == expected {
+                        oks += 1;
+                    } else {
+                        partial.push((ids.len(), expected.difference(&got).count()));
+                    }
+                }
+                Err(e) => {
+                    errors += 1;
+                    assert!(
+                        matches!(e, graphrag_kv::Error::ClusterUnstable { .. }),
+                        "unexpected error: {e}"
+                    );
+                }
+            }
+        }
+        resharder.join().unwrap();
+    });
+    eprintln!(
+        "all_keys during resharding: {oks} complete, {errors} errors, {} partial {partial:?}",
+        partial.len()
+    );
+    assert!(
+        partial.is_empty(),
+        "all_keys returned Ok with a partial or wrong set (ids returned, ids missing):          {partial:?}; {oks} complete, {errors} errors"
+    );
+    assert!(oks > 0, "no scan completed: the test proved nothing");
+    let mut all = store.all_keys().unwrap();
+    all.sort();
+    assert_eq!(all.len(), N);
+}
+
+/// A master is down and, with no replica, nobody serves its slots (the cluster allows that with
+/// `cluster-require-full-coverage no`): every operation that must see all keys fails instead of
+/// answering from the two masters left.
+#[test]
+fn operations_over_all_keys_fail_while_a_master_is_down() {
+    let mut cluster = RedisCluster::start_with(3, 0, &["--cluster-require-full-coverage", "no"]);
+    let config = cluster_config(&cluster).retries(2).build().unwrap();
+    let storage = Storage::open(&config).unwrap();
+    let store = storage.namespace("full_docs").unwrap();
+    let items: Vec<_> = (0..3000).map(|i| (format!("doc-{i}"), json!(i))).collect();
+    store.upsert(items).unwrap();
+    assert_eq!(store.all_keys().unwrap().len(), 3000);
+    let victim = cluster.masters()[1].1;
+    cluster.kill_node(victim);
+    cluster.wait_for_fail_flag(victim);
+
+    use graphrag_kv::Error;
+    let expect_error = |what: &str, r: Result<String, Error>| match r {
+        Ok(answer) => panic!("{what} answered Ok with a master down: {answer}"),
+        Err(e) => {
+            eprintln!("{what}: {e}");
+            // The checkpoint reports its failures as `Checkpoint`, with the reason in text.
+            assert!(
+                matches!(e, Error::ClusterUnstable { .. } | Error::Checkpoint { .. })
+                    || e.is_connection(),
+                "{what}: unexpected error {e}"
+            );
+        }
+    };
+    expect_error(
+        "all_keys",
+        store.all_keys().map(|k| format!("{} keys", k.len())),
+    );
+    expect_error("stats", store.stats().map(|s| format!("{} keys", s.keys)));
+    expect_error(
+        "list_namespaces",
+        storage.list_namespaces().map(|n| format!("{n:?}")),
+    );
+    expect_error(
+        "index_done_callback",
+        store.index_done_callback().map(|()| String::new()),
+    );
+    // A refused clear deleted nothing: the keys on the live masters are all still there.
+    expect_error("clear", store.clear().map(|()| String::new()));
+    let alive: Vec<String> = (0..3000)
+        .map(|i| format!("doc-{i}"))
+        .filter(|id| {
+            cluster.master_for_key(format!("{}:full_docs:{id}", config.redis.key_prefix).as_bytes())
+                != victim
+        })
+        .collect();
+    assert!(!alive.is_empty());
+    assert!(
+        store.filter_keys(&alive).unwrap().is_empty(),
+        "clear deleted keys"
+    );
 }
 
 #[test]
