@@ -314,8 +314,8 @@ fn all_keys_during_a_live_reshard_is_complete_or_an_error() {
     /// Slots moved per direction per round, then the cluster is left alone for `IDLE` so some
     /// scans can see a stable slot map (without the pauses every scan would overlap a move).
     const SLOTS_PER_MOVE: usize = 40;
-    const ROUNDS: usize = 12;
-    const IDLE: Duration = Duration::from_millis(150);
+    const ROUNDS: usize = 10;
+    const IDLE: Duration = Duration::from_millis(300);
     let cluster = RedisCluster::start();
     let storage = Storage::open(&cluster_config(&cluster).build().unwrap()).unwrap();
     let store = storage.namespace("full_docs").unwrap();
