@@ -164,8 +164,9 @@ pub enum Error {
         namespace: String,
         /// Whole attempts made (each one a full pass over every master).
         attempts: u32,
-        /// Why the last attempt was refused, e.g. `slots 0-39 migrating` or
-        /// `slot map changed during the scan`.
+        /// Why the last attempt was refused, e.g. `slots migrating on 10.0.0.3:7000: [5->-..]`,
+        /// `slots 5461-10922 not served by any master` or
+        /// `slots of 10.0.0.2:7000 changed during the pass`.
         reason: String,
     },
 
