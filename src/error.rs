@@ -149,6 +149,27 @@ pub enum Error {
         message: String,
     },
 
+    /// A Redis Cluster operation that must see every master (`all_keys`, `clear`, `stats`,
+    /// `list_namespaces`, a checkpoint) found no stable slot map over any of its attempts:
+    /// slots were moving, not served, or served by a master flagged as failing. Its partial
+    /// result was thrown away; the same call may succeed once the cluster settles.
+    #[error(
+        "redis {operation} on namespace {namespace:?}: no stable cluster slot map covering \
+         all slots in {attempts} attempts ({reason}); partial results discarded"
+    )]
+    ClusterUnstable {
+        /// The store operation.
+        operation: &'static str,
+        /// The namespace (empty for server-wide operations).
+        namespace: String,
+        /// Whole attempts made (each one a full pass over every master).
+        attempts: u32,
+        /// Why the last attempt was refused, e.g. `slots migrating on 10.0.0.3:7000: [5->-..]`,
+        /// `slots 5461-10922 not served by any master` or
+        /// `slots of 10.0.0.2:7000 changed during the pass`.
+        reason: String,
+    },
+
     /// A durability checkpoint (`index_done_callback`) could not be completed.
     #[error("checkpoint failed: {reason}")]
     Checkpoint {
@@ -244,12 +265,16 @@ impl Error {
     ///
     /// Connection errors, timeouts, and the server's transient states (LOADING, TRYAGAIN,
     /// CLUSTERDOWN, MASTERDOWN, BUSY) are retryable, as are LLM requests that failed for a
-    /// transient reason; bad input, decode errors and refused commands are not.
+    /// transient reason, and a cluster-wide operation that found no stable slot map
+    /// ([`Error::ClusterUnstable`]); bad input, decode errors and refused commands are not.
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Redis { source, .. } => is_retryable_redis(source),
             Error::Llm { retryable, .. } => *retryable,
-            Error::Pool { .. } | Error::Unavailable { .. } | Error::Replication { .. } => true,
+            Error::Pool { .. }
+            | Error::Unavailable { .. }
+            | Error::Replication { .. }
+            | Error::ClusterUnstable { .. } => true,
             _ => false,
         }
     }

@@ -416,6 +416,49 @@ impl RedisCluster {
         }
     }
 
+    /// Waits until every live node flags the killed node on `killed_port` as `fail` (the
+    /// cluster agreed it is down; no promotion is waited for, so with no replica its slots stay
+    /// unserved). Panics with diagnostics after ~30 s.
+    pub fn wait_for_fail_flag(&self, killed_port: u16) {
+        assert!(
+            !self.is_live(killed_port),
+            "wait_for_fail_flag({killed_port}): that node was not killed"
+        );
+        let deadline = Instant::now() + CLUSTER_TIMEOUT;
+        loop {
+            let pending: Vec<u16> = self
+                .live_nodes()
+                .map(RedisServer::port)
+                .filter(|&p| {
+                    self.node_view(p).map_or(true, |view| {
+                        !view
+                            .iter()
+                            .any(|n| n.port == killed_port && n.has_flag("fail"))
+                    })
+                })
+                .collect();
+            if pending.is_empty() {
+                return;
+            }
+            if Instant::now() >= deadline {
+                self.fail(&format!(
+                    "{pending:?} did not flag :{killed_port} as failed within {CLUSTER_TIMEOUT:?}"
+                ));
+            }
+            thread::sleep(POLL);
+        }
+    }
+
+    /// The slot ranges the master on `port` says it serves (its own `CLUSTER NODES` line).
+    pub fn slots_of(&self, port: u16) -> Vec<(u16, u16)> {
+        self.node_view(port)
+            .unwrap_or_else(|e| panic!("CLUSTER NODES on :{port}: {e}"))
+            .into_iter()
+            .find(|n| n.has_flag("myself"))
+            .map(|n| n.slots)
+            .unwrap_or_default()
+    }
+
     /// Restarts the node on `port` after `kill_node` (same port, same directory, so the same
     /// `nodes.conf` and node id) and waits (~30 s at most) until it is back in the cluster:
     /// `cluster_state:ok`, in sync when it is a replica (a killed master whose slots were

@@ -322,7 +322,10 @@ impl RedisShared {
     }
 
     /// Runs `f` once per master with a connection and the master's address (`None` on a
-    /// single server, where the connection is the server's).
+    /// single server, where the connection is the server's). Every operation that must see
+    /// all the data (`all_keys`, `clear`, `stats`, `list_namespaces`, the checkpoint) goes
+    /// through here: on a cluster, [`cluster::on_every_master`] returns only results gathered
+    /// under one stable slot map covering all slots, or [`Error::ClusterUnstable`].
     fn each_master<T>(
         &self,
         operation: &'static str,
@@ -335,23 +338,26 @@ impl RedisShared {
                 .map(|v| vec![v]),
             Conns::Cluster(p) => self.retrying(operation, namespace, || {
                 let mut c = p.get().map_err(|m| pool_error(operation, namespace, m))?;
-                let out = (|| {
-                    let masters = cluster::masters(&mut c.conn)?;
-                    let mut out = Vec::with_capacity(masters.len());
-                    for (host, port) in &masters {
-                        let mut ops = NodeOps {
-                            conn: &mut c.conn,
-                            host,
-                            port: *port,
-                        };
-                        out.push(f(&mut ops, Some((host, *port)))?);
+                let out = cluster::on_every_master(&mut c.conn, |conn, host, port| {
+                    f(&mut NodeOps { conn, host, port }, Some((host, port)))
+                });
+                match out {
+                    Ok(v) => Ok(v),
+                    Err(cluster::EveryMasterError::Redis(e)) => {
+                        if must_discard(&e) {
+                            c.mark_broken();
+                        }
+                        Err(redis_error(operation, namespace, e))
                     }
-                    Ok(out)
-                })();
-                if out.as_ref().err().is_some_and(must_discard) {
-                    c.mark_broken();
+                    Err(cluster::EveryMasterError::Unstable { attempts, reason }) => {
+                        Err(Error::ClusterUnstable {
+                            operation,
+                            namespace: namespace.to_string(),
+                            attempts,
+                            reason,
+                        })
+                    }
                 }
-                out.map_err(|e| redis_error(operation, namespace, e))
             }),
         }
     }
