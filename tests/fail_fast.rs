@@ -311,6 +311,17 @@ fn cluster_wrong_password_and_closed_ports_fail_at_open() {
 }
 
 #[test]
+fn cluster_seed_that_never_answers_is_a_connect_timeout() {
+    let silent = SilentServer::start();
+    let e = open_fails_quickly(&config(&[
+        ("REDIS_URL", &silent.url()),
+        ("REDIS_CLUSTER", "true"),
+    ]));
+    // A timeout, named as such (not retried), rather than a generic I/O error.
+    assert!(e.is_connection() && e.is_timeout(), "{e}");
+}
+
+#[test]
 fn sentinel_wrong_password_and_closed_sentinels_fail_at_open() {
     let set = RedisSentinelSet::start();
     // The master starts asking for a password the client does not have.

@@ -211,32 +211,14 @@ impl r2d2::ManageConnection for Manager {
 
     fn connect(&self) -> Result<PooledConn, RedisError> {
         let start = Instant::now();
-        let mut conn = match &self.connector {
+        let conn = match &self.connector {
             Connector::Direct(client) => {
                 client.get_connection_with_timeout(self.connection_timeout)?
             }
             Connector::Sentinel(sentinel) => sentinel.get_connection()?,
         };
-        // Without credentials redis-rs sends nothing while connecting, so a server that
-        // accepts connections and never answers would only be found out by the first command,
-        // after REDIS_SOCKET_TIMEOUT and as a command error. One PING within what is left of
-        // the connect deadline makes "connected" mean "answered" (the client's CLIENT SETINFO
-        // calls, which doubled that wait, are skipped: see `node_settings`).
-        let left = self
-            .connection_timeout
-            .saturating_sub(start.elapsed())
-            .max(Duration::from_millis(50));
-        conn.set_read_timeout(Some(left))?;
-        conn.set_write_timeout(Some(left))?;
-        if let Err(e) = redis::cmd("PING").query::<()>(&mut conn) {
-            if crate::error::is_connection_error(&e)
-                || ConnectFailure::of(&e) == ConnectFailure::Authentication
-            {
-                return Err(e);
-            }
-            // The server answered (LOADING, a refused PING): commands handle that state.
-            log::debug!("PING on a new redis connection answered: {e}");
-        }
+        let deadline = start + self.connection_timeout;
+        let conn = answered(conn, deadline)?;
         conn.set_read_timeout(Some(self.socket_timeout))?;
         conn.set_write_timeout(Some(self.socket_timeout))?;
         Ok(PooledConn {
@@ -253,6 +235,34 @@ impl r2d2::ManageConnection for Manager {
     fn has_broken(&self, c: &mut PooledConn) -> bool {
         c.broken || !c.conn.is_open()
     }
+}
+
+/// `conn`, once it answered a PING before `deadline` (the connect deadline).
+///
+/// Without credentials redis-rs sends nothing while connecting, so a server that accepts
+/// connections and never answers would only be found out by the first command, after
+/// REDIS_SOCKET_TIMEOUT and as a command error. One PING within what is left of the connect
+/// deadline makes "connected" mean "answered" (the client's CLIENT SETINFO calls, which doubled
+/// that wait, are skipped: see `node_settings`).
+///
+/// # Errors
+/// An I/O error or timeout, or a refused authentication (NOAUTH). Other answers (LOADING, a
+/// PING refused by ACL) mean the server is there: commands handle those states.
+fn answered(mut conn: Connection, deadline: Instant) -> Result<Connection, RedisError> {
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(50));
+    conn.set_read_timeout(Some(left))?;
+    conn.set_write_timeout(Some(left))?;
+    if let Err(e) = redis::cmd("PING").query::<()>(&mut conn) {
+        if crate::error::is_connection_error(&e)
+            || ConnectFailure::of(&e) == ConnectFailure::Authentication
+        {
+            return Err(e);
+        }
+        log::debug!("PING on a new redis connection answered: {e}");
+    }
+    Ok(conn)
 }
 
 /// Logs pool-level connection failures at debug level: the operation that waited for the
@@ -490,25 +500,30 @@ impl Seeds {
         })
     }
 
-    /// The error to report for the cluster client's `error`: a typed error from a direct
-    /// connection to a seed when that one cannot heal (authentication, TLS), else `error`.
-    /// Spends at most one connection timeout in all.
+    /// The error to report for the cluster client's `error`: the typed error of a direct
+    /// connection to a seed when that one cannot heal (authentication, TLS), or the last seed's
+    /// when none answers (refused, timed out); `error` itself when a seed answers or time runs
+    /// out first. Spends at most one connection timeout in all.
     pub(crate) fn explain(&self, error: RedisError) -> RedisError {
         let deadline = Instant::now() + self.connection_timeout;
+        let mut last = None;
         for client in &self.clients {
             let Some(left) = deadline.checked_duration_since(Instant::now()) else {
-                break;
+                return error;
             };
             if left.is_zero() {
-                break;
+                return error;
             }
-            match client.get_connection_with_timeout(left) {
-                Ok(_) => break,
+            match client
+                .get_connection_with_timeout(left)
+                .and_then(|c| answered(c, deadline))
+            {
+                Ok(_) => return error,
                 Err(e) if !ConnectFailure::of(&e).may_heal() => return e,
-                Err(_) => {}
+                Err(e) => last = Some(e),
             }
         }
-        error
+        last.unwrap_or(error)
     }
 }
 
