@@ -9,9 +9,9 @@
 //! | `REDIS_URL` | `redis://localhost:6379` | server URL; `rediss://` for TLS |
 //! | `REDIS_USERNAME`, `REDIS_PASSWORD` | none | ACL credentials; override the URL's |
 //! | `REDIS_MAX_CONNECTIONS` | 50 | connection pool size |
-//! | `REDIS_CONNECTION_TIMEOUT` | 5.0 | seconds to open a connection |
+//! | `REDIS_CONNECTION_TIMEOUT` | 5.0 | seconds to open a connection and get its first answer |
 //! | `REDIS_SOCKET_TIMEOUT` | 5.0 | seconds to wait for a reply |
-//! | `REDIS_POOL_TIMEOUT` | 10.0 | seconds to wait for a free pooled connection |
+//! | `REDIS_POOL_TIMEOUT` | 10.0 | seconds to wait for a free pooled connection when all are busy |
 //! | `REDIS_RETRY_ON_TIMEOUT` | true | retry idempotent commands after a timeout |
 //! | `REDIS_RETRIES` | 3 | retries after a connection error or timeout |
 //! | `REDIS_HEALTH_CHECK_INTERVAL` | 30 | PING a pooled connection idle longer than this (s) |
@@ -122,11 +122,15 @@ pub struct RedisConfig {
     pub password: Option<String>,
     /// Most pooled connections open at once. Defaults to 50.
     pub max_connections: u32,
-    /// Deadline to open a connection. Defaults to 5 s.
+    /// Deadline to open a connection and get its first answer. A connect that fails is
+    /// reported at once ([`Error::Connect`]); one that times out is not retried, so a server
+    /// that never answers is reported after this long. Defaults to 5 s.
     pub connection_timeout: Duration,
     /// Deadline for each reply. Defaults to 5 s.
     pub socket_timeout: Duration,
-    /// Deadline to get a free connection from the pool. Defaults to 10 s.
+    /// Deadline to get a free connection from the pool while every one of `max_connections`
+    /// is busy (a server that cannot be reached is reported at once, not after this).
+    /// Defaults to 10 s.
     pub pool_timeout: Duration,
     /// Whether an idempotent command is retried after a timeout (connection errors always are,
     /// up to `retries`). Defaults to true.
