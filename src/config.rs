@@ -9,9 +9,9 @@
 //! | `REDIS_URL` | `redis://localhost:6379` | server URL; `rediss://` for TLS |
 //! | `REDIS_USERNAME`, `REDIS_PASSWORD` | none | ACL credentials; override the URL's |
 //! | `REDIS_MAX_CONNECTIONS` | 50 | connection pool size |
-//! | `REDIS_CONNECTION_TIMEOUT` | 5.0 | seconds to open a connection |
+//! | `REDIS_CONNECTION_TIMEOUT` | 5.0 | seconds to open a connection and get its first answer |
 //! | `REDIS_SOCKET_TIMEOUT` | 5.0 | seconds to wait for a reply |
-//! | `REDIS_POOL_TIMEOUT` | 10.0 | seconds to wait for a free pooled connection |
+//! | `REDIS_POOL_TIMEOUT` | 10.0 | seconds to wait for a free pooled connection when all are busy |
 //! | `REDIS_RETRY_ON_TIMEOUT` | true | retry idempotent commands after a timeout |
 //! | `REDIS_RETRIES` | 3 | retries after a connection error or timeout |
 //! | `REDIS_HEALTH_CHECK_INTERVAL` | 30 | PING a pooled connection idle longer than this (s) |
@@ -123,11 +123,15 @@ pub struct RedisConfig {
     pub password: Option<String>,
     /// Most pooled connections open at once. Defaults to 50.
     pub max_connections: u32,
-    /// Deadline to open a connection. Defaults to 5 s.
+    /// Deadline to open a connection and get its first answer. A connect that fails is
+    /// reported at once ([`Error::Connect`]); one that times out is not retried, so a server
+    /// that never answers is reported after this long. Defaults to 5 s.
     pub connection_timeout: Duration,
     /// Deadline for each reply. Defaults to 5 s.
     pub socket_timeout: Duration,
-    /// Deadline to get a free connection from the pool. Defaults to 10 s.
+    /// Deadline to get a free connection from the pool while every one of `max_connections`
+    /// is busy (a server that cannot be reached is reported at once, not after this).
+    /// Defaults to 10 s.
     pub pool_timeout: Duration,
     /// Whether an idempotent command is retried after a timeout (connection errors always are,
     /// up to `retries`). Defaults to true.
@@ -186,9 +190,12 @@ pub enum ClusterMode {
 
 impl RedisConfig {
     /// The node URLs of `url`: one for a single server, several for a cluster.
+    ///
+    /// A comma separates two URLs only when a scheme (`redis://`, `rediss://`, ...) follows
+    /// it: a comma inside a password (`redis://u:pa,ss@host`) stays part of its URL.
     pub fn urls(&self) -> Vec<&str> {
-        self.url
-            .split(',')
+        split_urls(&self.url)
+            .into_iter()
             .map(str::trim)
             .filter(|u| !u.is_empty())
             .collect()
@@ -234,7 +241,7 @@ impl RedisConfig {
         if let Some(u) = self.urls().into_iter().find(|u| !is_tls_url(u)) {
             return Err(config_error(
                 "REDIS_URL",
-                &redact_url(u),
+                &shown_url(&self.url, u),
                 "rediss:// URLs when REDIS_TLS_CA_CERT, REDIS_TLS_CLIENT_CERT or \
                  REDIS_TLS_CLIENT_KEY is set (a redis:// URL would send the data and the \
                  password in clear text)",
@@ -712,8 +719,9 @@ impl StoreConfigBuilder {
             r.wait_timeout = parse_seconds("REDIS_WAIT_TIMEOUT", v, false)?;
         }
         if let Some(v) = get("REDIS_SENTINEL_URLS") {
-            r.sentinel_urls = v
-                .split(',')
+            // Split as REDIS_URL is: a comma inside a password does not start a URL.
+            r.sentinel_urls = split_urls(v)
+                .into_iter()
                 .map(str::trim)
                 .filter(|u| !u.is_empty())
                 .map(str::to_string)
@@ -963,24 +971,28 @@ impl StoreConfigBuilder {
                     "a redis:// URL, or several separated by commas",
                 ));
             }
-            for (variable, list) in [
-                ("REDIS_URL", urls),
-                (
-                    "REDIS_SENTINEL_URLS",
-                    r.sentinel_urls.iter().map(String::as_str).collect(),
-                ),
-            ] {
-                for u in list {
-                    if let Err(e) = redis::IntoConnectionInfo::into_connection_info(u) {
-                        return Err(Error::Config {
-                            variable: variable.into(),
-                            value: redact_url(u),
-                            expected: format!(
-                                "redis:// URLs separated by commas ({})",
-                                e.kind_description()
-                            ),
-                        });
-                    }
+            for u in &urls {
+                if let Err(e) = redis::IntoConnectionInfo::into_connection_info(*u) {
+                    return Err(Error::Config {
+                        variable: "REDIS_URL".into(),
+                        value: shown_url(&r.url, u),
+                        expected: format!(
+                            "redis:// URLs separated by commas ({})",
+                            e.kind_description()
+                        ),
+                    });
+                }
+            }
+            for u in &r.sentinel_urls {
+                if let Err(e) = redis::IntoConnectionInfo::into_connection_info(u.as_str()) {
+                    return Err(Error::Config {
+                        variable: "REDIS_SENTINEL_URLS".into(),
+                        value: redact_url(u),
+                        expected: format!(
+                            "redis:// URLs separated by commas ({})",
+                            e.kind_description()
+                        ),
+                    });
                 }
             }
             r.check_tls()?;
@@ -1096,6 +1108,27 @@ pub fn redact_url(url: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// The URL `one` of `value` (one of [`RedisConfig::urls`]) as errors show it: `value` is
+/// redacted whole and then split, so a password is never cut apart from its URL's `@` (cut at
+/// a comma, `redis://u:pa,ss@h` used to print `redis://u:pa`).
+fn shown_url(value: &str, one: &str) -> String {
+    let redacted = redact_url(value);
+    let index = split_urls(value)
+        .into_iter()
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .position(|u| std::ptr::eq(u, one));
+    let pieces: Vec<&str> = split_urls(&redacted)
+        .into_iter()
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect();
+    match index.and_then(|i| pieces.get(i)) {
+        Some(piece) => piece.to_string(),
+        None => redacted,
+    }
 }
 
 /// `url` split at the commas that are followed by a scheme (`redis://`, `rediss://`, ...).
@@ -1274,5 +1307,32 @@ mod tests {
             "redis://u:<redacted>@h1:1,redis://u:<redacted>@h2:2"
         );
         assert!(has_userinfo("redis://:p/ss@h") && !has_userinfo("redis://h:1/0"));
+    }
+
+    #[test]
+    fn a_comma_in_a_password_does_not_split_the_url() {
+        // The JSON backend: the URLs are kept, not checked.
+        let c = build(&[
+            ("REDIS_URL", "redis://u:pa,ss@h1:1, rediss://u:x,y@h2:2"),
+            ("REDIS_SENTINEL_URLS", "redis://:s,1@h3:3,redis://h4:4"),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.redis.urls(),
+            vec!["redis://u:pa,ss@h1:1", "rediss://u:x,y@h2:2"]
+        );
+        assert_eq!(
+            c.redis.sentinel_urls,
+            vec!["redis://:s,1@h3:3".to_string(), "redis://h4:4".to_string()]
+        );
+        // A URL that does not parse is shown whole and redacted, never cut at a comma.
+        let e = build(&[
+            ("STORAGE_KV_BACKEND", "redis"),
+            ("REDIS_URL", "redis://u:pa,ss@h1:notaport"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("redis://u:<redacted>@h1:notaport"), "{e}");
+        assert!(!e.contains("pa,") && !e.contains("ss@"), "{e}");
     }
 }

@@ -138,7 +138,9 @@ pub enum Error {
         source: redis::RedisError,
     },
 
-    /// No pooled connection could be had in time (server unreachable or pool exhausted).
+    /// No pooled connection could be had in time: every one of `REDIS_MAX_CONNECTIONS` stayed
+    /// busy for `REDIS_POOL_TIMEOUT`. (A server that cannot be reached is reported at once as
+    /// [`Error::Connect`].)
     #[error("no redis connection for {operation} on namespace {namespace:?} within the pool timeout: {message}")]
     Pool {
         /// The store operation.
@@ -168,6 +170,23 @@ pub enum Error {
         /// `slots 5461-10922 not served by any master` or
         /// `slots of 10.0.0.2:7000 changed during the pass`.
         reason: String,
+    },
+
+    /// A new connection to Redis could not be opened. Reported by the connect attempt itself,
+    /// as soon as it fails, instead of after the pool timeout: `cause` says whether waiting
+    /// can help ([`ConnectFailure::Refused`], [`ConnectFailure::Timeout`],
+    /// [`ConnectFailure::Unreachable`]) or not ([`ConnectFailure::Authentication`],
+    /// [`ConnectFailure::Tls`], [`ConnectFailure::Other`]).
+    #[error("cannot connect to redis at {server}: {cause} ({source})")]
+    Connect {
+        /// The server (URL, URLs of a cluster's seeds, or Sentinel master) with any password
+        /// replaced by `<redacted>`.
+        server: String,
+        /// Why, as a value to branch on.
+        cause: ConnectFailure,
+        /// The client's error. redis-rs never puts the password in its messages.
+        #[source]
+        source: redis::RedisError,
     },
 
     /// A durability checkpoint (`index_done_callback`) could not be completed.
@@ -247,15 +266,21 @@ impl Error {
     pub fn is_timeout(&self) -> bool {
         match self {
             Error::Redis { source, .. } => source.is_timeout(),
+            Error::Connect { cause, .. } => *cause == ConnectFailure::Timeout,
             Error::Pool { .. } => true,
             _ => false,
         }
     }
 
     /// True when the error comes from an unreachable server or a dropped connection.
+    ///
+    /// A server that answered but refused the client (a wrong password, a certificate the
+    /// client does not trust) is not a connection error: waiting does not fix it, so a
+    /// fallback must not treat it as an outage and journal writes forever.
     pub fn is_connection(&self) -> bool {
         match self {
             Error::Redis { source, .. } => is_connection_error(source),
+            Error::Connect { cause, .. } => cause.may_heal(),
             Error::Pool { .. } | Error::Unavailable { .. } => true,
             _ => false,
         }
@@ -270,6 +295,7 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Redis { source, .. } => is_retryable_redis(source),
+            Error::Connect { cause, .. } => cause.may_heal(),
             Error::Llm { retryable, .. } => *retryable,
             Error::Pool { .. }
             | Error::Unavailable { .. }
@@ -290,6 +316,99 @@ impl Error {
     pub fn is_permission_denied(&self) -> bool {
         matches!(self, Error::Redis { source, .. } if is_noperm(source))
     }
+}
+
+/// Why a new connection could not be opened (see [`Error::Connect`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConnectFailure {
+    /// Nothing listens at the address (the server is down or the port is wrong).
+    Refused,
+    /// No answer within `REDIS_CONNECTION_TIMEOUT` (a hung or overloaded server, a firewall
+    /// that drops packets).
+    Timeout,
+    /// Another network failure: connection reset, host unreachable, name not resolved, or no
+    /// Sentinel that could name the master.
+    Unreachable,
+    /// The server refused the credentials (`WRONGPASS`, a disabled ACL user). Never retried.
+    Authentication,
+    /// The TLS handshake failed: an untrusted or expired certificate, a name mismatch, TLS
+    /// spoken to a plain-text port. Never retried.
+    Tls,
+    /// Anything else the server or the client refused (e.g. a database index out of range).
+    Other,
+}
+
+impl ConnectFailure {
+    /// Classifies a connect error of the `redis` crate.
+    pub(crate) fn of(e: &redis::RedisError) -> ConnectFailure {
+        if e.kind() == redis::ErrorKind::AuthenticationFailed
+            || matches!(e.code(), Some("WRONGPASS" | "NOAUTH"))
+        {
+            ConnectFailure::Authentication
+        } else if is_tls_error(e) {
+            ConnectFailure::Tls
+        } else if e.is_connection_refusal() {
+            ConnectFailure::Refused
+        } else if e.is_timeout() {
+            ConnectFailure::Timeout
+        } else if is_connection_error(e)
+            // Every sentinel was unreachable or none knew a healthy master yet (as during a
+            // failover): asking again later may succeed.
+            || e.kind() == redis::ErrorKind::MasterNameNotFoundBySentinel
+        {
+            ConnectFailure::Unreachable
+        } else {
+            ConnectFailure::Other
+        }
+    }
+
+    /// True when waiting may fix it: the server is down, hung or unreachable, not refusing us.
+    pub fn may_heal(self) -> bool {
+        matches!(
+            self,
+            ConnectFailure::Refused | ConnectFailure::Timeout | ConnectFailure::Unreachable
+        )
+    }
+}
+
+impl std::fmt::Display for ConnectFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ConnectFailure::Refused => "connection refused (is the server running?)",
+            ConnectFailure::Timeout => "no answer within REDIS_CONNECTION_TIMEOUT",
+            ConnectFailure::Unreachable => "server unreachable",
+            ConnectFailure::Authentication => {
+                "authentication failed (check REDIS_USERNAME / REDIS_PASSWORD or the URL's)"
+            }
+            ConnectFailure::Tls => {
+                "TLS handshake failed (check the server's certificate, REDIS_TLS_CA_CERT, \
+                 REDIS_TLS_CLIENT_CERT and REDIS_TLS_CLIENT_KEY)"
+            }
+            ConnectFailure::Other => "the server refused the connection",
+        })
+    }
+}
+
+/// True when a connect error comes from the TLS layer (rustls), reported by redis-rs as an I/O
+/// error wrapping it. Found by type, not by message text.
+fn is_tls_error(e: &redis::RedisError) -> bool {
+    let Some(source) = std::error::Error::source(e) else {
+        return false;
+    };
+    // redis-rs keeps the cause as an `Arc<dyn Error>`: look through it.
+    let source: &(dyn std::error::Error + 'static) =
+        match source.downcast_ref::<std::sync::Arc<dyn std::error::Error + Send + Sync>>() {
+            Some(inner) => &**inner,
+            None => source,
+        };
+    if source.is::<rustls::Error>() || source.is::<rustls::pki_types::InvalidDnsNameError>() {
+        return true;
+    }
+    source
+        .downcast_ref::<std::io::Error>()
+        .and_then(std::io::Error::get_ref)
+        .is_some_and(|inner| inner.is::<rustls::Error>())
 }
 
 /// True for errors that mean "the server could not be reached or the connection broke".
@@ -484,5 +603,44 @@ mod tests {
             "{text}"
         );
         assert!(!e.is_retryable());
+    }
+
+    #[test]
+    fn connect_failures_are_classified_by_type() {
+        let io = |kind, text: &str| redis::RedisError::from(std::io::Error::new(kind, text));
+        let tls = redis::RedisError::from(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+        ));
+        let auth = redis::RedisError::from((
+            redis::ErrorKind::AuthenticationFailed,
+            "Password authentication failed",
+        ));
+        for (e, want) in [
+            (
+                io(std::io::ErrorKind::ConnectionRefused, "refused"),
+                ConnectFailure::Refused,
+            ),
+            (
+                io(std::io::ErrorKind::TimedOut, "slow"),
+                ConnectFailure::Timeout,
+            ),
+            (
+                io(std::io::ErrorKind::ConnectionReset, "reset"),
+                ConnectFailure::Unreachable,
+            ),
+            (tls, ConnectFailure::Tls),
+            (auth, ConnectFailure::Authentication),
+        ] {
+            assert_eq!(ConnectFailure::of(&e), want, "{e}");
+            let err = Error::Connect {
+                server: "redis://h:1".into(),
+                cause: want,
+                source: e,
+            };
+            assert_eq!(err.is_connection(), want.may_heal(), "{err}");
+            assert_eq!(err.is_retryable(), want.may_heal(), "{err}");
+            assert_eq!(err.is_timeout(), want == ConnectFailure::Timeout, "{err}");
+        }
     }
 }

@@ -90,7 +90,7 @@ pub use config::{
     BackendKind, ClusterMode, Compression, RedisConfig, StoreConfig, StoreConfigBuilder,
 };
 pub use dual_write::DualWrite;
-pub use error::{Error, Result};
+pub use error::{ConnectFailure, Error, Result};
 pub use metrics::{Metered, Metrics};
 pub use open::{open_from_env, Storage};
 pub use store::{

@@ -79,11 +79,12 @@ impl Storage {
                 None => Inner::Redis(shared_redis(config)?, None),
                 Some(fb) => {
                     // With a fallback the store must open while Redis is down: no PING here.
-                    let shared = match shared_redis(config) {
-                        Ok(s) => s,
+                    // A refused password or certificate is not an outage: it fails here.
+                    let (shared, down) = match shared_redis(config) {
+                        Ok(s) => (s, None),
                         Err(e) if e.is_connection() || e.is_timeout() => {
                             log::warn!("Redis is unreachable at start ({e}); opening anyway");
-                            RedisShared::new_unchecked(&config.redis)?
+                            (RedisShared::new_unchecked(&config.redis)?, Some(e))
                         }
                         Err(e) => return Err(e),
                     };
@@ -95,6 +96,11 @@ impl Storage {
                             Ok(Arc::new(for_replay.namespace(ns)?) as Arc<dyn KvStore>)
                         }),
                     )?;
+                    if let Some(e) = &down {
+                        // Redis just failed to answer: the first write goes to the journal at
+                        // once rather than waiting out another connect attempt.
+                        fallback.start_offline(e);
+                    }
                     Inner::Redis(
                         shared,
                         Some(FallbackParts {

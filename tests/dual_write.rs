@@ -201,7 +201,7 @@ fn primary_failure_is_the_callers_error_and_the_secondary_is_not_written() {
     assert!(err.is_connection(), "{err:?}");
     assert!(matches!(
         dual.get_by_id("x"),
-        Err(Error::Redis { .. } | Error::Pool { .. })
+        Err(Error::Redis { .. } | Error::Pool { .. } | Error::Connect { .. })
     ));
     assert!(dual.clear().is_err());
     assert!(dual.index_done_callback().is_err());

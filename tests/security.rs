@@ -659,7 +659,9 @@ fn mutual_tls_needs_the_client_certificate() {
     };
     // Without a client certificate the server refuses the handshake: an error, no panic.
     let e = Storage::open(&build(&quick(tls_vars(&server, "m"))).unwrap()).unwrap_err();
-    assert!(e.is_connection(), "{e}");
+    // Not an outage (waiting does not help) but a TLS failure, named as one.
+    assert!(!e.is_connection() && !e.is_retryable(), "{e}");
+    assert!(e.to_string().contains("TLS"), "{e}");
 
     let mut pairs = quick(tls_vars(&server, "m"));
     pairs.push((
@@ -717,7 +719,8 @@ fn wrong_ca_or_plain_text_is_a_clear_error_never_a_panic_or_a_hang() {
         text.contains("certificate") && text.contains("UnknownIssuer"),
         "{text}"
     );
-    assert!(e.is_connection(), "{e}");
+    // Not an outage: waiting does not make the certificate trusted (tests/fail_fast.rs).
+    assert!(!e.is_connection() && !e.is_retryable(), "{e}");
 
     // No CA file: the system's roots, which do not know the test CA.
     let pairs: Vec<_> = quick(tls_vars(&server, "w"))
@@ -1230,4 +1233,93 @@ fn stored_pickles_are_refused_never_run() {
         .query(&mut admin)
         .unwrap();
     assert_eq!(raw, binary_pickle);
+}
+
+/// Passwords holding the URL's own separators (`,` `@` `:` `/` `%`), raw and percent-encoded,
+/// in `REDIS_URL` (one server or a cluster list) and `REDIS_SENTINEL_URLS`: no part of them
+/// reaches an error, a `Debug` output or a log record, whether the URL parses or not. A raw
+/// comma no longer splits the URL (it used to be cut there before redaction, printing the
+/// part before the comma), so such a password also works.
+#[test]
+fn passwords_with_url_separators_never_leak() {
+    capture_logs();
+    const PASSWORDS: [&str; 5] = [
+        "Kp3q,Wd7z",
+        "Mv2x@Tn5y",
+        "Hb4c:Jf6g/Qs8r",
+        "Rs1t%41Yu2v%Lm",
+        "Ae9w,Bx3k@Cz4n:Dp5m/Ef6h%Gk7j",
+    ];
+    /// The password and every part of it between separators longer than 1 character.
+    fn pieces(pw: &str) -> Vec<String> {
+        let mut out = vec![pw.to_string(), percent_encode(pw)];
+        for p in pw.split([',', '@', ':', '/', '%']) {
+            if p.len() > 1 {
+                out.push(p.to_string());
+            }
+        }
+        out
+    }
+    let closed = support::free_port();
+    let closed2 = support::free_port();
+    let quick = [
+        ("STORAGE_KV_BACKEND", "redis"),
+        ("REDIS_CONNECTION_TIMEOUT", "1"),
+        ("REDIS_POOL_TIMEOUT", "1"),
+        ("REDIS_RETRIES", "0"),
+    ];
+    let mut shown: Vec<(String, String)> = Vec::new();
+    for pw in PASSWORDS {
+        for form in [pw.to_string(), percent_encode(pw)] {
+            let one = format!("redis://user:{form}@127.0.0.1:{closed}/0");
+            let list = format!(
+                "redis://user:{form}@127.0.0.1:{closed},redis://user:{form}@127.0.0.1:{closed2}"
+            );
+            for (variable, value) in [
+                ("REDIS_URL", one.clone()),
+                ("REDIS_URL", list),
+                ("REDIS_SENTINEL_URLS", one),
+            ] {
+                let mut pairs = quick.to_vec();
+                pairs.push((variable, &value));
+                let config = match from_vars(&pairs) {
+                    Err(e) => {
+                        let text = format!("{e} | {e:?}");
+                        assert!(text.contains(variable), "{text}");
+                        shown.push((pw.to_string(), text));
+                        continue;
+                    }
+                    Ok(c) => c,
+                };
+                shown.push((pw.to_string(), format!("{config:?}")));
+                match Storage::open(&config) {
+                    Ok(_) => panic!("{variable}: nothing listens on port {closed}"),
+                    Err(e) => shown.push((pw.to_string(), format!("{e} | {e:?}"))),
+                }
+            }
+        }
+    }
+    let records = all_records();
+    for (pw, text) in &shown {
+        for piece in pieces(pw) {
+            assert!(!text.contains(&piece), "{piece:?} of {pw:?} leaked: {text}");
+        }
+    }
+    for pw in PASSWORDS {
+        for piece in pieces(pw) {
+            if let Some(r) = records.iter().find(|r| r.contains(&piece)) {
+                panic!("{piece:?} of {pw:?} leaked in a log record: {r}");
+            }
+        }
+    }
+
+    // A raw comma in the password is part of the password, not a second URL.
+    const COMMA_PW: &str = "Np6v,Qw8e";
+    let server = RedisServer::start_with(&["--requirepass", COMMA_PW]);
+    let url = format!("redis://:{COMMA_PW}@127.0.0.1:{}", server.port());
+    let config = from_vars(&[("STORAGE_KV_BACKEND", "redis"), ("REDIS_URL", &url)]).unwrap();
+    assert_eq!(config.redis.urls(), vec![url.as_str()]);
+    let store = Storage::open(&config).unwrap().namespace("ns").unwrap();
+    store.upsert(vec![("k".into(), json!(1))]).unwrap();
+    assert_eq!(store.get_by_id("k").unwrap(), Some(json!(1)));
 }

@@ -383,6 +383,14 @@ impl Fallback {
             .is_ok()
     }
 
+    /// Starts offline, before any call failed: for a storage opened while Redis did not answer,
+    /// so that its first write is journaled at once instead of waiting for another connect
+    /// attempt to fail. The prober goes online as soon as Redis answers.
+    pub(crate) fn start_offline(&self, cause: &Error) {
+        let mut st = self.state.write().unwrap_or_else(|p| p.into_inner());
+        self.go_offline(&mut st, cause);
+    }
+
     fn go_offline(&self, st: &mut State, cause: &Error) {
         if st.online {
             st.online = false;

@@ -30,6 +30,8 @@ const MAX_REDIRECT_ROUNDS: usize = 8;
 #[derive(Debug)]
 pub(crate) struct ClusterManager {
     client: ClusterClient,
+    /// To learn the typed cause when the client cannot connect (see [`super::pool::Seeds`]).
+    seeds: super::pool::Seeds,
 }
 
 /// A pooled cluster connection; marked broken after an I/O error so the pool replaces it (a new
@@ -51,7 +53,10 @@ impl r2d2::ManageConnection for ClusterManager {
 
     fn connect(&self) -> RedisResult<ClusterConn> {
         Ok(ClusterConn {
-            conn: self.client.get_connection()?,
+            conn: self
+                .client
+                .get_connection()
+                .map_err(|e| self.seeds.explain(e))?,
             broken: false,
         })
     }
@@ -98,8 +103,7 @@ impl ConnectionLike for ClusterConn {
 
 /// The pool of cluster connections.
 pub(crate) struct ClusterPool {
-    pool: r2d2::Pool<ClusterManager>,
-    pool_timeout: Duration,
+    pool: super::pool::ProbingPool<ClusterManager>,
 }
 
 impl ClusterPool {
@@ -135,7 +139,7 @@ impl ClusterPool {
             builder = builder.certs(certs);
         }
         let client = builder.build()?;
-        let pool = r2d2::Pool::builder()
+        let builder = r2d2::Pool::builder()
             .max_size(config.max_connections)
             .min_idle(Some(0))
             // A pooled cluster connection's PING goes to every master: far too costly per
@@ -143,23 +147,33 @@ impl ClusterPool {
             .test_on_check_out(false)
             .connection_timeout(config.pool_timeout)
             .idle_timeout(Some(Duration::from_secs(300)))
-            .error_handler(Box::new(super::pool::QuietErrors))
-            .build_unchecked(ClusterManager { client });
+            .error_handler(Box::new(super::pool::QuietErrors));
         Ok(ClusterPool {
-            pool,
-            pool_timeout: config.pool_timeout,
+            pool: super::pool::ProbingPool::new(
+                builder,
+                ClusterManager {
+                    client,
+                    seeds: super::pool::Seeds::new(config)?,
+                },
+                config.pool_timeout,
+                crate::config::redact_url(&config.url),
+            ),
         })
     }
 
-    pub(crate) fn get(&self) -> Result<r2d2::PooledConnection<ClusterManager>, String> {
-        self.pool
-            .get_timeout(self.pool_timeout)
-            .map_err(|e| e.to_string())
+    /// A connection; a connect failure is reported at once (see
+    /// [`super::pool::ProbingPool::checkout`]).
+    pub(crate) fn get(
+        &self,
+    ) -> Result<
+        r2d2::PooledConnection<super::pool::Probing<ClusterManager>>,
+        super::pool::NoConnection,
+    > {
+        self.pool.checkout()
     }
 
     pub(crate) fn state(&self) -> (u32, u32) {
-        let s = self.pool.state();
-        (s.connections, s.idle_connections)
+        self.pool.state()
     }
 }
 

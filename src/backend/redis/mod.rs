@@ -30,7 +30,7 @@ use serde_json::Value as Json;
 
 use crate::codec::Codec;
 use crate::config::{redact_url, ClusterMode, RedisConfig};
-use crate::error::{display_id, is_retryable_redis, Error, Result};
+use crate::error::{display_id, is_retryable_redis, ConnectFailure, Error, Result};
 use crate::store::{
     missing_in_order, project, validate_id, validate_ids, validate_namespace, Item, KvStore,
     NamespaceStats,
@@ -98,8 +98,10 @@ impl RedisShared {
     /// Creates the pool and checks the server answers.
     ///
     /// # Errors
-    /// [`Error::Config`] for a URL that cannot be used; [`Error::Pool`] or [`Error::Redis`]
-    /// when the server does not answer PING (the message names the redacted URL).
+    /// [`Error::Config`] for a URL that cannot be used; [`Error::Connect`] when no connection
+    /// can be opened (refused, timed out, wrong password, TLS), at once; [`Error::Pool`] or
+    /// [`Error::Redis`] when the server does not answer PING (the message names the redacted
+    /// URL).
     pub fn connect(config: &RedisConfig) -> Result<Arc<RedisShared>> {
         let mut shared = Self::new_unchecked(config)?;
         let ping = shared.with_conn("connect", "", |c| redis::cmd("PING").query::<()>(c));
@@ -414,6 +416,13 @@ impl RedisShared {
             Error::Redis { source, .. } if source.is_timeout() => self.config.retry_on_timeout,
             Error::Redis { source, .. } => is_retryable_redis(source),
             Error::Pool { .. } => self.config.retry_on_timeout,
+            // A refused connect costs nothing to repeat (a restarting server comes back within
+            // the backoff); one that waited out REDIS_CONNECTION_TIMEOUT is not repeated, or
+            // an outage would take (retries + 1) timeouts to be reported; a refused password
+            // or certificate never heals.
+            Error::Connect { cause, .. } => {
+                matches!(cause, ConnectFailure::Refused | ConnectFailure::Unreachable)
+            }
             _ => false,
         }
     }
@@ -546,12 +555,8 @@ fn must_discard(e: &RedisError) -> bool {
     crate::error::is_connection_error(e) || e.code() == Some("READONLY")
 }
 
-fn pool_error(operation: &'static str, namespace: &str, message: String) -> Error {
-    Error::Pool {
-        operation,
-        namespace: namespace.to_string(),
-        message,
-    }
+fn pool_error(operation: &'static str, namespace: &str, e: pool::NoConnection) -> Error {
+    e.into_error(operation, namespace)
 }
 
 fn redis_error(operation: &'static str, namespace: &str, source: RedisError) -> Error {

@@ -6,16 +6,173 @@
 //! (the reference design's `health_check_interval`), and a connection that failed with an I/O
 //! error or timeout is marked broken so r2d2 drops it instead of handing it out again.
 //!
+//! A checkout never waits out the pool timeout to learn that the server cannot be reached: r2d2
+//! opens connections in its own threads and reports their errors only when the pool timeout
+//! expires, and every retry waits again (a wrong password took ~40 s to surface, a write
+//! during an outage ~80 s to reach the fallback journal). So when the pool has no idle
+//! connection and room for a new one, [`ProbingPool::checkout`] opens that connection itself,
+//! on the caller's thread, bounded by `REDIS_CONNECTION_TIMEOUT`: a failure is returned at
+//! once with its real cause ([`NoConnection::Connect`]), a success is handed to the pool, which
+//! gives it out without opening another. Only an exhausted pool (every connection busy) still
+//! waits up to `REDIS_POOL_TIMEOUT`.
+//!
 //! TLS (`rediss://`) uses the `redis` crate's rustls support: the files of `REDIS_TLS_CA_CERT`,
 //! `REDIS_TLS_CLIENT_CERT` and `REDIS_TLS_CLIENT_KEY` are read here, when the pool is created,
 //! and handed to the client; see [`tls_client`] and [`ensure_crypto_provider`].
 
-use std::sync::Once;
+use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
 
+use r2d2::ManageConnection;
 use redis::{Client, Connection, ConnectionAddr, ConnectionInfo, ConnectionLike, RedisError};
 
-use crate::config::RedisConfig;
+use crate::config::{redact_url, RedisConfig};
+use crate::error::{ConnectFailure, Error};
+
+/// A connection opened by a checkout's own connect attempt is handed out by the pool only if
+/// it is younger than this; an older one is closed (the server may have dropped it meanwhile).
+const PROBED_MAX_AGE: Duration = Duration::from_secs(10);
+
+/// Why a checkout got no connection.
+#[derive(Debug)]
+pub(crate) enum NoConnection {
+    /// A new connection failed: the client's own error, at once.
+    Connect {
+        /// The server, redacted.
+        server: String,
+        /// The connect error.
+        source: RedisError,
+    },
+    /// No connection within the pool timeout, or every idle one failed its health check.
+    Pool(String),
+}
+
+impl NoConnection {
+    /// The crate error for a checkout that `operation` on `namespace` needed.
+    pub(crate) fn into_error(self, operation: &'static str, namespace: &str) -> Error {
+        match self {
+            NoConnection::Connect { server, source } => Error::Connect {
+                server,
+                cause: ConnectFailure::of(&source),
+                source,
+            },
+            NoConnection::Pool(message) => Error::Pool {
+                operation,
+                namespace: namespace.to_string(),
+                message,
+            },
+        }
+    }
+}
+
+/// An r2d2 manager that first hands out the connections [`ProbingPool::checkout`] opened.
+pub(crate) struct Probing<M: ManageConnection> {
+    shared: Arc<Probed<M>>,
+}
+
+/// The wrapped manager and the connections opened ahead for the pool.
+struct Probed<M: ManageConnection> {
+    inner: M,
+    /// Few and short-lived: a checkout pushes one and the pool's connect, triggered right
+    /// after by the same checkout, pops it. A `Mutex<Vec>` is plenty.
+    ready: Mutex<Vec<(Instant, M::Connection)>>,
+}
+
+impl<M: ManageConnection> ManageConnection for Probing<M> {
+    type Connection = M::Connection;
+    type Error = M::Error;
+
+    fn connect(&self) -> Result<M::Connection, M::Error> {
+        let ready = {
+            let mut ready = self.shared.ready.lock().unwrap_or_else(|p| p.into_inner());
+            ready.retain(|(at, _)| at.elapsed() < PROBED_MAX_AGE);
+            ready.pop()
+        };
+        match ready {
+            Some((_, c)) => Ok(c),
+            None => self.shared.inner.connect(),
+        }
+    }
+
+    fn is_valid(&self, c: &mut M::Connection) -> Result<(), M::Error> {
+        self.shared.inner.is_valid(c)
+    }
+
+    fn has_broken(&self, c: &mut M::Connection) -> bool {
+        self.shared.inner.has_broken(c)
+    }
+}
+
+/// An r2d2 pool whose checkout reports a connect failure at once (see the module docs).
+pub(crate) struct ProbingPool<M: ManageConnection> {
+    pool: r2d2::Pool<Probing<M>>,
+    shared: Arc<Probed<M>>,
+    pool_timeout: Duration,
+    /// The server as named in errors, with any password redacted.
+    server: String,
+}
+
+impl<M: ManageConnection<Error = RedisError>> ProbingPool<M> {
+    /// Builds the pool from `builder` (its settings) around `manager`; opens no connection.
+    pub(crate) fn new(
+        builder: r2d2::Builder<Probing<M>>,
+        manager: M,
+        pool_timeout: Duration,
+        server: String,
+    ) -> ProbingPool<M> {
+        let shared = Arc::new(Probed {
+            inner: manager,
+            ready: Mutex::new(Vec::new()),
+        });
+        let pool = builder.build_unchecked(Probing {
+            shared: shared.clone(),
+        });
+        ProbingPool {
+            pool,
+            shared,
+            pool_timeout,
+            server,
+        }
+    }
+
+    /// An idle connection, or a new one; waits up to the pool timeout only when every
+    /// connection the pool may open is in use.
+    ///
+    /// # Errors
+    /// [`NoConnection::Connect`] at once when a new connection fails (refused, timed out
+    /// after `REDIS_CONNECTION_TIMEOUT`, wrong password, TLS); [`NoConnection::Pool`] when the
+    /// pool stays exhausted for the pool timeout.
+    pub(crate) fn checkout(&self) -> Result<r2d2::PooledConnection<Probing<M>>, NoConnection> {
+        if let Some(c) = self.pool.try_get() {
+            return Ok(c);
+        }
+        if self.pool.state().connections < self.pool.max_size() {
+            // The pool would open a connection in its own thread and report a failure only
+            // when the pool timeout expires: open it here instead, to learn the outcome now.
+            let c = self
+                .shared
+                .inner
+                .connect()
+                .map_err(|source| NoConnection::Connect {
+                    server: self.server.clone(),
+                    source,
+                })?;
+            let mut ready = self.shared.ready.lock().unwrap_or_else(|p| p.into_inner());
+            if ready.len() < self.pool.max_size() as usize {
+                ready.push((Instant::now(), c));
+            }
+        }
+        self.pool
+            .get_timeout(self.pool_timeout)
+            .map_err(|e| NoConnection::Pool(e.to_string()))
+    }
+
+    /// Open and idle connection counts.
+    pub(crate) fn state(&self) -> (u32, u32) {
+        let s = self.pool.state();
+        (s.connections, s.idle_connections)
+    }
+}
 
 /// Opens connections with a connect timeout and sets the socket timeouts on them.
 pub(crate) struct Manager {
@@ -53,12 +210,15 @@ impl r2d2::ManageConnection for Manager {
     type Error = RedisError;
 
     fn connect(&self) -> Result<PooledConn, RedisError> {
+        let start = Instant::now();
         let conn = match &self.connector {
             Connector::Direct(client) => {
                 client.get_connection_with_timeout(self.connection_timeout)?
             }
             Connector::Sentinel(sentinel) => sentinel.get_connection()?,
         };
+        let deadline = start + self.connection_timeout;
+        let conn = answered(conn, deadline)?;
         conn.set_read_timeout(Some(self.socket_timeout))?;
         conn.set_write_timeout(Some(self.socket_timeout))?;
         Ok(PooledConn {
@@ -77,6 +237,34 @@ impl r2d2::ManageConnection for Manager {
     }
 }
 
+/// `conn`, once it answered a PING before `deadline` (the connect deadline).
+///
+/// Without credentials redis-rs sends nothing while connecting, so a server that accepts
+/// connections and never answers would only be found out by the first command, after
+/// REDIS_SOCKET_TIMEOUT and as a command error. One PING within what is left of the connect
+/// deadline makes "connected" mean "answered" (the client's CLIENT SETINFO calls, which doubled
+/// that wait, are skipped: see `node_settings`).
+///
+/// # Errors
+/// An I/O error or timeout, or a refused authentication (NOAUTH). Other answers (LOADING, a
+/// PING refused by ACL) mean the server is there: commands handle those states.
+fn answered(mut conn: Connection, deadline: Instant) -> Result<Connection, RedisError> {
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(50));
+    conn.set_read_timeout(Some(left))?;
+    conn.set_write_timeout(Some(left))?;
+    if let Err(e) = redis::cmd("PING").query::<()>(&mut conn) {
+        if crate::error::is_connection_error(&e)
+            || ConnectFailure::of(&e) == ConnectFailure::Authentication
+        {
+            return Err(e);
+        }
+        log::debug!("PING on a new redis connection answered: {e}");
+    }
+    Ok(conn)
+}
+
 /// Logs pool-level connection failures at debug level: the operation that waited for the
 /// connection reports the failure itself, once, with context.
 #[derive(Debug)]
@@ -90,23 +278,24 @@ impl r2d2::HandleError<RedisError> for QuietErrors {
 
 /// The pool plus the health-check interval.
 pub(crate) struct RedisPool {
-    pool: r2d2::Pool<Manager>,
+    pool: ProbingPool<Manager>,
     health_check_interval: Duration,
-    pool_timeout: Duration,
 }
 
 impl RedisPool {
     /// A pool for `config`. Opens no connection yet (`build_unchecked`), so a store can be
     /// created while the server is down; the first operation reports the failure.
     pub(crate) fn new(config: &RedisConfig) -> Result<RedisPool, RedisError> {
+        let server;
         let connector = if config.sentinel_urls.is_empty() {
             let url = config
                 .urls()
                 .first()
                 .copied()
                 .unwrap_or(config.url.as_str());
+            server = redact_url(url);
             let mut info = redis::IntoConnectionInfo::into_connection_info(url)?;
-            let settings = with_credentials(info.redis_settings().clone(), config);
+            let settings = node_settings(info.redis_settings().clone(), config);
             info = info.set_redis_settings(settings);
             Connector::Direct(tls_client(info, config)?)
         } else {
@@ -117,10 +306,15 @@ impl RedisPool {
             }) {
                 ensure_crypto_provider();
             }
+            server = format!(
+                "the master {:?} named by Sentinel {}",
+                config.sentinel_master.as_deref().unwrap_or("mymaster"),
+                redact_url(&config.sentinel_urls.join(","))
+            );
             // Credentials apply to the data nodes; the sentinels' own come from their URLs.
             let node =
                 redis::sentinel::SentinelNodeConnectionInfo::default().set_redis_connection_info(
-                    with_credentials(redis::RedisConnectionInfo::default(), config),
+                    node_settings(redis::RedisConnectionInfo::default(), config),
                 );
             let client = redis::sentinel::SentinelClient::build(
                 config.sentinel_urls.iter().map(String::as_str).collect(),
@@ -138,7 +332,7 @@ impl RedisPool {
             connection_timeout: config.connection_timeout,
             socket_timeout: config.socket_timeout,
         };
-        let pool = r2d2::Pool::builder()
+        let builder = r2d2::Pool::builder()
             .max_size(config.max_connections)
             // Connections are opened on demand: a batch indexer with 4 threads should not hold
             // 50 sockets, and opening must not block on an unreachable server.
@@ -147,12 +341,10 @@ impl RedisPool {
             .connection_timeout(config.pool_timeout)
             .idle_timeout(Some(Duration::from_secs(300)))
             .max_lifetime(None)
-            .error_handler(Box::new(QuietErrors))
-            .build_unchecked(manager);
+            .error_handler(Box::new(QuietErrors));
         Ok(RedisPool {
-            pool,
+            pool: ProbingPool::new(builder, manager, config.pool_timeout, server),
             health_check_interval: config.health_check_interval,
-            pool_timeout: config.pool_timeout,
         })
     }
 
@@ -160,15 +352,13 @@ impl RedisPool {
     /// answered PING.
     ///
     /// # Errors
-    /// The pool's message when no connection could be had within the pool timeout.
-    pub(crate) fn get(&self) -> Result<r2d2::PooledConnection<Manager>, String> {
+    /// A new connection's error at once, or the pool's message when every connection stayed
+    /// busy for the pool timeout (see [`ProbingPool::checkout`]).
+    pub(crate) fn get(&self) -> Result<r2d2::PooledConnection<Probing<Manager>>, NoConnection> {
         // Bounded: each failed PING discards one stale connection; after a few the server is
         // evidently gone and the caller's retry policy takes over.
         for _ in 0..3 {
-            let mut c = self
-                .pool
-                .get_timeout(self.pool_timeout)
-                .map_err(|e| e.to_string())?;
+            let mut c = self.pool.checkout()?;
             if c.last_used.elapsed() <= self.health_check_interval {
                 return Ok(c);
             }
@@ -183,13 +373,14 @@ impl RedisPool {
                 }
             }
         }
-        Err("every pooled connection failed its health check".into())
+        Err(NoConnection::Pool(
+            "every pooled connection failed its health check".into(),
+        ))
     }
 
     /// Open and idle connection counts.
     pub(crate) fn state(&self) -> (u32, u32) {
-        let s = self.pool.state();
-        (s.connections, s.idle_connections)
+        self.pool.state()
     }
 }
 
@@ -267,6 +458,86 @@ pub(crate) fn ensure_crypto_provider() {
             let _ = rustls::crypto::ring::default_provider().install_default();
         }
     });
+}
+
+/// Direct clients of a cluster's seed nodes, to learn why the cluster client could not connect.
+///
+/// redis-rs's cluster client reports a failure to reach its seeds as one generic I/O error
+/// whose text holds the nodes' errors: a wrong password or an untrusted certificate would look
+/// like an outage (retried, and journaled by the fallback forever). A direct connection to the
+/// seeds gives the typed error back.
+pub(crate) struct Seeds {
+    clients: Vec<Client>,
+    connection_timeout: Duration,
+}
+
+impl std::fmt::Debug for Seeds {
+    // Clients hold the password: only their number is shown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Seeds({})", self.clients.len())
+    }
+}
+
+impl Seeds {
+    /// Clients of `config`'s URLs with its credentials and TLS files.
+    ///
+    /// # Errors
+    /// A URL or TLS file that cannot be used (normally caught by the configuration's build).
+    pub(crate) fn new(config: &RedisConfig) -> redis::RedisResult<Seeds> {
+        let clients = config
+            .urls()
+            .into_iter()
+            .map(|url| {
+                let mut info = redis::IntoConnectionInfo::into_connection_info(url)?;
+                let settings = node_settings(info.redis_settings().clone(), config);
+                info = info.set_redis_settings(settings);
+                tls_client(info, config)
+            })
+            .collect::<redis::RedisResult<Vec<_>>>()?;
+        Ok(Seeds {
+            clients,
+            connection_timeout: config.connection_timeout,
+        })
+    }
+
+    /// The error to report for the cluster client's `error`: the typed error of a direct
+    /// connection to a seed when that one cannot heal (authentication, TLS), or the last seed's
+    /// when none answers (refused, timed out); `error` itself when a seed answers or time runs
+    /// out first. Spends at most one connection timeout in all.
+    pub(crate) fn explain(&self, error: RedisError) -> RedisError {
+        let deadline = Instant::now() + self.connection_timeout;
+        let mut last = None;
+        for client in &self.clients {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                return error;
+            };
+            if left.is_zero() {
+                return error;
+            }
+            match client
+                .get_connection_with_timeout(left)
+                .and_then(|c| answered(c, deadline))
+            {
+                Ok(_) => return error,
+                Err(e) if !ConnectFailure::of(&e).may_heal() => return e,
+                Err(e) => last = Some(e),
+            }
+        }
+        last.unwrap_or(error)
+    }
+}
+
+/// Applies `REDIS_USERNAME` / `REDIS_PASSWORD`, which override credentials in the URL, and
+/// skips the client's `CLIENT SETINFO` calls on connect.
+///
+/// redis-rs sends two `CLIENT SETINFO` (library name and version, informational only) with the
+/// connection's setup and reads every reply with the connect timeout: a server that accepts
+/// connections and never answers took twice `REDIS_CONNECTION_TIMEOUT` to be reported.
+fn node_settings(
+    settings: redis::RedisConnectionInfo,
+    config: &RedisConfig,
+) -> redis::RedisConnectionInfo {
+    with_credentials(settings, config).set_skip_set_lib_name()
 }
 
 /// Applies `REDIS_USERNAME` / `REDIS_PASSWORD`, which override credentials in the URL.
