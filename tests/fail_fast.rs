@@ -172,10 +172,12 @@ fn cli_put_with_fallback(url: &str) -> Duration {
     let start = Instant::now();
     let out = cmd.output().expect("running graphrag-kv");
     let took = start.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "put failed: {stderr}");
+    // Success, but not silently: the write is in the journal only.
     assert!(
-        out.status.success(),
-        "put failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+        stderr.contains("written to the fallback journal only") && stderr.contains("1 write is"),
+        "no warning that the write is only journaled: {stderr}"
     );
     let text: String = std::fs::read_dir(&journal)
         .unwrap()

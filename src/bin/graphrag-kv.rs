@@ -382,6 +382,10 @@ fn run(cli: Cli) -> graphrag_kv::Result<ExitCode> {
     } else {
         Storage::open(&config)?
     };
+    // Whether Redis was already unreachable before this command wrote anything: then every
+    // write of the command went to the fallback journal (see `checkpoint`).
+    let offline_at_start = storage.fallback().is_some_and(|f| !f.is_online());
+    let checkpoint = |store: &dyn KvStore| finish_writes(&storage, store, offline_at_start);
     let mut out = io::BufWriter::new(io::stdout().lock());
     let code = match cli.command {
         Command::Put {
@@ -396,7 +400,7 @@ fn run(cli: Cli) -> graphrag_kv::Result<ExitCode> {
                 reason: format!("the value argument is not valid JSON: {e}"),
             })?;
             store.upsert(vec![(id, value)])?;
-            store.index_done_callback()?;
+            checkpoint(&*store)?;
             ExitCode::SUCCESS
         }
         Command::Get {
@@ -444,18 +448,19 @@ fn run(cli: Cli) -> graphrag_kv::Result<ExitCode> {
         Command::Delete { namespace, ids } => {
             let store = storage.namespace(&namespace)?;
             store.delete_by_ids(&ids)?;
-            store.index_done_callback()?;
+            checkpoint(&*store)?;
             ExitCode::SUCCESS
         }
         Command::Clear { namespace } => {
             let store = storage.namespace(&namespace)?;
             store.clear()?;
-            store.index_done_callback()?;
+            checkpoint(&*store)?;
             ExitCode::SUCCESS
         }
         Command::Import { namespace, file } => {
             let store = storage.namespace(&namespace)?;
             let count = import(&*store, &file)?;
+            checkpoint(&*store)?;
             let _ = writeln!(
                 io::stderr(),
                 "imported {count} entries into namespace {namespace:?}"
@@ -533,6 +538,28 @@ fn run(cli: Cli) -> graphrag_kv::Result<ExitCode> {
     };
     stdout(out.flush())?;
     Ok(code)
+}
+
+/// The checkpoint that ends a writing command. With the fallback, a command that found Redis
+/// unreachable before its first write and still finds it so has put every write of its own in
+/// the fsynced journal: they are safe and will be replayed, so it succeeds with a warning
+/// rather than failing as `index_done_callback` does (which cannot confirm writes Redis took
+/// before the outage, and says so). Any other checkpoint failure is the command's error.
+fn finish_writes(
+    storage: &Storage,
+    store: &dyn KvStore,
+    offline_at_start: bool,
+) -> graphrag_kv::Result<()> {
+    match store.index_done_callback() {
+        Err(e) if offline_at_start && storage.fallback().is_some_and(|f| !f.is_online()) => {
+            report(&format!(
+                "warning: written to the fallback journal only, to be replayed when Redis \
+                 answers: {e}"
+            ));
+            Ok(())
+        }
+        other => other,
+    }
 }
 
 /// The journal directory: `--dir`, else `KV_FALLBACK_DIR`, else the working directory's
@@ -758,8 +785,8 @@ fn sorted_keys(store: &dyn KvStore) -> graphrag_kv::Result<Vec<String>> {
     Ok(keys)
 }
 
-/// Upserts every entry of a kv_store file (or stdin for `-`) in batches, then checkpoints.
-/// Returns the number of entries.
+/// Upserts every entry of a kv_store file (or stdin for `-`) in batches (the caller
+/// checkpoints). Returns the number of entries.
 fn import(store: &dyn KvStore, file: &Path) -> graphrag_kv::Result<usize> {
     let (shown, bytes) = if file == Path::new("-") {
         let mut bytes = Vec::new();
@@ -777,7 +804,6 @@ fn import(store: &dyn KvStore, file: &Path) -> graphrag_kv::Result<usize> {
     while entries.peek().is_some() {
         store.upsert(entries.by_ref().take(BATCH).collect())?;
     }
-    store.index_done_callback()?;
     Ok(count)
 }
 
