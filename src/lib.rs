@@ -63,8 +63,20 @@
 //!
 //! ## Feature flags
 //!
+//! The JSON and Redis backends, the wrappers (`FallbackStore`, `WriteBehind`, `DualWrite`),
+//! migration, `LlmCache`, the `LlmClient` trait and `LocalLlm` are always built: they need
+//! nothing beyond the core dependencies (redis, r2d2, serde_json, lz4_flex, log).
+//!
+//! - `cli` (default): the `graphrag-kv` binary, with clap, indicatif, env_logger and ctrlc.
+//!   Enables `metrics`, which `graphrag-kv stats` reads server figures through. Library users
+//!   turn it off with `default-features = false`.
+//! - `metrics`: Prometheus metrics on `prometheus` (without its protobuf support): the
+//!   `metrics` module, [`Metered`], [`Metrics`], `Storage::with_metrics`,
+//!   `DualWrite::with_metrics`, `RedisShared::record_retries_to`.
 //! - `openai`: `llm::OpenAiClient`, an OpenAI-compatible chat-completions client on `ureq`
-//!   (synchronous, rustls). Off by default; the JSON and Redis backends are always built.
+//!   (synchronous, rustls). Off by default.
+//!
+//! The library logs through `log` only; the program that links it chooses the logger.
 
 #![deny(missing_docs)]
 
@@ -78,6 +90,7 @@ mod json_read;
 pub mod llm;
 pub mod llm_cache;
 pub mod llm_hash;
+#[cfg(feature = "metrics")]
 pub mod metrics;
 pub mod migrate;
 mod open;
@@ -91,6 +104,7 @@ pub use config::{
 };
 pub use dual_write::DualWrite;
 pub use error::{Error, Result};
+#[cfg(feature = "metrics")]
 pub use metrics::{Metered, Metrics};
 pub use open::{open_from_env, Storage};
 pub use store::{

@@ -277,6 +277,7 @@ fn sentinel_failover_keeps_writes_going() {
 }
 
 /// Runs the `graphrag-kv` command with only the given variables set.
+#[cfg(feature = "cli")]
 fn cli(vars: &[(&str, String)], args: &[&str]) -> std::process::Output {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_graphrag-kv"));
     cmd.env_clear()
@@ -287,6 +288,7 @@ fn cli(vars: &[(&str, String)], args: &[&str]) -> std::process::Output {
     cmd.args(args).output().unwrap()
 }
 
+#[cfg(feature = "cli")]
 #[test]
 fn command_line_works_on_cluster_and_through_sentinel() {
     let cluster = RedisCluster::start();

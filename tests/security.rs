@@ -1125,6 +1125,7 @@ fn secrets_never_reach_logs_errors_or_debug_output() {
 
 /// The command line, run with `RUST_LOG=trace`, prints neither a password from REDIS_PASSWORD
 /// nor one from the URL, whether the server refuses it or cannot be reached.
+#[cfg(feature = "cli")]
 #[test]
 fn command_line_never_prints_the_password() {
     const PASSWORD: &str = "Cli-Sekr1t-4af2";

@@ -81,6 +81,7 @@ pub struct RedisShared {
     /// Where retries are counted (`redis_retries_total`). A lock and a list: the pool is shared
     /// process-wide, so several `Storage`s with their own registries may watch it; it is read
     /// only when a command is retried.
+    #[cfg(feature = "metrics")]
     retry_metrics: std::sync::RwLock<Vec<crate::metrics::Metrics>>,
 }
 
@@ -157,6 +158,7 @@ impl RedisShared {
             codec: Codec::new(config.compression, config.compression_min_bytes),
             checkpoints: Coalescer::default(),
             warned_no_durability: AtomicBool::new(false),
+            #[cfg(feature = "metrics")]
             retry_metrics: std::sync::RwLock::new(Vec::new()),
         }))
     }
@@ -373,6 +375,7 @@ impl RedisShared {
                 return Err(err);
             }
             let pause = backoff(n);
+            #[cfg(feature = "metrics")]
             for m in self
                 .retry_metrics
                 .read()
@@ -393,6 +396,7 @@ impl RedisShared {
     /// Counts every retry of a command on these connections in `metrics`
     /// (`redis_retries_total{namespace, operation}`, `namespace` empty for server-wide commands).
     /// Attaching the same `Metrics` (or a clone) again changes nothing.
+    #[cfg(feature = "metrics")]
     pub fn record_retries_to(&self, metrics: &crate::metrics::Metrics) {
         let mut all = self
             .retry_metrics
