@@ -20,8 +20,8 @@
 //! - `store`: the trait, the typed extension, namespace and id rules.
 //! - `error`: the error type and its `is_*` helpers.
 //! - `config`: configuration, builder, environment variables, redacted `Debug`.
-//! - `codec`: values to bytes for Redis (plain JSON, or lz4 behind a header).
-//! - `json_read`: the codec's JSON reader, serde_json's `Value` without its per-byte cost.
+//! - `codec`: values to bytes for Redis (plain JSON, or lz4 behind a header), with its own
+//!   JSON writer and reader (serde_json's `Value` without its per-byte cost).
 //! - `backend::json_file`: nano-graphrag's `kv_store_{namespace}.json` files.
 //! - `backend::redis`: the Redis backend on an r2d2 pool, with durable checkpoints.
 //! - `fallback`: `FallbackStore`, a local journal that keeps writes going while Redis is down.
@@ -86,7 +86,6 @@ pub mod config;
 pub mod dual_write;
 pub mod error;
 pub mod fallback;
-mod json_read;
 pub mod llm;
 pub mod llm_cache;
 pub mod llm_hash;

@@ -708,7 +708,7 @@ impl RedisStore {
         Codec::decode(bytes).map_err(|reason| Error::Decode {
             namespace: self.namespace.clone(),
             key: self.key(id),
-            reason,
+            reason: reason.to_string(),
         })
     }
 
@@ -762,7 +762,7 @@ impl RedisStore {
         self.shared.codec.encode(v).map_err(|reason| Error::Encode {
             namespace: self.namespace.clone(),
             key: self.key(id),
-            reason,
+            reason: reason.to_string(),
         })
     }
 
@@ -774,7 +774,7 @@ impl RedisStore {
             .map_err(|reason| Error::Encode {
                 namespace: self.namespace.clone(),
                 key: self.key(id),
-                reason,
+                reason: reason.to_string(),
             })
     }
 
