@@ -30,6 +30,7 @@ pub const DEFAULT_BATCH: usize = 1000;
 
 /// Where a backend is, as written on the command line.
 #[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Spec {
     /// `json:DIR`: a working directory of nano-graphrag `kv_store_*.json` files.
     Json(PathBuf),
@@ -163,6 +164,7 @@ impl Progress for NoProgress {}
 
 /// What [`migrate`] copies and how.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct MigrateOptions {
     /// Namespaces to copy; empty means every namespace holding data in the source.
     /// Defaults to empty.
@@ -177,6 +179,20 @@ impl Default for MigrateOptions {
             namespaces: Vec::new(),
             batch: DEFAULT_BATCH,
         }
+    }
+}
+
+impl MigrateOptions {
+    /// Copies only `namespaces` (empty: every namespace holding data in the source).
+    pub fn namespaces(mut self, namespaces: Vec<String>) -> Self {
+        self.namespaces = namespaces;
+        self
+    }
+
+    /// Reads and writes `batch` ids at a time.
+    pub fn batch(mut self, batch: usize) -> Self {
+        self.batch = batch;
+        self
     }
 }
 

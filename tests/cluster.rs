@@ -243,13 +243,8 @@ fn sentinel_failover_keeps_writes_going() {
     let storage = Storage::open(&config).unwrap();
     let s = storage.namespace("llm_response_cache").unwrap();
     // The first writes wait for the replica, so the failover cannot lose them.
-    let waiting = StoreConfig {
-        redis: graphrag_kv::RedisConfig {
-            wait_replicas: 1,
-            ..config.redis.clone()
-        },
-        ..config.clone()
-    };
+    let mut waiting = config.clone();
+    waiting.redis.wait_replicas = 1;
     let before: Vec<_> = (0..200).map(|i| (format!("b{i}"), json!(i))).collect();
     Storage::open(&waiting)
         .unwrap()
