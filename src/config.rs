@@ -93,6 +93,13 @@ impl BackendKind {
     }
 }
 
+impl std::fmt::Display for BackendKind {
+    /// The name, as [`BackendKind::as_str`].
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// How values are compressed in Redis.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]

@@ -97,7 +97,7 @@ pub mod store;
 pub mod write_behind;
 
 pub use backend::json_file::{JsonDir, JsonFileStore};
-pub use backend::redis::{RedisShared, RedisStore};
+pub use backend::redis::{RedisMode, RedisShared, RedisStore};
 pub use config::{
     BackendKind, ClusterMode, Compression, RedisConfig, StoreConfig, StoreConfigBuilder,
 };

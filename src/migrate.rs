@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 
 use redis::Cmd;
 
-use crate::backend::redis::{cluster, RedisShared, RedisStore};
+use crate::backend::redis::{cluster, RedisMode, RedisShared, RedisStore};
 use crate::config::{has_userinfo, redact_url, BackendKind, StoreConfig, StoreConfigBuilder};
 use crate::error::{Error, Result};
 use crate::open::Storage;
@@ -579,7 +579,7 @@ impl RedisTtl {
             namespace: namespace.clone(),
             source,
         };
-        if self.shared.mode() != "cluster" {
+        if self.shared.mode() != RedisMode::Cluster {
             let mut pipe = redis::pipe();
             for c in cmds {
                 pipe.add_command(c);

@@ -139,7 +139,7 @@ fn reads_come_from_the_primary_only() {
         dual.filter_keys(&["only-in-redis".into()]).unwrap().len(),
         1
     );
-    assert_eq!(dual.stats().unwrap().backend, "json");
+    assert_eq!(dual.stats().unwrap().backend, BackendKind::Json);
     assert_eq!(
         b.redis_primary("full_docs")
             .get_by_id("only-in-redis")

@@ -11,7 +11,9 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, Once};
 use std::thread::ThreadId;
 
-use graphrag_kv::{ClusterMode, Error, KvStore, Storage, StoreConfig, StoreConfigBuilder};
+use graphrag_kv::{
+    ClusterMode, Error, KvStore, RedisMode, Storage, StoreConfig, StoreConfigBuilder,
+};
 use serde_json::json;
 use support::cluster::RedisCluster;
 use support::conformance::Open;
@@ -771,7 +773,7 @@ fn tls_to_a_cluster_with_a_private_ca() {
         ])
         .unwrap();
         let storage = Storage::open(&config).unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert_eq!(storage.redis().unwrap().mode(), "cluster");
+        assert_eq!(storage.redis().unwrap().mode(), RedisMode::Cluster);
         let open = |ns: &str| storage.namespace(ns).unwrap();
         suite_fn(&open);
     }
@@ -787,7 +789,7 @@ fn tls_to_a_cluster_with_a_private_ca() {
         .unwrap(),
     )
     .unwrap();
-    assert_eq!(storage.redis().unwrap().mode(), "cluster");
+    assert_eq!(storage.redis().unwrap().mode(), RedisMode::Cluster);
     let s = storage.namespace("ns").unwrap();
     let items: Vec<_> = (0..300).map(|i| (format!("k{i}"), json!(i))).collect();
     s.upsert(items).unwrap();

@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+use crate::config::BackendKind;
 use crate::error::{Error, Result};
 use crate::store::{
     missing_in_order, project, validate_id, validate_ids, validate_namespace, Item, KvStore,
@@ -375,7 +376,7 @@ impl KvStore for JsonFileStore {
             .sum();
         Ok(NamespaceStats {
             namespace: self.namespace.clone(),
-            backend: "json",
+            backend: BackendKind::Json,
             keys: map.len() as u64,
             bytes,
             bytes_sampled: false,

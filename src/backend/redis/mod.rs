@@ -16,6 +16,7 @@
 
 mod checkpoint;
 pub(crate) mod cluster;
+mod mode;
 mod pool;
 
 use std::collections::hash_map::RandomState;
@@ -28,8 +29,10 @@ use std::time::Duration;
 use redis::{Cmd, ConnectionLike, RedisError, RedisResult, Value};
 use serde_json::Value as Json;
 
+pub use mode::RedisMode;
+
 use crate::codec::Codec;
-use crate::config::{redact_url, ClusterMode, RedisConfig};
+use crate::config::{redact_url, BackendKind, ClusterMode, RedisConfig};
 use crate::error::{display_id, is_retryable_redis, Error, Result};
 use crate::store::{
     missing_in_order, project, validate_id, validate_ids, validate_namespace, Item, KvStore,
@@ -181,12 +184,12 @@ impl RedisShared {
         &self.config
     }
 
-    /// `standalone`, `sentinel` or `cluster`.
-    pub fn mode(&self) -> &'static str {
+    /// How these connections reach Redis: standalone, through Sentinel, or a cluster.
+    pub fn mode(&self) -> RedisMode {
         match (&self.conns, self.config.sentinel_urls.is_empty()) {
-            (Conns::Cluster(_), _) => "cluster",
-            (Conns::Single(_), true) => "standalone",
-            (Conns::Single(_), false) => "sentinel",
+            (Conns::Cluster(_), _) => RedisMode::Cluster,
+            (Conns::Single(_), true) => RedisMode::Standalone,
+            (Conns::Single(_), false) => RedisMode::Sentinel,
         }
     }
 
@@ -1279,7 +1282,7 @@ impl KvStore for RedisStore {
         };
         Ok(NamespaceStats {
             namespace: self.namespace.clone(),
-            backend: "redis",
+            backend: BackendKind::Redis,
             keys: count,
             bytes,
             bytes_sampled: count > sample.len() as u64,
