@@ -1036,7 +1036,7 @@ pub(crate) fn config_error(variable: &str, value: &str, expected: &str) -> Error
 ///
 /// # Errors
 /// [`Error::Config`] naming `variable`.
-pub fn parse_bool(variable: &str, value: &str) -> Result<bool> {
+pub(crate) fn parse_bool(variable: &str, value: &str) -> Result<bool> {
     match value.trim().to_ascii_lowercase().as_str() {
         "true" | "1" | "yes" => Ok(true),
         "false" | "0" | "no" => Ok(false),

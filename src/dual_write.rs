@@ -24,8 +24,8 @@ pub(crate) type WriteOrder = Arc<Mutex<()>>;
 /// The primary is the store in service: its answer is the caller's answer, its errors are the
 /// caller's errors. The secondary follows: when a write succeeded on the primary but failed on
 /// the secondary, the call still succeeds, the divergence is counted ([`DualWrite::divergences`],
-/// and `redis_dual_write_divergences_total` with [`DualWrite::with_metrics`]) and logged at
-/// `warn` with the namespace and ids, and `graphrag-kv verify` / `migrate` find and repair it.
+/// and `redis_dual_write_divergences_total` with `DualWrite::with_metrics`, feature `metrics`)
+/// and logged at `warn` with the namespace and ids, and `graphrag-kv verify` / `migrate` find and repair it.
 /// When the primary fails, the secondary is not written: the caller sees the error exactly as
 /// without dual-write, and retries.
 ///

@@ -71,7 +71,7 @@
 //!   Enables `metrics`, which `graphrag-kv stats` reads server figures through. Library users
 //!   turn it off with `default-features = false`.
 //! - `metrics`: Prometheus metrics on `prometheus` (without its protobuf support): the
-//!   `metrics` module, [`Metered`], [`Metrics`], `Storage::with_metrics`,
+//!   `metrics` module, `Metered`, `Metrics`, `Storage::with_metrics`,
 //!   `DualWrite::with_metrics`, `RedisShared::record_retries_to`.
 //! - `openai`: `llm::OpenAiClient`, an OpenAI-compatible chat-completions client on `ureq`
 //!   (synchronous, rustls). Off by default.

@@ -42,7 +42,7 @@ use crate::store::{Item, KvStore, NamespaceStats};
 /// Upper bounds of `redis_operation_duration_seconds`, from 50 µs (a pipelined GET on a local
 /// server) to 1 s (a SCAN of a large namespace, or a retry after a failover). Slower calls land
 /// in `+Inf`.
-pub const DURATION_BUCKETS: [f64; 14] = [
+pub(crate) const DURATION_BUCKETS: [f64; 14] = [
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
     1.0,
 ];
@@ -97,7 +97,7 @@ impl Op {
 ///
 /// Decided by [`Error::is_timeout`], [`Error::is_connection`] and the variant, never by message
 /// text. A pool timeout counts as `timeout` (it is both; the timeout is what an operator tunes).
-pub fn error_kind(e: &Error) -> &'static str {
+pub(crate) fn error_kind(e: &Error) -> &'static str {
     if e.is_timeout() {
         "timeout"
     } else if e.is_connection() {

@@ -134,6 +134,13 @@ pub trait KvStore: Send + Sync {
     ///
     /// # Errors
     /// As [`KvStore::upsert`].
+    // Hidden, not the one upsert path: owned items are what most stores want (the JSON store
+    // keeps them, `WriteBehind` moves them into its queue), borrowed ones only a caller that
+    // must keep its values over a store that only encodes them (write-behind over Redis).
+    // Either as the sole required method would force a deep copy on the other. The default is
+    // correct for every store; wrappers in this crate forward it so that the optimisation
+    // reaches Redis through every layer.
+    #[doc(hidden)]
     fn upsert_refs(&self, items: &[(&str, &Value)]) -> Result<()> {
         self.upsert(
             items

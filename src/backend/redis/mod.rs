@@ -3,8 +3,8 @@
 //! Keys are `{prefix}:{namespace}:{id}` (default prefix `nano_graphrag`, the Python
 //! implementation's layout) and spread over every slot in a cluster: no hash tag pins a
 //! namespace to one node. Values are plain JSON, or an lz4 frame when compression is on and pays
-//! (see [`crate::codec`]). Batch operations take one round trip per chunk of [`READ_CHUNK`] ids
-//! or [`WRITE_CHUNK`] items (per node in a cluster); `all_keys` and `clear` use SCAN with a
+//! (see [`crate::codec`]). Batch operations take one round trip per chunk of 2,000 ids (reads)
+//! or 1,000 items (writes), per node in a cluster; `all_keys` and `clear` use SCAN with a
 //! glob-escaped MATCH pattern on every master, never KEYS.
 //!
 //! Three ways to reach the data, chosen by configuration:
@@ -45,7 +45,7 @@ use pool::{PooledConn, RedisPool};
 
 /// Ids per MGET / EXISTS pipeline / UNLINK: a call with a million ids becomes requests of this
 /// size instead of one giant one.
-pub const READ_CHUNK: usize = 2_000;
+pub(crate) const READ_CHUNK: usize = 2_000;
 /// Ids per MGET of `get_by_ids` on a single server. Two MGETs are kept in flight, so the
 /// server answers the next window while the caller decodes this one: decoding (lz4 and JSON)
 /// costs the client about as much as the server spends on the same values, and on separate
@@ -57,9 +57,9 @@ const MGET_WINDOW: usize = 25;
 /// [`MGET_WINDOW`].
 const UPSERT_WINDOW: usize = 25;
 /// Items per SET pipeline.
-pub const WRITE_CHUNK: usize = 1_000;
+pub(crate) const WRITE_CHUNK: usize = 1_000;
 /// Bytes of values per SET pipeline.
-pub const WRITE_CHUNK_BYTES: usize = 16 * 1024 * 1024;
+pub(crate) const WRITE_CHUNK_BYTES: usize = 16 * 1024 * 1024;
 /// SCAN's COUNT hint.
 const SCAN_COUNT: usize = 1_000;
 /// Keys whose value size is sampled by `stats`.
