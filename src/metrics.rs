@@ -9,7 +9,7 @@
 //! |---|---|---|---|
 //! | `redis_operations_total` | counter | `namespace`, `operation` | [`Metered`], every call |
 //! | `redis_operation_duration_seconds` | histogram (50 µs .. 1 s) | `namespace`, `operation` | [`Metered`] |
-//! | `redis_errors_total` | counter | `namespace`, `operation`, `kind` | [`Metered`], failed calls |
+//! | `redis_errors_total` | counter | `namespace`, `operation`, `kind` (`timeout`, `connection`, `decode`, `other`) | [`Metered`], failed calls |
 //! | `redis_cache_hits_total` / `redis_cache_misses_total` | counter | `namespace` | [`Metered`], ids found / not found by `get_by_id(s)` |
 //! | `redis_memory_usage_bytes` | gauge (sampled) | `namespace` | [`Metered::stats`], [`Metered::sample_memory`] |
 //! | `redis_namespace_keys` | gauge | `namespace` | as above |
