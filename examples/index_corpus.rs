@@ -219,6 +219,8 @@ fn run(args: &Args) -> Result<ExitCode, BoxError> {
             redact_url(&config.redis.url),
             config.redis.key_prefix
         ),
+        // BackendKind is non_exhaustive: a backend added later is at least named.
+        other => other.as_str().to_string(),
     };
     let storage = Storage::open(&config)?;
     let full_docs = storage.namespace(FULL_DOCS)?;

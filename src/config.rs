@@ -64,6 +64,7 @@ use crate::store::{
 
 /// Which backend stores the namespaces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum BackendKind {
     /// nano-graphrag's `kv_store_{namespace}.json` files in a working directory.
     Json,
@@ -93,8 +94,16 @@ impl BackendKind {
     }
 }
 
+impl std::fmt::Display for BackendKind {
+    /// The name, as [`BackendKind::as_str`].
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// How values are compressed in Redis.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Compression {
     /// lz4 for values of at least `compression_min_bytes`, behind a header no JSON text starts
     /// with. Values that do not shrink are stored as plain JSON.
@@ -105,6 +114,7 @@ pub enum Compression {
 
 /// Where the JSON backend keeps its files.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct JsonConfig {
     /// Directory of the `kv_store_{namespace}.json` files. Defaults to `./nano_graphrag_cache`.
     pub working_dir: PathBuf,
@@ -114,6 +124,7 @@ pub struct JsonConfig {
 ///
 /// `Debug` leaves out the password and any password inside the URL.
 #[derive(Clone, PartialEq)]
+#[non_exhaustive]
 pub struct RedisConfig {
     /// Server URL. Defaults to `redis://localhost:6379`.
     pub url: String,
@@ -178,6 +189,7 @@ pub struct RedisConfig {
 
 /// How the Redis backend finds its keys.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ClusterMode {
     /// Cluster when `REDIS_URL` names several nodes or the server says `cluster_enabled:1`
     /// (`INFO cluster`); standalone otherwise, including when the user may not run INFO.
@@ -516,6 +528,7 @@ fn is_reserved_ttl_name(name: &str) -> bool {
 /// Dual-write during a migration (`STORAGE_KV_BACKEND=dual`): writes go to the JSON files and
 /// to Redis, reads come from the primary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct DualConfig {
     /// The store reads come from and whose failures fail a write (`KV_DUAL_PRIMARY`).
     /// Defaults to [`BackendKind::Json`], the data in service when a migration starts.
@@ -524,6 +537,7 @@ pub struct DualConfig {
 
 /// Where writes go while Redis is unreachable.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct FallbackConfig {
     /// Directory of the journals. Defaults to `STORAGE_WORKING_DIR/journal`.
     pub dir: PathBuf,
@@ -532,6 +546,7 @@ pub struct FallbackConfig {
 /// Everything needed to open stores. Build it with [`StoreConfig::builder`] or
 /// [`StoreConfig::from_env`].
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct StoreConfig {
     /// The backend. Defaults to [`BackendKind::Json`].
     pub backend: BackendKind,
@@ -1034,7 +1049,7 @@ pub(crate) fn config_error(variable: &str, value: &str, expected: &str) -> Error
 ///
 /// # Errors
 /// [`Error::Config`] naming `variable`.
-pub fn parse_bool(variable: &str, value: &str) -> Result<bool> {
+pub(crate) fn parse_bool(variable: &str, value: &str) -> Result<bool> {
     match value.trim().to_ascii_lowercase().as_str() {
         "true" | "1" | "yes" => Ok(true),
         "false" | "0" | "no" => Ok(false),

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use serde_json::Value;
 
 use crate::error::{display_id, Result};
+#[cfg(feature = "metrics")]
 use crate::metrics::Metrics;
 use crate::store::{Item, KvStore, NamespaceStats};
 
@@ -23,8 +24,8 @@ pub(crate) type WriteOrder = Arc<Mutex<()>>;
 /// The primary is the store in service: its answer is the caller's answer, its errors are the
 /// caller's errors. The secondary follows: when a write succeeded on the primary but failed on
 /// the secondary, the call still succeeds, the divergence is counted ([`DualWrite::divergences`],
-/// and `redis_dual_write_divergences_total` with [`DualWrite::with_metrics`]) and logged at
-/// `warn` with the namespace and ids, and `graphrag-kv verify` / `migrate` find and repair it.
+/// and `redis_dual_write_divergences_total` with `DualWrite::with_metrics`, feature `metrics`)
+/// and logged at `warn` with the namespace and ids, and `graphrag-kv verify` / `migrate` find and repair it.
 /// When the primary fails, the secondary is not written: the caller sees the error exactly as
 /// without dual-write, and retries.
 ///
@@ -83,6 +84,7 @@ pub struct DualWrite<P, S> {
     /// would let two handles apply the same ids in opposite orders.
     write_order: WriteOrder,
     /// Where divergences are also counted, if anywhere.
+    #[cfg(feature = "metrics")]
     metrics: Option<Metrics>,
 }
 
@@ -115,6 +117,7 @@ impl<P: KvStore, S: KvStore> DualWrite<P, S> {
             secondary_name: "secondary".into(),
             divergences: AtomicU64::new(0),
             write_order: WriteOrder::default(),
+            #[cfg(feature = "metrics")]
             metrics: None,
         }
     }
@@ -135,6 +138,7 @@ impl<P: KvStore, S: KvStore> DualWrite<P, S> {
     }
 
     /// Also counts divergences in `redis_dual_write_divergences_total{namespace}`.
+    #[cfg(feature = "metrics")]
     pub fn with_metrics(mut self, metrics: &Metrics) -> Self {
         self.metrics = Some(metrics.clone());
         self
@@ -183,6 +187,7 @@ impl<P: KvStore, S: KvStore> DualWrite<P, S> {
 
     fn diverged(&self, operation: &str, ids: &[&str], error: &str) {
         self.divergences.fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
         if let Some(m) = &self.metrics {
             m.record_divergence(self.primary.namespace());
         }

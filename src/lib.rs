@@ -20,8 +20,8 @@
 //! - `store`: the trait, the typed extension, namespace and id rules.
 //! - `error`: the error type and its `is_*` helpers.
 //! - `config`: configuration, builder, environment variables, redacted `Debug`.
-//! - `codec`: values to bytes for Redis (plain JSON, or lz4 behind a header).
-//! - `json_read`: the codec's JSON reader, serde_json's `Value` without its per-byte cost.
+//! - `codec`: values to bytes for Redis (plain JSON, or lz4 behind a header), with its own
+//!   JSON writer and reader (serde_json's `Value` without its per-byte cost).
 //! - `backend::json_file`: nano-graphrag's `kv_store_{namespace}.json` files.
 //! - `backend::redis`: the Redis backend on an r2d2 pool, with durable checkpoints.
 //! - `fallback`: `FallbackStore`, a local journal that keeps writes going while Redis is down.
@@ -63,8 +63,20 @@
 //!
 //! ## Feature flags
 //!
+//! The JSON and Redis backends, the wrappers (`FallbackStore`, `WriteBehind`, `DualWrite`),
+//! migration, `LlmCache`, the `LlmClient` trait and `LocalLlm` are always built: they need
+//! nothing beyond the core dependencies (redis, r2d2, serde_json, lz4_flex, log).
+//!
+//! - `cli` (default): the `graphrag-kv` binary, with clap, indicatif, env_logger and ctrlc.
+//!   Enables `metrics`, which `graphrag-kv stats` reads server figures through. Library users
+//!   turn it off with `default-features = false`.
+//! - `metrics`: Prometheus metrics on `prometheus` (without its protobuf support): the
+//!   `metrics` module, `Metered`, `Metrics`, `Storage::with_metrics`,
+//!   `DualWrite::with_metrics`, `RedisShared::record_retries_to`.
 //! - `openai`: `llm::OpenAiClient`, an OpenAI-compatible chat-completions client on `ureq`
-//!   (synchronous, rustls). Off by default; the JSON and Redis backends are always built.
+//!   (synchronous, rustls). Off by default.
+//!
+//! The library logs through `log` only; the program that links it chooses the logger.
 
 #![deny(missing_docs)]
 
@@ -74,10 +86,10 @@ pub mod config;
 pub mod dual_write;
 pub mod error;
 pub mod fallback;
-mod json_read;
 pub mod llm;
 pub mod llm_cache;
 pub mod llm_hash;
+#[cfg(feature = "metrics")]
 pub mod metrics;
 pub mod migrate;
 mod open;
@@ -85,12 +97,13 @@ pub mod store;
 pub mod write_behind;
 
 pub use backend::json_file::{JsonDir, JsonFileStore};
-pub use backend::redis::{RedisShared, RedisStore};
+pub use backend::redis::{RedisMode, RedisShared, RedisStore};
 pub use config::{
     BackendKind, ClusterMode, Compression, RedisConfig, StoreConfig, StoreConfigBuilder,
 };
 pub use dual_write::DualWrite;
 pub use error::{ConnectFailure, Error, Result};
+#[cfg(feature = "metrics")]
 pub use metrics::{Metered, Metrics};
 pub use open::{open_from_env, Storage};
 pub use store::{

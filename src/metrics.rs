@@ -9,7 +9,7 @@
 //! |---|---|---|---|
 //! | `redis_operations_total` | counter | `namespace`, `operation` | [`Metered`], every call |
 //! | `redis_operation_duration_seconds` | histogram (50 µs .. 1 s) | `namespace`, `operation` | [`Metered`] |
-//! | `redis_errors_total` | counter | `namespace`, `operation`, `kind` | [`Metered`], failed calls |
+//! | `redis_errors_total` | counter | `namespace`, `operation`, `kind` (`timeout`, `connection`, `decode`, `other`) | [`Metered`], failed calls |
 //! | `redis_cache_hits_total` / `redis_cache_misses_total` | counter | `namespace` | [`Metered`], ids found / not found by `get_by_id(s)` |
 //! | `redis_memory_usage_bytes` | gauge (sampled) | `namespace` | [`Metered::stats`], [`Metered::sample_memory`] |
 //! | `redis_namespace_keys` | gauge | `namespace` | as above |
@@ -42,7 +42,7 @@ use crate::store::{Item, KvStore, NamespaceStats};
 /// Upper bounds of `redis_operation_duration_seconds`, from 50 µs (a pipelined GET on a local
 /// server) to 1 s (a SCAN of a large namespace, or a retry after a failover). Slower calls land
 /// in `+Inf`.
-pub const DURATION_BUCKETS: [f64; 14] = [
+pub(crate) const DURATION_BUCKETS: [f64; 14] = [
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
     1.0,
 ];
@@ -97,7 +97,7 @@ impl Op {
 ///
 /// Decided by [`Error::is_timeout`], [`Error::is_connection`] and the variant, never by message
 /// text. A pool timeout counts as `timeout` (it is both; the timeout is what an operator tunes).
-pub fn error_kind(e: &Error) -> &'static str {
+pub(crate) fn error_kind(e: &Error) -> &'static str {
     if e.is_timeout() {
         "timeout"
     } else if e.is_connection() {

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 
 use redis::Cmd;
 
-use crate::backend::redis::{cluster, RedisShared, RedisStore};
+use crate::backend::redis::{cluster, RedisMode, RedisShared, RedisStore};
 use crate::config::{has_userinfo, redact_url, BackendKind, StoreConfig, StoreConfigBuilder};
 use crate::error::{Error, Result};
 use crate::open::Storage;
@@ -30,6 +30,7 @@ pub const DEFAULT_BATCH: usize = 1000;
 
 /// Where a backend is, as written on the command line.
 #[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Spec {
     /// `json:DIR`: a working directory of nano-graphrag `kv_store_*.json` files.
     Json(PathBuf),
@@ -163,6 +164,7 @@ impl Progress for NoProgress {}
 
 /// What [`migrate`] copies and how.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct MigrateOptions {
     /// Namespaces to copy; empty means every namespace holding data in the source.
     /// Defaults to empty.
@@ -177,6 +179,20 @@ impl Default for MigrateOptions {
             namespaces: Vec::new(),
             batch: DEFAULT_BATCH,
         }
+    }
+}
+
+impl MigrateOptions {
+    /// Copies only `namespaces` (empty: every namespace holding data in the source).
+    pub fn namespaces(mut self, namespaces: Vec<String>) -> Self {
+        self.namespaces = namespaces;
+        self
+    }
+
+    /// Reads and writes `batch` ids at a time.
+    pub fn batch(mut self, batch: usize) -> Self {
+        self.batch = batch;
+        self
     }
 }
 
@@ -563,7 +579,7 @@ impl RedisTtl {
             namespace: namespace.clone(),
             source,
         };
-        if self.shared.mode() != "cluster" {
+        if self.shared.mode() != RedisMode::Cluster {
             let mut pipe = redis::pipe();
             for c in cmds {
                 pipe.add_command(c);

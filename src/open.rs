@@ -9,6 +9,7 @@ use crate::config::{BackendKind, RedisConfig, StoreConfig};
 use crate::dual_write::{DualWrite, WriteOrder};
 use crate::error::Result;
 use crate::fallback::{Fallback, FallbackGuard, JournalTarget};
+#[cfg(feature = "metrics")]
 use crate::metrics::{Metered, Metrics};
 use crate::store::KvStore;
 use crate::write_behind::{WriteBehind, WriteBehindConfig};
@@ -23,6 +24,7 @@ pub struct Storage {
     /// Wrap each namespace in a write-behind queue (never for read-only storages).
     write_behind: Option<WriteBehindConfig>,
     /// Count and time every call (outermost layer), when set with [`Storage::with_metrics`].
+    #[cfg(feature = "metrics")]
     metrics: Option<Metrics>,
 }
 
@@ -70,6 +72,8 @@ impl Storage {
                     write_orders: Arc::default(),
                 },
                 write_behind: config.write_behind.clone(),
+                #[cfg(feature = "metrics")]
+                #[cfg(feature = "metrics")]
                 metrics: None,
             });
         }
@@ -114,6 +118,7 @@ impl Storage {
         Ok(Storage {
             inner,
             write_behind: config.write_behind.clone(),
+            #[cfg(feature = "metrics")]
             metrics: None,
         })
     }
@@ -132,6 +137,7 @@ impl Storage {
         Ok(Storage {
             inner,
             write_behind: None,
+            #[cfg(feature = "metrics")]
             metrics: None,
         })
     }
@@ -150,14 +156,17 @@ impl Storage {
     /// [`crate::Error::InvalidNamespace`]; for JSON, a file that cannot be read or parsed.
     pub fn namespace(&self, namespace: &str) -> Result<Arc<dyn KvStore>> {
         let store = self.stack(namespace)?;
-        Ok(match &self.metrics {
+        #[cfg(feature = "metrics")]
+        let store: Arc<dyn KvStore> = match &self.metrics {
             Some(m) => Arc::new(Metered::new(store, m)),
             None => store,
-        })
+        };
+        Ok(store)
     }
 
     /// Counts and times every call of every namespace opened from now on (the outermost layer,
     /// so it sees what callers see), and reports the Redis pool's size.
+    #[cfg(feature = "metrics")]
     pub fn with_metrics(mut self, metrics: &Metrics) -> Storage {
         if let Some(shared) = self.redis() {
             metrics.pool().watch_redis(shared);
@@ -184,12 +193,14 @@ impl Storage {
                     BackendKind::Json => (j, r, ("json", "redis")),
                     BackendKind::Redis => (r, j, ("redis", "json")),
                 };
-                let mut dual = DualWrite::new(p, s)
+                let dual = DualWrite::new(p, s)
                     .with_names(names.0, names.1)
                     .with_write_order(write_order(write_orders, namespace));
-                if let Some(m) = &self.metrics {
-                    dual = dual.with_metrics(m);
-                }
+                #[cfg(feature = "metrics")]
+                let dual = match &self.metrics {
+                    Some(m) => dual.with_metrics(m),
+                    None => dual,
+                };
                 Arc::new(dual)
             }
             Inner::Json(dir) => dir.namespace(namespace)?,

@@ -6,6 +6,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::config::BackendKind;
 use crate::error::{display_id, Error, Result};
 
 /// nano-graphrag's namespace for whole documents.
@@ -37,12 +38,17 @@ pub const MAX_NAMESPACE_BYTES: usize = 200;
 pub type Item = (String, Value);
 
 /// Figures about one namespace, as returned by [`KvStore::stats`].
+///
+/// A store outside this crate starts from [`NamespaceStats::new`] and sets the figures it has;
+/// fields may be added in a minor release.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
 pub struct NamespaceStats {
     /// The namespace.
     pub namespace: String,
-    /// The backend's name: `json` or `redis`.
-    pub backend: &'static str,
+    /// The backend holding the values. Serialized (and displayed) as `json` or `redis`.
+    #[serde(serialize_with = "serialize_backend")]
+    pub backend: BackendKind,
     /// Number of ids stored.
     pub keys: u64,
     /// Approximate bytes of the stored values (as stored: compressed values count compressed).
@@ -51,6 +57,28 @@ pub struct NamespaceStats {
     pub bytes_sampled: bool,
     /// Expiry applied to new writes, in seconds; 0 means no expiry.
     pub ttl_seconds: u64,
+}
+
+impl NamespaceStats {
+    /// Figures of `namespace` on `backend`, all zero until set: no keys, no bytes, no expiry.
+    pub fn new(namespace: impl Into<String>, backend: BackendKind) -> Self {
+        NamespaceStats {
+            namespace: namespace.into(),
+            backend,
+            keys: 0,
+            bytes: 0,
+            bytes_sampled: false,
+            ttl_seconds: 0,
+        }
+    }
+}
+
+/// The backend's name, as the `&'static str` this field used to be serialized.
+fn serialize_backend<S: serde::Serializer>(
+    backend: &BackendKind,
+    serializer: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    serializer.serialize_str(backend.as_str())
 }
 
 /// A namespace of JSON values addressed by string ids, with nano-graphrag's operations.
@@ -106,6 +134,13 @@ pub trait KvStore: Send + Sync {
     ///
     /// # Errors
     /// As [`KvStore::upsert`].
+    // Hidden, not the one upsert path: owned items are what most stores want (the JSON store
+    // keeps them, `WriteBehind` moves them into its queue), borrowed ones only a caller that
+    // must keep its values over a store that only encodes them (write-behind over Redis).
+    // Either as the sole required method would force a deep copy on the other. The default is
+    // correct for every store; wrappers in this crate forward it so that the optimisation
+    // reaches Redis through every layer.
+    #[doc(hidden)]
     fn upsert_refs(&self, items: &[(&str, &Value)]) -> Result<()> {
         self.upsert(
             items
@@ -389,6 +424,23 @@ pub(crate) fn missing_in_order(ids: &[String], is_present: impl Fn(usize) -> boo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stats_name_their_backend_as_the_strings_they_replaced() {
+        let mut stats = NamespaceStats::new("text_chunks", BackendKind::Redis);
+        stats.keys = 2;
+        let json = serde_json::to_value(&stats).unwrap();
+        assert_eq!(json["backend"], "redis");
+        assert_eq!(json["keys"], 2);
+        assert_eq!(BackendKind::Json.to_string(), "json");
+        assert_eq!(BackendKind::Redis.to_string(), "redis");
+        assert_eq!(
+            crate::RedisMode::Standalone.to_string()
+                + crate::RedisMode::Sentinel.as_str()
+                + &crate::RedisMode::Cluster.to_string(),
+            "standalonesentinelcluster"
+        );
+    }
 
     #[test]
     fn namespaces_are_checked() {

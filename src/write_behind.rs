@@ -175,6 +175,7 @@ pub const DEFAULT_IN_FLIGHT: usize = 4;
 /// The defaults were chosen by measurement: see `docs/BENCHMARKS.md` and the bench
 /// `benches/write_behind.rs`.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct WriteBehindConfig {
     /// Most writes per batch. Defaults to 256.
     ///
@@ -466,6 +467,7 @@ pub struct WriteBehindStats {
 
 /// One write that was accepted but could not be sent, handed to an [`UnsentSink`].
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub enum UnsentWrite {
     /// An upsert of one id.
     Upsert {

@@ -447,13 +447,8 @@ fn sentinel_failover_keeps_writes_going() {
     let storage = Storage::open(&config).unwrap();
     let s = storage.namespace("llm_response_cache").unwrap();
     // The first writes wait for the replica, so the failover cannot lose them.
-    let waiting = StoreConfig {
-        redis: graphrag_kv::RedisConfig {
-            wait_replicas: 1,
-            ..config.redis.clone()
-        },
-        ..config.clone()
-    };
+    let mut waiting = config.clone();
+    waiting.redis.wait_replicas = 1;
     let before: Vec<_> = (0..200).map(|i| (format!("b{i}"), json!(i))).collect();
     Storage::open(&waiting)
         .unwrap()
@@ -481,6 +476,7 @@ fn sentinel_failover_keeps_writes_going() {
 }
 
 /// Runs the `graphrag-kv` command with only the given variables set.
+#[cfg(feature = "cli")]
 fn cli(vars: &[(&str, String)], args: &[&str]) -> std::process::Output {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_graphrag-kv"));
     cmd.env_clear()
@@ -491,6 +487,7 @@ fn cli(vars: &[(&str, String)], args: &[&str]) -> std::process::Output {
     cmd.args(args).output().unwrap()
 }
 
+#[cfg(feature = "cli")]
 #[test]
 fn command_line_works_on_cluster_and_through_sentinel() {
     let cluster = RedisCluster::start();

@@ -6,6 +6,7 @@ mod support;
 
 use std::sync::Arc;
 
+#[cfg(feature = "metrics")]
 use graphrag_kv::metrics::{render, Metrics};
 use graphrag_kv::migrate::{compare_namespace, NoProgress};
 use graphrag_kv::{BackendKind, DualWrite, Error, KvStore, Storage, StoreConfig};
@@ -138,7 +139,7 @@ fn reads_come_from_the_primary_only() {
         dual.filter_keys(&["only-in-redis".into()]).unwrap().len(),
         1
     );
-    assert_eq!(dual.stats().unwrap().backend, "json");
+    assert_eq!(dual.stats().unwrap().backend, BackendKind::Json);
     assert_eq!(
         b.redis_primary("full_docs")
             .get_by_id("only-in-redis")
@@ -147,6 +148,7 @@ fn reads_come_from_the_primary_only() {
     );
 }
 
+#[cfg(feature = "metrics")]
 #[test]
 fn secondary_failure_is_a_counted_divergence_not_an_error() {
     let mut b = both();
@@ -294,6 +296,7 @@ fn storage_from_env_dual_writes_both_and_reads_the_primary() {
     assert!(e.to_string().contains("KV_DUAL_PRIMARY"), "{e}");
 }
 
+#[cfg(feature = "metrics")]
 #[test]
 fn storage_with_metrics_counts_calls() {
     let dir = tempfile::tempdir().unwrap();

@@ -187,6 +187,7 @@ fn check_decode(bytes: &[u8]) -> Result<(), TestCaseError> {
         bytes.len()
     );
     if let Err(reason) = out {
+        let reason = reason.to_string();
         prop_assert!(!reason.is_empty());
         if bytes.first() != Some(&FRAME_MAGIC[0]) {
             // Plain JSON errors carry the position.
@@ -317,7 +318,7 @@ fn check_same_as_serde_json(json: &[u8]) -> Result<(), TestCaseError> {
             ours,
             theirs
         ),
-        (Err(ours), Err(theirs)) => prop_assert_eq!(ours, theirs),
+        (Err(ours), Err(theirs)) => prop_assert_eq!(ours.to_string(), theirs),
         (ours, theirs) => prop_assert!(
             false,
             "{:?}: {:?} but serde_json {:?}",
@@ -478,7 +479,7 @@ fn frames_claiming_huge_sizes_fail_fast_without_allocating() {
         bytes.extend_from_slice(&claim.to_le_bytes());
         bytes.extend(std::iter::repeat_n(0x11u8, body_len));
         let (out, largest) = largest_allocation(|| Codec::decode(&bytes));
-        let reason = out.unwrap_err();
+        let reason = out.unwrap_err().to_string();
         assert!(
             reason.contains("above the limit") || reason.contains("from only"),
             "{claim}: {reason}"
@@ -499,7 +500,7 @@ fn deeply_nested_json_is_an_error_not_a_stack_overflow() {
             } else {
                 b"{\"a\":".repeat(depth)
             };
-            let reason = Codec::decode(&bytes).unwrap_err();
+            let reason = Codec::decode(&bytes).unwrap_err().to_string();
             assert!(reason.contains("recursion limit"), "{reason}");
             let e = parse_kv_file(Path::new("deep.json"), &bytes).unwrap_err();
             assert!(e.to_string().contains("recursion limit"), "{e}");

@@ -422,6 +422,7 @@ fn redis_down_without_fallback_fails_get_or_compute() {
     assert!(e.is_connection() || e.is_timeout(), "{e}");
 }
 
+#[cfg(feature = "metrics")]
 #[test]
 fn flush_sends_queued_writes_through_every_layer() {
     // Metered<WriteBehind<FallbackStore<RedisStore>>>, with a queue that would otherwise hold

@@ -573,10 +573,9 @@ fn library_functions_over_storages_and_store_pairs() {
 
     // Only the namespaces asked for.
     let mut progress = Recorder::default();
-    let options = MigrateOptions {
-        namespaces: vec![FULL_DOCS.into(), COMMUNITY_REPORTS.into()],
-        batch: 7,
-    };
+    let options = MigrateOptions::default()
+        .namespaces(vec![FULL_DOCS.into(), COMMUNITY_REPORTS.into()])
+        .batch(7);
     let report = migrate(&from, &to, &options, &mut progress).unwrap();
     assert_eq!(report.copied(), 40);
     assert_eq!(

@@ -765,6 +765,7 @@ fn checkpoint_reports_its_own_failed_rdb_save() {
 
 /// `graphrag-kv import` checkpoints after its writes: when the save fails, the command fails
 /// (non-zero exit) and says why on stderr, instead of reporting the entries as imported.
+#[cfg(feature = "cli")]
 #[test]
 fn cli_import_fails_clearly_when_the_save_fails() {
     let server = RedisServer::start_with(&["--dbfilename", "dump.rdb"]);

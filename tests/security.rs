@@ -11,7 +11,9 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, Once};
 use std::thread::ThreadId;
 
-use graphrag_kv::{ClusterMode, Error, KvStore, Storage, StoreConfig, StoreConfigBuilder};
+use graphrag_kv::{
+    ClusterMode, Error, KvStore, RedisMode, Storage, StoreConfig, StoreConfigBuilder,
+};
 use serde_json::json;
 use support::cluster::RedisCluster;
 use support::conformance::Open;
@@ -774,7 +776,7 @@ fn tls_to_a_cluster_with_a_private_ca() {
         ])
         .unwrap();
         let storage = Storage::open(&config).unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert_eq!(storage.redis().unwrap().mode(), "cluster");
+        assert_eq!(storage.redis().unwrap().mode(), RedisMode::Cluster);
         let open = |ns: &str| storage.namespace(ns).unwrap();
         suite_fn(&open);
     }
@@ -790,7 +792,7 @@ fn tls_to_a_cluster_with_a_private_ca() {
         .unwrap(),
     )
     .unwrap();
-    assert_eq!(storage.redis().unwrap().mode(), "cluster");
+    assert_eq!(storage.redis().unwrap().mode(), RedisMode::Cluster);
     let s = storage.namespace("ns").unwrap();
     let items: Vec<_> = (0..300).map(|i| (format!("k{i}"), json!(i))).collect();
     s.upsert(items).unwrap();
@@ -1128,6 +1130,7 @@ fn secrets_never_reach_logs_errors_or_debug_output() {
 
 /// The command line, run with `RUST_LOG=trace`, prints neither a password from REDIS_PASSWORD
 /// nor one from the URL, whether the server refuses it or cannot be reached.
+#[cfg(feature = "cli")]
 #[test]
 fn command_line_never_prints_the_password() {
     const PASSWORD: &str = "Cli-Sekr1t-4af2";

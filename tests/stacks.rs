@@ -214,14 +214,10 @@ impl KvStore for OfflineStats {
             .flatten()
             .map(|v| serde_json::to_vec(v).unwrap().len() as u64)
             .sum();
-        Ok(NamespaceStats {
-            namespace: self.namespace().to_string(),
-            backend: "redis",
-            keys: keys.len() as u64,
-            bytes,
-            bytes_sampled: false,
-            ttl_seconds: 0,
-        })
+        let mut stats = NamespaceStats::new(self.namespace(), BackendKind::Redis);
+        stats.keys = keys.len() as u64;
+        stats.bytes = bytes;
+        Ok(stats)
     }
 }
 

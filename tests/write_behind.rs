@@ -1392,6 +1392,7 @@ fn close_with_batches_in_flight_hands_off_everything_unsent_in_order() {
         .map(|(_, w)| match w {
             UnsentWrite::Upsert { id, value } => (id.clone(), Some(value.clone())),
             UnsentWrite::Delete { id } => (id.clone(), None),
+            other => panic!("an unsent write of a kind this test does not make: {other:?}"),
         })
         .collect();
     // The first write of x never got through, so it and everything after it is unsent...

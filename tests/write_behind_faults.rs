@@ -367,7 +367,7 @@ fn cluster_noreplicas_writes_are_retried_until_the_server_takes_them() {
     let node = &cluster.nodes()[0];
     let mut admin = node.conn();
     let shared = redis_shared(cluster.url_list(), "cnorep", 0);
-    assert_eq!(shared.mode(), "cluster");
+    assert_eq!(shared.mode(), graphrag_kv::RedisMode::Cluster);
     let wb = write_behind(&shared);
     config_set(&mut admin, "min-replicas-to-write", "1");
     retried_until_the_condition_clears(&wb, &mut admin, "NOREPLICAS", |admin| {

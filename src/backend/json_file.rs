@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+use crate::config::BackendKind;
 use crate::error::{Error, Result};
 use crate::store::{
     missing_in_order, project, validate_id, validate_ids, validate_namespace, Item, KvStore,
@@ -375,7 +376,7 @@ impl KvStore for JsonFileStore {
             .sum();
         Ok(NamespaceStats {
             namespace: self.namespace.clone(),
-            backend: "json",
+            backend: BackendKind::Json,
             keys: map.len() as u64,
             bytes,
             bytes_sampled: false,
@@ -454,6 +455,9 @@ pub fn to_python_json<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
 /// [`Error::Io`] naming `path` and the step that failed. When the fsync of the directory
 /// after the rename fails, the new file is in place but its rename may not survive a crash:
 /// that is an error too, since the caller asked for a durable save.
+// Public only for the `graphrag-kv` binary's `export` (a separate crate); not part of the
+// supported API, so hidden from the docs.
+#[doc(hidden)]
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomically_with(path, bytes, sync_dir)
 }

@@ -959,7 +959,9 @@ fn run_migrate(
     let (from_spec, to_spec) = (parse_spec("--from", from)?, parse_spec("--to", to)?);
     let source = open_spec(&from_spec, true)?;
     let target = open_spec(&to_spec, false)?;
-    let options = MigrateOptions { namespaces, batch };
+    let options = MigrateOptions::default()
+        .namespaces(namespaces)
+        .batch(batch);
     let mut progress = CliProgress::new("migrate");
     let report = migrate::migrate(&source, &target, &options, &mut progress)?;
     drop(progress);

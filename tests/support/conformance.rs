@@ -1299,8 +1299,11 @@ pub fn stats_counts(open: Open) {
     assert_eq!(s.namespace, store.namespace());
     assert_eq!(s.namespace, "stats");
     assert!(
-        matches!(s.backend, "json" | "redis"),
-        "unknown backend name {:?}",
+        matches!(
+            s.backend,
+            graphrag_kv::BackendKind::Json | graphrag_kv::BackendKind::Redis
+        ),
+        "unknown backend {:?}",
         s.backend
     );
     assert_eq!(s.keys, 0);

@@ -3,8 +3,8 @@
 //! Keys are `{prefix}:{namespace}:{id}` (default prefix `nano_graphrag`, the Python
 //! implementation's layout) and spread over every slot in a cluster: no hash tag pins a
 //! namespace to one node. Values are plain JSON, or an lz4 frame when compression is on and pays
-//! (see [`crate::codec`]). Batch operations take one round trip per chunk of [`READ_CHUNK`] ids
-//! or [`WRITE_CHUNK`] items (per node in a cluster); `all_keys` and `clear` use SCAN with a
+//! (see [`crate::codec`]). Batch operations take one round trip per chunk of 2,000 ids (reads)
+//! or 1,000 items (writes), per node in a cluster; `all_keys` and `clear` use SCAN with a
 //! glob-escaped MATCH pattern on every master, never KEYS.
 //!
 //! Three ways to reach the data, chosen by configuration:
@@ -16,6 +16,7 @@
 
 mod checkpoint;
 pub(crate) mod cluster;
+mod mode;
 mod pool;
 
 use std::collections::hash_map::RandomState;
@@ -28,8 +29,10 @@ use std::time::Duration;
 use redis::{Cmd, ConnectionLike, RedisError, RedisResult, Value};
 use serde_json::Value as Json;
 
+pub use mode::RedisMode;
+
 use crate::codec::Codec;
-use crate::config::{redact_url, ClusterMode, RedisConfig};
+use crate::config::{redact_url, BackendKind, ClusterMode, RedisConfig};
 use crate::error::{display_id, is_retryable_redis, ConnectFailure, Error, Result};
 use crate::store::{
     missing_in_order, project, validate_id, validate_ids, validate_namespace, Item, KvStore,
@@ -42,7 +45,7 @@ use pool::{PooledConn, RedisPool};
 
 /// Ids per MGET / EXISTS pipeline / UNLINK: a call with a million ids becomes requests of this
 /// size instead of one giant one.
-pub const READ_CHUNK: usize = 2_000;
+pub(crate) const READ_CHUNK: usize = 2_000;
 /// Ids per MGET of `get_by_ids` on a single server. Two MGETs are kept in flight, so the
 /// server answers the next window while the caller decodes this one: decoding (lz4 and JSON)
 /// costs the client about as much as the server spends on the same values, and on separate
@@ -54,9 +57,9 @@ const MGET_WINDOW: usize = 25;
 /// [`MGET_WINDOW`].
 const UPSERT_WINDOW: usize = 25;
 /// Items per SET pipeline.
-pub const WRITE_CHUNK: usize = 1_000;
+pub(crate) const WRITE_CHUNK: usize = 1_000;
 /// Bytes of values per SET pipeline.
-pub const WRITE_CHUNK_BYTES: usize = 16 * 1024 * 1024;
+pub(crate) const WRITE_CHUNK_BYTES: usize = 16 * 1024 * 1024;
 /// SCAN's COUNT hint.
 const SCAN_COUNT: usize = 1_000;
 /// Keys whose value size is sampled by `stats`.
@@ -81,6 +84,7 @@ pub struct RedisShared {
     /// Where retries are counted (`redis_retries_total`). A lock and a list: the pool is shared
     /// process-wide, so several `Storage`s with their own registries may watch it; it is read
     /// only when a command is retried.
+    #[cfg(feature = "metrics")]
     retry_metrics: std::sync::RwLock<Vec<crate::metrics::Metrics>>,
 }
 
@@ -159,6 +163,7 @@ impl RedisShared {
             codec: Codec::new(config.compression, config.compression_min_bytes),
             checkpoints: Coalescer::default(),
             warned_no_durability: AtomicBool::new(false),
+            #[cfg(feature = "metrics")]
             retry_metrics: std::sync::RwLock::new(Vec::new()),
         }))
     }
@@ -181,12 +186,12 @@ impl RedisShared {
         &self.config
     }
 
-    /// `standalone`, `sentinel` or `cluster`.
-    pub fn mode(&self) -> &'static str {
+    /// How these connections reach Redis: standalone, through Sentinel, or a cluster.
+    pub fn mode(&self) -> RedisMode {
         match (&self.conns, self.config.sentinel_urls.is_empty()) {
-            (Conns::Cluster(_), _) => "cluster",
-            (Conns::Single(_), true) => "standalone",
-            (Conns::Single(_), false) => "sentinel",
+            (Conns::Cluster(_), _) => RedisMode::Cluster,
+            (Conns::Single(_), true) => RedisMode::Standalone,
+            (Conns::Single(_), false) => RedisMode::Sentinel,
         }
     }
 
@@ -381,6 +386,7 @@ impl RedisShared {
                 return Err(err);
             }
             let pause = backoff(n);
+            #[cfg(feature = "metrics")]
             for m in self
                 .retry_metrics
                 .read()
@@ -401,6 +407,7 @@ impl RedisShared {
     /// Counts every retry of a command on these connections in `metrics`
     /// (`redis_retries_total{namespace, operation}`, `namespace` empty for server-wide commands).
     /// Attaching the same `Metrics` (or a clone) again changes nothing.
+    #[cfg(feature = "metrics")]
     pub fn record_retries_to(&self, metrics: &crate::metrics::Metrics) {
         let mut all = self
             .retry_metrics
@@ -715,7 +722,7 @@ impl RedisStore {
         Codec::decode(bytes).map_err(|reason| Error::Decode {
             namespace: self.namespace.clone(),
             key: self.key(id),
-            reason,
+            reason: reason.to_string(),
         })
     }
 
@@ -769,7 +776,7 @@ impl RedisStore {
         self.shared.codec.encode(v).map_err(|reason| Error::Encode {
             namespace: self.namespace.clone(),
             key: self.key(id),
-            reason,
+            reason: reason.to_string(),
         })
     }
 
@@ -781,7 +788,7 @@ impl RedisStore {
             .map_err(|reason| Error::Encode {
                 namespace: self.namespace.clone(),
                 key: self.key(id),
-                reason,
+                reason: reason.to_string(),
             })
     }
 
@@ -1296,7 +1303,7 @@ impl KvStore for RedisStore {
         };
         Ok(NamespaceStats {
             namespace: self.namespace.clone(),
-            backend: "redis",
+            backend: BackendKind::Redis,
             keys: count,
             bytes,
             bytes_sampled: count > sample.len() as u64,
