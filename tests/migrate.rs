@@ -24,6 +24,7 @@ use graphrag_kv::{
 };
 use serde_json::{json, Value};
 use support::cluster::RedisCluster;
+use support::tls::{ClientAuth, TestCerts, TlsCluster, TlsRedisServer};
 use support::{unique_prefix, RedisServer};
 
 const BIN: &str = env!("CARGO_BIN_EXE_graphrag-kv");
@@ -479,6 +480,203 @@ fn json_to_cluster_and_back_with_ttls() {
         &["verify", "--from", &nodes, "--to", &json_spec(back.path())],
     );
     code(&out, 0);
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("temporary paths are UTF-8")
+}
+
+/// Puts `n` ids into `namespace` of a TLS server or cluster through the library, with the same
+/// TLS settings the command gets from its environment.
+fn fill_over_tls(url: &str, ca: &Path, prefix: &str, namespace: &str, n: usize) {
+    let storage = Storage::open(
+        &StoreConfig::builder()
+            .backend(BackendKind::Redis)
+            .redis_url(url)
+            .key_prefix(prefix)
+            .tls_ca_cert(ca)
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    storage
+        .namespace(namespace)
+        .unwrap()
+        .upsert((0..n).map(|i| (format!("t{i}"), json!({"n": i}))).collect())
+        .unwrap();
+}
+
+#[test]
+fn json_to_tls_with_a_private_ca_and_with_mutual_tls() {
+    let work = tempfile::tempdir().unwrap();
+    let data = index();
+    write_json_dir(work.path(), &data);
+    let src = json_spec(work.path());
+    let certs = Arc::new(TestCerts::generate());
+    let ca = path_str(&certs.ca_cert()).to_string();
+    let (client_cert, client_key) = (
+        path_str(&certs.client_cert()).to_string(),
+        path_str(&certs.client_key()).to_string(),
+    );
+
+    // Server authentication only: the CA of REDIS_TLS_CA_CERT, nothing from the system.
+    let server = TlsRedisServer::start_with_certs(certs.clone(), ClientAuth::No, &[]);
+    let prefix = unique_prefix("tls");
+    let env = [
+        ("REDIS_KEY_PREFIX", prefix.as_str()),
+        ("REDIS_TLS_CA_CERT", ca.as_str()),
+    ];
+    let to = server.tls_url();
+    let out = run(&env, &["migrate", "--from", &src, "--to", &to]);
+    code(&out, 0);
+    assert!(out.stdout.contains("210 ids copied"), "{out:#?}");
+    let out = run(&env, &["verify", "--from", &src, "--to", &to]);
+    code(&out, 0);
+    assert!(out.stdout.trim_end().ends_with(": equal"), "{out:#?}");
+    // Remaining TTLs from one TLS server to another (both read and set over TLS).
+    let other = TlsRedisServer::start_with_certs(certs.clone(), ClientAuth::No, &[]);
+    let out = run(
+        &env,
+        &[
+            "migrate",
+            "--from",
+            &to,
+            "--to",
+            &other.tls_url(),
+            "--namespace",
+            LLM_RESPONSE_CACHE,
+        ],
+    );
+    code(&out, 0);
+    assert!(
+        out.stdout
+            .contains("50 copied, 0 already equal; remaining TTL kept on 50"),
+        "{out:#?}"
+    );
+
+    // Mutual TLS: the server refuses a client without a certificate signed by the CA.
+    let mutual = TlsRedisServer::start_with_certs(certs.clone(), ClientAuth::Required, &[]);
+    let to = mutual.tls_url();
+    let env = [
+        ("REDIS_KEY_PREFIX", prefix.as_str()),
+        ("REDIS_TLS_CA_CERT", ca.as_str()),
+        ("REDIS_TLS_CLIENT_CERT", client_cert.as_str()),
+        ("REDIS_TLS_CLIENT_KEY", client_key.as_str()),
+    ];
+    let out = run(&env, &["migrate", "--from", &src, "--to", &to]);
+    code(&out, 0);
+    assert!(out.stdout.contains("210 ids copied"), "{out:#?}");
+    let out = run(&env, &["verify", "--from", &src, "--to", &to]);
+    code(&out, 0);
+    assert!(out.stdout.trim_end().ends_with(": equal"), "{out:#?}");
+    // Without the client certificate the same command fails (exit 2), so the one above really
+    // presented it.
+    let out = run(&env[..2], &["verify", "--from", &src, "--to", &to]);
+    code(&out, 2);
+}
+
+#[test]
+fn tls_cluster_with_a_private_ca_keeps_ttls_both_ways() {
+    let cluster = TlsCluster::start(3);
+    // A single TLS server of another CA: REDIS_TLS_CA_CERT holds both CAs, as a bundle.
+    let single = TlsRedisServer::start(ClientAuth::No, &[]);
+    let work = tempfile::tempdir().unwrap();
+    let bundle = work.path().join("cas.pem");
+    let mut pem = std::fs::read(cluster.certs().ca_cert()).unwrap();
+    pem.extend(std::fs::read(single.certs().ca_cert()).unwrap());
+    std::fs::write(&bundle, pem).unwrap();
+    let prefix = unique_prefix("tlscl");
+    let ca = path_str(&bundle).to_string();
+    let env = [
+        ("REDIS_KEY_PREFIX", prefix.as_str()),
+        ("REDIS_TLS_CA_CERT", ca.as_str()),
+    ];
+    let nodes = cluster.tls_url_list();
+
+    // TLS server with TTLs -> TLS cluster: the TTLs are set on the nodes owning the keys.
+    fill_over_tls(&single.tls_url(), &bundle, &prefix, LLM_RESPONSE_CACHE, 40);
+    let out = run(
+        &env,
+        &["migrate", "--from", &single.tls_url(), "--to", &nodes],
+    );
+    code(&out, 0);
+    assert!(
+        out.stdout
+            .contains("40 copied, 0 already equal; remaining TTL kept on 40"),
+        "{out:#?}"
+    );
+    let mut spread = 0;
+    for node in cluster.nodes() {
+        let mut conn = node.server().conn();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{prefix}:{LLM_RESPONSE_CACHE}:*"))
+            .query(&mut conn)
+            .unwrap();
+        spread += usize::from(!keys.is_empty());
+        for k in keys {
+            let ms: i64 = redis::cmd("PTTL").arg(&k).query(&mut conn).unwrap();
+            assert!((1..=43_200_000).contains(&ms), "{k}: {ms}");
+        }
+    }
+    assert!(spread > 1, "the keys are on several masters");
+    let out = run(
+        &env,
+        &["verify", "--from", &single.tls_url(), "--to", &nodes],
+    );
+    code(&out, 0);
+    // Re-run: nothing to copy.
+    let out = run(
+        &env,
+        &["migrate", "--from", &single.tls_url(), "--to", &nodes],
+    );
+    code(&out, 0);
+    assert!(
+        out.stdout.contains("0 ids copied, 40 already equal"),
+        "{out:#?}"
+    );
+
+    // TLS cluster -> JSON: TTLs are read from the cluster (and dropped, as JSON keeps none).
+    let back = json_spec(&work.path().join("back"));
+    let out = run(&env, &["migrate", "--from", &nodes, "--to", &back]);
+    code(&out, 0);
+    assert!(
+        out.stdout
+            .contains("TTL dropped on 40 (a JSON store keeps no expiry)"),
+        "{out:#?}"
+    );
+    let out = run(&env, &["verify", "--from", &nodes, "--to", &back]);
+    code(&out, 0);
+}
+
+#[test]
+fn a_password_with_a_comma_in_a_spec() {
+    let password = "pa,ss";
+    let server = RedisServer::start_with(&["--requirepass", password]);
+    let work = tempfile::tempdir().unwrap();
+    let data = index();
+    write_json_dir(work.path(), &data);
+    let prefix = unique_prefix("comma");
+    let env = [("REDIS_KEY_PREFIX", prefix.as_str())];
+    let src = json_spec(work.path());
+    let to = format!("redis://:{password}@127.0.0.1:{}", server.port());
+    let out = run(&env, &["migrate", "--from", &src, "--to", &to]);
+    code(&out, 0);
+    assert!(out.stdout.contains("210 ids copied"), "{out:#?}");
+    let out = run(&env, &["verify", "--from", &src, "--to", &to]);
+    code(&out, 0);
+    // The password shows nowhere, not even its part after the comma.
+    for shown in [&out.stdout, &out.stderr] {
+        assert!(!shown.contains("pa,ss"), "{out:#?}");
+        assert!(!shown.contains(",ss@"), "{out:#?}");
+    }
+    // A wrong password is an error naming the option, without the password.
+    let wrong = format!("redis://:pa,sx@127.0.0.1:{}", server.port());
+    let out = run(
+        &[("REDIS_RETRIES", "0")],
+        &["verify", "--from", &src, "--to", &wrong],
+    );
+    code(&out, 2);
+    assert!(!out.stderr.contains("pa,sx"), "{out:#?}");
 }
 
 #[test]

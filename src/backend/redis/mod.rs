@@ -543,6 +543,20 @@ impl RedisShared {
             .map_err(|e| redis_error("upsert", namespace, e))?;
         check_replicas(namespace, want, got)
     }
+
+    /// Runs single-key commands the store API has no method for (`migrate`'s PTTL and
+    /// PEXPIRE) as one batch, through the stores' own batch path: the pool with its TLS set-up
+    /// on a single server, per-node pipelines with redirect handling on a cluster, the same
+    /// retries. Only idempotent commands may be given (a batch can be sent again). One result
+    /// per command, in order.
+    pub(crate) fn run_batch(
+        &self,
+        operation: &'static str,
+        namespace: &str,
+        cmds: Vec<Cmd>,
+    ) -> Result<Vec<RedisResult<Value>>> {
+        self.batch(operation, namespace, cmds)
+    }
 }
 
 fn check_replicas(namespace: &str, want: u32, got: i64) -> Result<()> {

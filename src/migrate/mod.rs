@@ -11,136 +11,22 @@
 //!
 //! docs/MIGRATION.md puts them together: JSON → dual-write → migrate → verify → Redis, and back.
 
+mod spec;
+mod ttl;
+
 use std::collections::{BTreeSet, HashSet};
-use std::fmt;
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 
-use redis::Cmd;
-
-use crate::backend::redis::{cluster, RedisMode, RedisShared, RedisStore};
-use crate::config::{has_userinfo, redact_url, BackendKind, StoreConfig, StoreConfigBuilder};
+use crate::config::BackendKind;
 use crate::error::{Error, Result};
 use crate::open::Storage;
 use crate::store::KvStore;
 
+pub use spec::{parse_spec, Spec};
+use ttl::{RedisTtl, Ttl, TtlCopy};
+
 /// Ids per read and write batch when none is given: large enough that round trips do not
 /// dominate, small enough that a batch of 5 KB chunks stays a few MB.
 pub const DEFAULT_BATCH: usize = 1000;
-
-/// Where a backend is, as written on the command line.
-#[derive(Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Spec {
-    /// `json:DIR`: a working directory of nano-graphrag `kv_store_*.json` files.
-    Json(PathBuf),
-    /// A Redis URL, or several comma-separated for a cluster (`redis://h1:7001,redis://h2:7002`).
-    Redis(String),
-}
-
-impl fmt::Debug for Spec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(self, f)
-    }
-}
-
-/// `json:DIR`, or the URL with any password replaced by `<redacted>`.
-impl fmt::Display for Spec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Spec::Json(dir) => write!(f, "json:{}", dir.display()),
-            Spec::Redis(url) => f.write_str(&redact_url(url)),
-        }
-    }
-}
-
-impl Spec {
-    /// Parses `json:DIR`, `redis://...` (any scheme redis-rs accepts) or comma-separated URLs.
-    ///
-    /// # Errors
-    /// [`Error::Config`] naming `SPEC` (the password of a URL is redacted).
-    ///
-    /// # Examples
-    /// ```
-    /// use graphrag_kv::migrate::Spec;
-    /// assert_eq!(Spec::parse("json:./cache").unwrap(), Spec::Json("./cache".into()));
-    /// assert!(matches!(Spec::parse("redis://h1:7001,redis://h2:7002"), Ok(Spec::Redis(_))));
-    /// assert!(Spec::parse("./cache").is_err());
-    /// ```
-    pub fn parse(spec: &str) -> Result<Spec> {
-        let spec = spec.trim();
-        let bad = |why: &str| Error::Config {
-            variable: "SPEC".into(),
-            value: redact_url(spec),
-            expected: format!(
-                "json:DIR, a redis:// URL, or comma-separated redis:// URLs of cluster nodes{why}"
-            ),
-        };
-        if let Some(dir) = spec.strip_prefix("json:") {
-            if dir.is_empty() {
-                return Err(bad(" (json: needs a directory)"));
-            }
-            return Ok(Spec::Json(PathBuf::from(dir)));
-        }
-        let urls: Vec<&str> = spec.split(',').map(str::trim).collect();
-        if urls.iter().any(|u| u.is_empty()) {
-            return Err(bad(" (an empty URL between commas)"));
-        }
-        for u in &urls {
-            if !u.contains("://") {
-                return Err(bad(""));
-            }
-            // Checked now so a typo is reported before anything is opened; the error of the
-            // client never contains the URL.
-            if let Err(e) = redis::IntoConnectionInfo::into_connection_info(*u) {
-                return Err(bad(&format!(" ({})", e.category())));
-            }
-        }
-        Ok(Spec::Redis(urls.join(",")))
-    }
-
-    /// The configuration of this backend: `base` (usually [`StoreConfigBuilder::from_env`], for
-    /// the key prefix, compression, TTLs, timeouts) with the backend and its location replaced.
-    ///
-    /// For a Redis spec, the URL replaces `REDIS_URL` and Sentinel settings are dropped (the
-    /// spec names the server); credentials inside the URL win over `REDIS_USERNAME` and
-    /// `REDIS_PASSWORD`, which apply only to URLs without any, so a source and a target with
-    /// different passwords can be given in one command.
-    ///
-    /// The spec names one store and nothing else: dual-write, write-behind and the fallback
-    /// journal of the environment are dropped, so a copy goes straight to the target (and a TTL
-    /// set after it finds the key), and a comparison reads the store it names.
-    ///
-    /// # Errors
-    /// As [`StoreConfigBuilder::build`].
-    pub fn config(&self, base: StoreConfigBuilder) -> Result<StoreConfig> {
-        // `backend` also turns dual-write off.
-        let mut config = match self {
-            Spec::Json(dir) => base.backend(BackendKind::Json).working_dir(dir).build()?,
-            Spec::Redis(url) => {
-                let mut config = base.backend(BackendKind::Redis).redis_url(url).build()?;
-                config.redis.sentinel_urls.clear();
-                config.redis.sentinel_master = None;
-                if has_userinfo(url) {
-                    config.redis.username = None;
-                    config.redis.password = None;
-                }
-                config
-            }
-        };
-        config.write_behind = None;
-        config.fallback = None;
-        Ok(config)
-    }
-}
-
-/// [`Spec::parse`] then [`Spec::config`] over the defaults (no environment).
-///
-/// # Errors
-/// As those two.
-pub fn parse_spec(spec: &str) -> Result<StoreConfig> {
-    Spec::parse(spec)?.config(StoreConfig::builder())
-}
 
 /// Told how a long copy or comparison advances: the CLI draws a progress bar with it.
 pub trait Progress {
@@ -413,24 +299,6 @@ fn sorted_keys(store: &dyn KvStore) -> Result<Vec<String>> {
     Ok(keys)
 }
 
-/// TTL access for a copy: the source's PTTL and the target's PEXPIRE, when they are Redis.
-#[derive(Default)]
-struct TtlCopy {
-    from: Option<RedisTtl>,
-    to: Option<RedisTtl>,
-}
-
-/// What PTTL said about a key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Ttl {
-    /// No expiry.
-    Persistent,
-    /// Milliseconds left.
-    Remaining(i64),
-    /// The key no longer exists.
-    Gone,
-}
-
 fn copy(
     from: &dyn KvStore,
     to: &dyn KvStore,
@@ -545,190 +413,9 @@ fn compare(
     Ok(diff)
 }
 
-/// Reads and sets TTLs of one namespace's keys on a Redis server or cluster.
-///
-/// The store API has no TTL operations (JSON has no expiry to offer), so this talks to Redis
-/// directly, with the store's own key names: through the shared pool on a single server or
-/// Sentinel master, and through a dedicated cluster connection on a cluster, where a batch must
-/// be split per node (the pool's connections route one command at a time).
-struct RedisTtl {
-    shared: Arc<RedisShared>,
-    store: RedisStore,
-    /// Only for a cluster; opened lazily, on the first batch.
-    cluster: Mutex<Option<redis::cluster::ClusterConnection>>,
-}
-
-impl RedisTtl {
-    fn open(shared: &Arc<RedisShared>, namespace: &str) -> Result<RedisTtl> {
-        Ok(RedisTtl {
-            store: shared.namespace(namespace)?,
-            shared: shared.clone(),
-            cluster: Mutex::new(None),
-        })
-    }
-
-    fn namespace(&self) -> String {
-        self.store.namespace().to_string()
-    }
-
-    /// Runs single-key commands as one batch, one result per command.
-    fn run(&self, operation: &'static str, cmds: Vec<Cmd>) -> Result<Vec<redis::Value>> {
-        let namespace = self.namespace();
-        let error = |source| Error::Redis {
-            operation,
-            namespace: namespace.clone(),
-            source,
-        };
-        if self.shared.mode() != RedisMode::Cluster {
-            let mut pipe = redis::pipe();
-            for c in cmds {
-                pipe.add_command(c);
-            }
-            return self
-                .shared
-                .with_conn(operation, &namespace, |c| pipe.query(c));
-        }
-        let mut guard = self.cluster.lock().unwrap_or_else(|p| p.into_inner());
-        if guard.is_none() {
-            *guard = Some(open_cluster(self.shared.config()).map_err(error)?);
-        }
-        let conn = guard.as_mut().expect("opened above");
-        let results = match cluster::pipeline(conn, &cmds) {
-            Ok(r) => r,
-            Err(e) => {
-                // A broken connection is not reused: the next batch opens a new one.
-                *guard = None;
-                return Err(error(e));
-            }
-        };
-        results.into_iter().map(|r| r.map_err(error)).collect()
-    }
-
-    fn pttl(&self, ids: &[String]) -> Result<Vec<Ttl>> {
-        let cmds = ids
-            .iter()
-            .map(|id| redis::cmd("PTTL").arg(self.store.key(id)).clone())
-            .collect();
-        let replies = self.run("migrate", cmds)?;
-        Ok(replies
-            .into_iter()
-            .map(|v| match redis::from_redis_value::<i64>(v) {
-                Ok(-2) => Ttl::Gone,
-                Ok(ms) if ms > 0 => Ttl::Remaining(ms),
-                // -1 (no expiry), or 0 ms left: the key is about to go; let the target's own
-                // TTL apply rather than writing an already-expired key.
-                _ => Ttl::Persistent,
-            })
-            .collect())
-    }
-
-    fn pexpire(&self, expiries: &[(String, i64)]) -> Result<()> {
-        let cmds = expiries
-            .iter()
-            .map(|(id, ms)| {
-                redis::cmd("PEXPIRE")
-                    .arg(self.store.key(id))
-                    .arg(*ms)
-                    .clone()
-            })
-            .collect();
-        self.run("migrate", cmds).map(|_| ())
-    }
-}
-
-/// A cluster connection with the pool's credentials and timeouts.
-fn open_cluster(
-    config: &crate::config::RedisConfig,
-) -> redis::RedisResult<redis::cluster::ClusterConnection> {
-    let mut builder = redis::cluster::ClusterClient::builder(config.urls())
-        .connection_timeout(config.connection_timeout)
-        .response_timeout(config.socket_timeout)
-        .retries(config.retries.max(3));
-    if let Some(u) = &config.username {
-        builder = builder.username(u);
-    }
-    if let Some(p) = &config.password {
-        builder = builder.password(p);
-    }
-    builder.build()?.get_connection()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_spec_drops_the_environment_s_dual_write_write_behind_and_fallback() {
-        let vars: std::collections::HashMap<String, String> = [
-            ("STORAGE_KV_BACKEND", "dual"),
-            ("KV_DUAL_PRIMARY", "redis"),
-            ("KV_WRITE_BEHIND", "true"),
-            ("KV_FALLBACK", "json"),
-            ("REDIS_KEY_PREFIX", "kept"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        for spec in ["json:/tmp/x", "redis://h:1"] {
-            let base = StoreConfigBuilder::from_vars(&vars).unwrap();
-            assert!(base.clone().build().unwrap().dual.is_some());
-            let c = Spec::parse(spec).unwrap().config(base).unwrap();
-            assert!(c.dual.is_none(), "{spec}");
-            assert!(c.write_behind.is_none(), "{spec}");
-            assert!(c.fallback.is_none(), "{spec}");
-            assert_eq!(c.redis.key_prefix, "kept", "{spec}");
-        }
-    }
-
-    #[test]
-    fn specs() {
-        assert_eq!(
-            Spec::parse(" json:/a b ").unwrap(),
-            Spec::Json("/a b".into())
-        );
-        assert_eq!(
-            Spec::parse("redis://h:1, redis://h:2").unwrap(),
-            Spec::Redis("redis://h:1,redis://h:2".into())
-        );
-        for bad in [
-            "json:",
-            "",
-            "/tmp/x",
-            "redis://h:1,,redis://h:2",
-            "redis://h:notaport",
-        ] {
-            let e = Spec::parse(bad).unwrap_err().to_string();
-            assert!(e.contains("SPEC") && e.contains("json:DIR"), "{bad}: {e}");
-        }
-        let e = Spec::parse("redis://u:hunter2@h:x")
-            .unwrap_err()
-            .to_string();
-        assert!(!e.contains("hunter2"), "{e}");
-        let shown = Spec::parse("redis://u:hunter2@h:1").unwrap().to_string();
-        assert_eq!(shown, "redis://u:<redacted>@h:1");
-    }
-
-    #[test]
-    fn url_credentials_win_over_the_environment() {
-        let base = || {
-            StoreConfig::builder()
-                .password("from-env")
-                .sentinel(vec!["redis://s:26379".into()], "m")
-        };
-        let c = Spec::parse("redis://:pw@h:1")
-            .unwrap()
-            .config(base())
-            .unwrap();
-        assert_eq!(c.redis.password, None);
-        assert!(c.redis.sentinel_urls.is_empty());
-        let c = Spec::parse("redis://h:1").unwrap().config(base()).unwrap();
-        assert_eq!(c.redis.password.as_deref(), Some("from-env"));
-        let c = parse_spec("json:d").unwrap();
-        assert_eq!(
-            (c.backend, c.json.working_dir),
-            (BackendKind::Json, "d".into())
-        );
-    }
 
     #[test]
     fn zero_batch_is_refused() {
