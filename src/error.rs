@@ -328,7 +328,8 @@ pub enum ConnectFailure {
     /// that drops packets).
     Timeout,
     /// Another network failure: connection reset, host unreachable, name not resolved, or no
-    /// Sentinel that could name the master.
+    /// Sentinel that could name the master; also a server that answered an error and closed
+    /// the connection (`maxclients` reached), the server's words in the source.
     Unreachable,
     /// The server refused the credentials (`WRONGPASS`, a disabled ACL user). Never retried.
     Authentication,

@@ -16,11 +16,21 @@
 //! gives it out without opening another. Only an exhausted pool (every connection busy) still
 //! waits up to `REDIS_POOL_TIMEOUT`.
 //!
+//! The pool never has more than `REDIS_MAX_CONNECTIONS` connections open, those being opened
+//! included: a connection takes a slot before it is opened, whether by a checkout or by r2d2,
+//! and gives it back when it is closed (see [`Slots`]). Without that, threads that all found
+//! the pool empty each opened one: 48 threads on a pool of 8 opened 38 connections, and a
+//! server whose `maxclients` left room for the pool refused the surplus.
+//!
+//! A new connection counts as open once it answered a PING (see [`answered`]): a server that
+//! accepts the connection and then refuses it (`maxclients` reached) is a connect error with
+//! the server's words, retried like an outage, not a "connection reset" on the first command.
+//!
 //! TLS (`rediss://`) uses the `redis` crate's rustls support: the files of `REDIS_TLS_CA_CERT`,
 //! `REDIS_TLS_CLIENT_CERT` and `REDIS_TLS_CLIENT_KEY` are read here, when the pool is created,
 //! and handed to the client; see [`tls_client`] and [`ensure_crypto_provider`].
 
-use std::sync::{Arc, Mutex, Once};
+use std::sync::{Arc, Condvar, Mutex, Once};
 use std::time::{Duration, Instant};
 
 use r2d2::ManageConnection;
@@ -65,36 +75,112 @@ impl NoConnection {
     }
 }
 
-/// An r2d2 manager that first hands out the connections [`ProbingPool::checkout`] opened.
+/// An r2d2 manager that first hands out the connections [`ProbingPool::checkout`] opened, and
+/// never opens a connection beyond the pool's size (see [`Slots`]).
 pub(crate) struct Probing<M: ManageConnection> {
     shared: Arc<Probed<M>>,
 }
 
-/// The wrapped manager and the connections opened ahead for the pool.
+/// The wrapped manager and the count of every connection the pool has open.
 struct Probed<M: ManageConnection> {
     inner: M,
-    /// Few and short-lived: a checkout pushes one and the pool's connect, triggered right
-    /// after by the same checkout, pops it. A `Mutex<Vec>` is plenty.
-    ready: Mutex<Vec<(Instant, M::Connection)>>,
+    slots: Mutex<Slots<M::Connection>>,
+    /// Signalled when a connection joins `ready` or a slot is freed: r2d2's connect may be
+    /// waiting for either.
+    changed: Condvar,
+    /// How long r2d2's connect waits for a slot or a ready connection (the pool timeout).
+    wait: Duration,
 }
 
-impl<M: ManageConnection> ManageConnection for Probing<M> {
-    type Connection = M::Connection;
-    type Error = M::Error;
+/// Every connection of the pool, wherever it is, holds one of `max` slots.
+///
+/// r2d2 keeps its own count below the pool size, but it cannot see connections opened outside
+/// it: when every checkout on an empty pool opened one ahead, 48 threads on a pool of 8 opened
+/// 38 connections, and 3 pools of 100 under `maxclients` 428 had the server refuse hundreds
+/// (handed out anyway, they failed their first command with "connection reset"). So a slot is
+/// taken before any connection is opened, by a checkout or by r2d2's connect, and freed only
+/// when that connection is closed (a failed open, a stale ready one, or r2d2 releasing it).
+struct Slots<C> {
+    /// Connections open or being opened: in `ready`, idle or in use in r2d2, or connecting.
+    open: u32,
+    /// The pool size.
+    max: u32,
+    /// Few and short-lived: a checkout pushes one and the pool's connect, triggered right
+    /// after by the same checkout, pops it. A `Mutex<Vec>` is plenty.
+    ready: Vec<(Instant, C)>,
+}
 
-    fn connect(&self) -> Result<M::Connection, M::Error> {
-        let ready = {
-            let mut ready = self.shared.ready.lock().unwrap_or_else(|p| p.into_inner());
-            ready.retain(|(at, _)| at.elapsed() < PROBED_MAX_AGE);
-            ready.pop()
-        };
-        match ready {
-            Some((_, c)) => Ok(c),
-            None => self.shared.inner.connect(),
+impl<M: ManageConnection> Probed<M> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Slots<M::Connection>> {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Gives back `n` slots of connections that were closed (or never opened).
+    fn free(&self, n: u32) {
+        if n > 0 {
+            let mut slots = self.lock();
+            slots.open = slots.open.saturating_sub(n);
+            drop(slots);
+            self.changed.notify_all();
+        }
+    }
+}
+
+impl<C> Slots<C> {
+    /// Removes the ready connections older than [`PROBED_MAX_AGE`] and frees their slots; the
+    /// caller closes them by dropping them.
+    fn take_stale(&mut self) -> Vec<(Instant, C)> {
+        let (stale, fresh): (Vec<_>, Vec<_>) = std::mem::take(&mut self.ready)
+            .into_iter()
+            .partition(|(at, _)| at.elapsed() >= PROBED_MAX_AGE);
+        self.ready = fresh;
+        self.open = self.open.saturating_sub(stale.len() as u32);
+        stale
+    }
+}
+
+impl<M: ManageConnection<Error = RedisError>> ManageConnection for Probing<M> {
+    type Connection = M::Connection;
+    type Error = RedisError;
+
+    fn connect(&self) -> Result<M::Connection, RedisError> {
+        let shared = &self.shared;
+        let deadline = Instant::now() + shared.wait;
+        let mut slots = shared.lock();
+        loop {
+            let stale = slots.take_stale();
+            if !stale.is_empty() {
+                shared.changed.notify_all();
+            }
+            if let Some((_, c)) = slots.ready.pop() {
+                return Ok(c);
+            }
+            if slots.open < slots.max {
+                slots.open += 1;
+                drop(slots);
+                drop(stale);
+                return shared.inner.connect().inspect_err(|_| shared.free(1));
+            }
+            // Every slot is held, some by a checkout that is opening a connection (r2d2 asks
+            // only while its own count is below the size): that connection is handed over
+            // through `ready`, or its slot freed, within the connect timeout.
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(RedisError::from((
+                    redis::ErrorKind::Io,
+                    "no connection slot",
+                    format!("all {} connections of the pool are open", slots.max),
+                )));
+            }
+            slots = shared
+                .changed
+                .wait_timeout(slots, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
     }
 
-    fn is_valid(&self, c: &mut M::Connection) -> Result<(), M::Error> {
+    fn is_valid(&self, c: &mut M::Connection) -> Result<(), RedisError> {
         self.shared.inner.is_valid(c)
     }
 
@@ -103,8 +189,28 @@ impl<M: ManageConnection> ManageConnection for Probing<M> {
     }
 }
 
+/// Frees a connection's slot when r2d2 closes it (broken, or idle past the idle timeout).
+struct Release<M: ManageConnection> {
+    shared: Arc<Probed<M>>,
+}
+
+impl<M: ManageConnection> std::fmt::Debug for Release<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Release")
+    }
+}
+
+impl<M: ManageConnection<Error = RedisError>> r2d2::CustomizeConnection<M::Connection, RedisError>
+    for Release<M>
+{
+    fn on_release(&self, conn: M::Connection) {
+        drop(conn);
+        self.shared.free(1);
+    }
+}
+
 /// An r2d2 pool whose checkout reports a connect failure at once (see the module docs).
-pub(crate) struct ProbingPool<M: ManageConnection> {
+pub(crate) struct ProbingPool<M: ManageConnection<Error = RedisError>> {
     pool: r2d2::Pool<Probing<M>>,
     shared: Arc<Probed<M>>,
     pool_timeout: Duration,
@@ -113,7 +219,8 @@ pub(crate) struct ProbingPool<M: ManageConnection> {
 }
 
 impl<M: ManageConnection<Error = RedisError>> ProbingPool<M> {
-    /// Builds the pool from `builder` (its settings) around `manager`; opens no connection.
+    /// Builds the pool from `builder` (its settings; its connection customizer is replaced)
+    /// around `manager`; opens no connection.
     pub(crate) fn new(
         builder: r2d2::Builder<Probing<M>>,
         manager: M,
@@ -122,11 +229,23 @@ impl<M: ManageConnection<Error = RedisError>> ProbingPool<M> {
     ) -> ProbingPool<M> {
         let shared = Arc::new(Probed {
             inner: manager,
-            ready: Mutex::new(Vec::new()),
+            slots: Mutex::new(Slots {
+                open: 0,
+                // Set below, once the builder has told the pool's size.
+                max: 0,
+                ready: Vec::new(),
+            }),
+            changed: Condvar::new(),
+            wait: pool_timeout,
         });
-        let pool = builder.build_unchecked(Probing {
-            shared: shared.clone(),
-        });
+        let pool = builder
+            .connection_customizer(Box::new(Release {
+                shared: shared.clone(),
+            }))
+            .build_unchecked(Probing {
+                shared: shared.clone(),
+            });
+        shared.lock().max = pool.max_size();
         ProbingPool {
             pool,
             shared,
@@ -136,30 +255,41 @@ impl<M: ManageConnection<Error = RedisError>> ProbingPool<M> {
     }
 
     /// An idle connection, or a new one; waits up to the pool timeout only when every
-    /// connection the pool may open is in use.
+    /// connection the pool may open is open already.
     ///
     /// # Errors
     /// [`NoConnection::Connect`] at once when a new connection fails (refused, timed out
-    /// after `REDIS_CONNECTION_TIMEOUT`, wrong password, TLS); [`NoConnection::Pool`] when the
-    /// pool stays exhausted for the pool timeout.
+    /// after `REDIS_CONNECTION_TIMEOUT`, wrong password, TLS, the server's `maxclients`
+    /// reached); [`NoConnection::Pool`] when the pool stays exhausted for the pool timeout.
     pub(crate) fn checkout(&self) -> Result<r2d2::PooledConnection<Probing<M>>, NoConnection> {
         if let Some(c) = self.pool.try_get() {
             return Ok(c);
         }
-        if self.pool.state().connections < self.pool.max_size() {
+        let probe = {
+            let mut slots = self.shared.lock();
+            // A ready connection is already on its way into the pool: r2d2's next connect
+            // takes it, so opening another would only hold a second slot.
+            let probe = slots.ready.is_empty() && slots.open < slots.max;
+            if probe {
+                slots.open += 1;
+            }
+            probe
+        };
+        if probe {
             // The pool would open a connection in its own thread and report a failure only
             // when the pool timeout expires: open it here instead, to learn the outcome now.
-            let c = self
-                .shared
-                .inner
-                .connect()
-                .map_err(|source| NoConnection::Connect {
-                    server: self.server.clone(),
-                    source,
-                })?;
-            let mut ready = self.shared.ready.lock().unwrap_or_else(|p| p.into_inner());
-            if ready.len() < self.pool.max_size() as usize {
-                ready.push((Instant::now(), c));
+            match self.shared.inner.connect() {
+                Ok(c) => {
+                    self.shared.lock().ready.push((Instant::now(), c));
+                    self.shared.changed.notify_all();
+                }
+                Err(source) => {
+                    self.shared.free(1);
+                    return Err(NoConnection::Connect {
+                        server: self.server.clone(),
+                        source,
+                    });
+                }
             }
         }
         self.pool
@@ -245,9 +375,17 @@ impl r2d2::ManageConnection for Manager {
 /// deadline makes "connected" mean "answered" (the client's CLIENT SETINFO calls, which doubled
 /// that wait, are skipped: see `node_settings`).
 ///
+/// A server at `maxclients` accepts the connection, writes `-ERR max number of clients
+/// reached` and closes it, without reading anything: that error is the PING's "answer", and
+/// the first real command used to fail with "connection reset by peer". So after an error
+/// answer a second PING tells a server that refused us and hung up (reported as the I/O error
+/// it is, with the server's words) from one that answered and stays (LOADING, a PING refused
+/// by ACL), without reading the server's message text.
+///
 /// # Errors
-/// An I/O error or timeout, or a refused authentication (NOAUTH). Other answers (LOADING, a
-/// PING refused by ACL) mean the server is there: commands handle those states.
+/// An I/O error or timeout, or a refused authentication (NOAUTH), or an error answer after
+/// which the server closed the connection (`maxclients` reached, protected mode). Other
+/// answers mean the server is there: commands handle those states.
 fn answered(mut conn: Connection, deadline: Instant) -> Result<Connection, RedisError> {
     let left = deadline
         .saturating_duration_since(Instant::now())
@@ -260,7 +398,15 @@ fn answered(mut conn: Connection, deadline: Instant) -> Result<Connection, Redis
         {
             return Err(e);
         }
-        log::debug!("PING on a new redis connection answered: {e}");
+        match redis::cmd("PING").query::<()>(&mut conn) {
+            Err(closed) if crate::error::is_connection_error(&closed) => {
+                return Err(RedisError::from(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionAborted,
+                    format!("the server answered \"{e}\" and closed the connection ({closed})"),
+                )));
+            }
+            _ => log::debug!("PING on a new redis connection answered: {e}"),
+        }
     }
     Ok(conn)
 }
