@@ -20,7 +20,7 @@ use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::RedisServer;
+use crate::RedisServer;
 
 /// Number of hash slots of a Redis Cluster.
 pub const SLOTS: u16 = 16384;
@@ -97,7 +97,7 @@ pub fn redis_cli_bin() -> String {
     {
         return bin;
     }
-    let server = super::redis_server_bin();
+    let server = crate::redis_server_bin();
     let server = std::path::Path::new(&server);
     if server.components().count() > 1 {
         if let Some(dir) = server.parent() {
