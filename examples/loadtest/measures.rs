@@ -9,7 +9,10 @@ use graphrag_kv::{Compression, KvStore, RedisStore, LLM_RESPONSE_CACHE, TEXT_CHU
 use crate::alloc::{ALLOC_BYTES, ALLOC_CALLS, COUNTING};
 use crate::args::Args;
 use crate::data::{self, Corpus};
-use crate::ops::*;
+use crate::ops::{
+    batches, concurrent_gets, load, load_reference, open_store, redis_store, single_gets,
+    write_behind, Rng,
+};
 use crate::reference::{RefRun, Target};
 use crate::report::{median, percentile, row, versus, Better, Row};
 use crate::{fail, progress};
@@ -20,6 +23,8 @@ pub struct Side {
     pub cache: RedisStore,
 }
 
+/// Loads the values, then runs every measure `--only` selects (ours, then redis-benchmark,
+/// `--rounds` times), and removes what it wrote: the rows of the table, in order.
 pub fn measure_all(args: &Args, t: &Target) -> Vec<Row> {
     let prefix = format!("loadtest-{}", std::process::id());
     let corpus = match &args.corpus {
