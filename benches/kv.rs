@@ -16,17 +16,15 @@
 //!   (no server): the client's own cost per value; `decode_*/serde_json` is
 //!   `serde_json::from_slice` of the same JSON, the reference for `decode_*/none`.
 //!
-//! Redis is a `redis-server` started for the run (tests/support), default configuration (lz4 on,
-//! pool of 50); `redis_nocompress` repeats the value-heavy groups with `REDIS_COMPRESSION=none`.
-//! JSON is nano-graphrag's file backend, which serves from memory and writes at
-//! `index_done_callback`. The text is English prose from `corpus/`; the lz4 ratio of the values
-//! is printed before the benches run. Throughput is in elements (ids or items) per second.
+//! Redis is a `redis-server` started for the run (the harness crate, `harness/`), default
+//! configuration (lz4 on, pool of 50); `redis_nocompress` repeats the value-heavy groups with
+//! `REDIS_COMPRESSION=none`. JSON is nano-graphrag's file backend, which serves from memory and
+//! writes at `index_done_callback`. The text is English prose from `corpus/`; the lz4 ratio of
+//! the values is printed before the benches run. Throughput is in elements (ids or items) per
+//! second.
 //!
 //! Against `redis-benchmark` in the same run, and for the memory, concurrency and connection
 //! figures, use the load tool: `cargo run --release --example loadtest`.
-
-#[path = "../tests/support/mod.rs"]
-mod support;
 
 #[path = "data.rs"]
 mod data;
@@ -40,7 +38,7 @@ use graphrag_kv::codec::Codec;
 use graphrag_kv::{
     BackendKind, Compression, Item, KvStore, Storage, StoreConfig, LLM_RESPONSE_CACHE, TEXT_CHUNKS,
 };
-use support::RedisServer;
+use graphrag_kv_harness::RedisServer;
 
 use data::Corpus;
 

@@ -15,18 +15,14 @@
 //! cargo bench --bench write_behind
 //! ```
 
-#[path = "../tests/support/mod.rs"]
-mod support;
-
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use graphrag_kv::write_behind::{WriteBehind, WriteBehindConfig};
 use graphrag_kv::{BackendKind, Compression, KvStore, RedisShared, StoreConfig};
+use graphrag_kv_harness::{RedisServer, Rng};
 use serde_json::{json, Value};
-use support::conformance::Rng;
-use support::RedisServer;
 
 const THREADS: usize = 8;
 /// Writes per thread per iteration.

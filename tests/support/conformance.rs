@@ -139,45 +139,8 @@ fn keys_of(store: &dyn KvStore) -> Vec<String> {
     set.into_iter().collect()
 }
 
-/// Tiny xorshift64* PRNG, deterministic per seed.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03 | 1)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    /// Uniform-ish in `0..n` (`n > 0`).
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
-
-    /// `len` pseudo-random ASCII letters and digits (barely compressible).
-    pub fn text(&mut self, len: usize) -> String {
-        const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
-        let mut s = String::with_capacity(len);
-        while s.len() < len {
-            let mut x = self.next_u64();
-            for _ in 0..8 {
-                if s.len() == len {
-                    break;
-                }
-                s.push(ALPHABET[(x & 0xff) as usize % ALPHABET.len()] as char);
-                x >>= 8;
-            }
-        }
-        s
-    }
-}
+/// Tiny xorshift64* PRNG, deterministic per seed (in the harness: benches use it too).
+pub use graphrag_kv_harness::Rng;
 
 /// Asserts the store's reads of `ids` give exactly `expected` (None = absent), with every read
 /// operation.

@@ -15,7 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::{free_port, is_address_in_use, redis_server_bin, RedisServer, REDIS_SERVER_BIN_ENV};
+use crate::{free_port, is_address_in_use, redis_server_bin, RedisServer, REDIS_SERVER_BIN_ENV};
 
 /// The name the sentinels monitor the master under.
 pub const MASTER_NAME: &str = "mymaster";
@@ -461,11 +461,11 @@ impl RedisSentinelSet {
             expected += 1;
             let port = replica.port();
             let info = info_replication(replica).map_err(|e| format!(":{port} {e}"))?;
-            let master = super::cluster::info_field(&info, "master_port");
+            let master = crate::cluster::info_field(&info, "master_port");
             if master != Some(master_port.to_string().as_str()) {
                 return Err(format!(":{port} replicates {master:?}, not :{master_port}"));
             }
-            if super::cluster::info_field(&info, "master_link_status") != Some("up") {
+            if crate::cluster::info_field(&info, "master_link_status") != Some("up") {
                 return Err(format!(":{port} master_link_status not up"));
             }
         }
@@ -557,7 +557,7 @@ impl RedisSentinelSet {
             .find(|s| s.port() == port)
             .ok_or_else(|| format!("the sentinels name :{port}, not in the set"))?;
         let info = info_replication(server).map_err(|e| format!(":{port} {e}"))?;
-        if super::cluster::info_field(&info, "role") != Some("master") {
+        if crate::cluster::info_field(&info, "role") != Some("master") {
             return Err(format!(":{port} does not report role:master yet"));
         }
         // The other replicas were repointed to the new master and are in sync.

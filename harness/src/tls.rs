@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::RedisServer;
+use crate::RedisServer;
 
 /// Extensions of the CA: may sign certificates, nothing else.
 const CA_CONFIG: &str = "\
@@ -249,7 +249,7 @@ impl TlsRedisServer {
         // meanwhile: then RedisServer gives up with a panic, and a new port is tried.
         let mut last = String::new();
         for _ in 0..5 {
-            let tls_port = super::free_port();
+            let tls_port = crate::free_port();
             let owned: Vec<String> = vec![
                 "--tls-port".into(),
                 tls_port.to_string(),
@@ -329,7 +329,7 @@ impl TlsCluster {
         let nodes: Vec<TlsRedisServer> = (0..masters)
             .map(|_| {
                 // The bus port is given explicitly, so no `port + 10000` rule applies.
-                let bus = super::free_port().to_string();
+                let bus = crate::free_port().to_string();
                 TlsRedisServer::start_with_certs(
                     certs.clone(),
                     ClientAuth::No,
