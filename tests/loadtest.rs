@@ -1,4 +1,4 @@
-//! The load tool (`examples/loadtest.rs`) run as a subprocess, so it cannot rot: its quick mode
+//! The load tool (`examples/loadtest/`) run as a subprocess, so it cannot rot: its quick mode
 //! must produce every measure of docs/BENCHMARKS.md with a redis-benchmark reference where the
 //! table has one, and its connections mode must hold and read over every connection without an
 //! error. Figures are checked for shape (present, finite, ratio = ours / reference), never for
