@@ -98,7 +98,7 @@ impl BackendKind {
     /// Parses `json` or `redis` (any case).
     ///
     /// # Errors
-    /// [`Error::Config`] naming `variable` and the accepted values.
+    /// [`Error::Config`](crate::Error::Config) naming `variable` and the accepted values.
     pub fn parse(variable: &str, value: &str) -> Result<Self> {
         match value.trim().to_ascii_lowercase().as_str() {
             "json" => Ok(BackendKind::Json),
@@ -149,8 +149,8 @@ pub struct RedisConfig {
     /// Most pooled connections open at once. Defaults to 50.
     pub max_connections: u32,
     /// Deadline to open a connection and get its first answer. A connect that fails is
-    /// reported at once ([`Error::Connect`]); one that times out is not retried, so a server
-    /// that never answers is reported after this long. Defaults to 5 s.
+    /// reported at once ([`Error::Connect`](crate::Error::Connect)); one that times out is not
+    /// retried, so a server that never answers is reported after this long. Defaults to 5 s.
     pub connection_timeout: Duration,
     /// Deadline for each reply. Defaults to 5 s.
     pub socket_timeout: Duration,
@@ -365,7 +365,7 @@ impl StoreConfig {
     /// The configuration from the process environment (see the module docs for the variables).
     ///
     /// # Errors
-    /// [`Error::Config`] naming the first variable whose value cannot be used.
+    /// [`Error::Config`](crate::Error::Config) naming the first variable whose value cannot be used.
     pub fn from_env() -> Result<StoreConfig> {
         StoreConfigBuilder::from_env()?.build()
     }
