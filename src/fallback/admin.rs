@@ -7,7 +7,8 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::journal::{self, Contents, Entry, JournalTarget};
+use super::journal::{self, Contents, Entry};
+use super::target::JournalTarget;
 use super::OpenInner;
 use crate::error::{Error, Result};
 use crate::store::KvStore;

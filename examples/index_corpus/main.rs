@@ -31,13 +31,16 @@
 //!
 //! Storage comes from the environment (`STORAGE_KV_BACKEND`, `STORAGE_WORKING_DIR`, `REDIS_URL`,
 //! `REDIS_KEY_PREFIX`, ...); `RUST_LOG` sets the log level (default `warn`).
+mod corpus;
+mod job;
+mod report;
 
 use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, HashSet};
 use std::error::Error as StdError;
 use std::hash::{BuildHasher, Hasher};
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -47,15 +50,18 @@ use clap::{Parser, ValueEnum};
 use graphrag_kv::config::redact_url;
 use graphrag_kv::llm::{LlmClient, LocalLlm};
 use graphrag_kv::llm_cache::LlmCache;
-use graphrag_kv::llm_hash::{compute_mdhash_id, Message};
+use graphrag_kv::llm_hash::compute_mdhash_id;
 use graphrag_kv::{
-    BackendKind, FullDoc, KvStore, KvStoreExt, Storage, StoreConfig, TextChunk, COMMUNITY_REPORTS,
-    FULL_DOCS, TEXT_CHUNKS,
+    BackendKind, KvStore, Storage, StoreConfig, TextChunk, COMMUNITY_REPORTS, FULL_DOCS,
+    TEXT_CHUNKS,
 };
 use indicatif::{ProgressBar, ProgressStyle};
-use serde_json::{json, Value};
 
-type BoxError = Box<dyn StdError + Send + Sync>;
+use corpus::{chunk_by_tokens, read_corpus, Doc};
+use job::{Job, Wait};
+
+/// Any error of the run, reported by `main`.
+pub(crate) type BoxError = Box<dyn StdError + Send + Sync>;
 
 /// The sample corpus shipped with the repository.
 const DEFAULT_CORPUS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/corpus");
@@ -64,11 +70,6 @@ const DEFAULT_CORPUS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/corpus");
 const LOCAL_MODEL: &str = "graphrag-kv-local";
 /// Default model of `--llm openai`.
 const OPENAI_MODEL: &str = "gpt-4o-mini";
-/// The instructions sent with every chunk.
-const SYSTEM_PROMPT: &str = "You help build a knowledge graph. Read the passage the user sends \
-and answer in exactly two lines. First line: 'SUMMARY: ' followed by a summary of the passage in \
-at most three sentences. Second line: 'KEY TERMS: ' followed by up to five key terms from the \
-passage, separated by commas.";
 
 /// Index a folder of documents into full_docs, text_chunks, community_reports and
 /// llm_response_cache, on the storage the environment chooses (STORAGE_KV_BACKEND=json|redis).
@@ -113,55 +114,12 @@ struct Args {
     no_progress: bool,
 }
 
-/// Whether a worker waits for a prompt another thread or process is asking about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Wait {
-    Yes,
-    No,
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum LlmKind {
     /// Deterministic local stand-in: no network, answers derived from the prompt.
     Local,
     /// OpenAI-compatible chat completions over HTTP.
     Openai,
-}
-
-/// One document of the corpus.
-#[derive(Debug)]
-struct Doc {
-    id: String,
-    /// The path relative to the corpus folder, for the report title.
-    name: String,
-    content: String,
-    /// Its chunks in order, each id once.
-    chunk_ids: Vec<String>,
-}
-
-/// What the workers share.
-struct Job {
-    chunks: HashMap<String, TextChunk>,
-    docs: Vec<Doc>,
-    /// Documents each chunk belongs to (indices into `docs`): identical text may occur in two.
-    docs_of_chunk: HashMap<String, Vec<usize>>,
-    /// Chunks of each document still to process in this run.
-    remaining: Mutex<Vec<usize>>,
-    /// Answers obtained in this run, by chunk id.
-    answers: Mutex<HashMap<String, String>>,
-    full_docs: Arc<dyn KvStore>,
-    text_chunks: Arc<dyn KvStore>,
-    reports: Arc<dyn KvStore>,
-    cache: LlmCache,
-    llm: Box<dyn LlmClient>,
-    model: String,
-    llm_calls: AtomicU64,
-    chunks_done: AtomicU64,
-    docs_done: AtomicU64,
-    failures: AtomicU64,
-    first_error: Mutex<Option<String>>,
-    stop: Arc<AtomicBool>,
-    progress: ProgressBar,
 }
 
 fn main() -> ExitCode {
@@ -450,116 +408,6 @@ fn run(args: &Args) -> Result<ExitCode, BoxError> {
     Ok(ExitCode::SUCCESS)
 }
 
-impl Job {
-    /// The messages sent for a chunk.
-    fn prompt(content: &str) -> [Message; 2] {
-        [
-            Message::new("system", SYSTEM_PROMPT),
-            Message::new("user", content),
-        ]
-    }
-
-    /// The LLM's answer for a chunk, through the shared cache; with `Wait::No`, `None` when
-    /// another thread or process is asking the LLM about it right now.
-    fn ask(&self, content: &str, wait: Wait) -> Result<Option<String>, BoxError> {
-        let messages = Self::prompt(content);
-        let llm = || {
-            self.llm_calls.fetch_add(1, Ordering::SeqCst);
-            self.llm.complete(&self.model, &messages)
-        };
-        Ok(match wait {
-            Wait::Yes => Some(self.cache.get_or_compute(&self.model, &messages, llm)?),
-            Wait::No => self.cache.try_get_or_compute(&self.model, &messages, llm)?,
-        })
-    }
-
-    /// Asks the LLM about one chunk, stores the chunk, and finishes every document whose last
-    /// chunk this was. `Ok(false)`: not done, someone else is asking about it (`Wait::No`).
-    fn process_chunk(&self, id: &str, wait: Wait) -> Result<bool, BoxError> {
-        let chunk = &self.chunks[id];
-        let Some(answer) = self
-            .ask(&chunk.content, wait)
-            .map_err(|e| format!("chunk {id}: {e}"))?
-        else {
-            return Ok(false);
-        };
-        self.text_chunks.upsert_as([(id.to_string(), chunk)])?;
-        self.answers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id.to_string(), answer);
-        self.chunks_done.fetch_add(1, Ordering::SeqCst);
-        let finished: Vec<usize> = {
-            let mut remaining = self.remaining.lock().unwrap_or_else(|p| p.into_inner());
-            self.docs_of_chunk[id]
-                .iter()
-                .copied()
-                .filter(|&d| {
-                    remaining[d] -= 1;
-                    remaining[d] == 0
-                })
-                .collect()
-        };
-        for d in finished {
-            self.finish_doc(d)?;
-        }
-        Ok(true)
-    }
-
-    /// Writes a document's community report, then the document itself: from then on the
-    /// document counts as indexed.
-    fn finish_doc(&self, d: usize) -> Result<(), BoxError> {
-        let doc = &self.docs[d];
-        let mut answers = Vec::with_capacity(doc.chunk_ids.len());
-        for id in &doc.chunk_ids {
-            let known = self
-                .answers
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(id)
-                .cloned();
-            // A chunk stored by an earlier run: its answer is in the cache.
-            let answer = match known {
-                Some(a) => a,
-                None => self
-                    .ask(&self.chunks[id].content, Wait::Yes)?
-                    .unwrap_or_default(),
-            };
-            answers.push(answer);
-        }
-        let (report_id, report) = community_report(doc, &answers);
-        self.reports.upsert(vec![(report_id, report)])?;
-        self.full_docs.upsert_as([(
-            doc.id.clone(),
-            FullDoc {
-                content: doc.content.clone(),
-            },
-        )])?;
-        self.docs_done.fetch_add(1, Ordering::SeqCst);
-        Ok(())
-    }
-
-    /// Records the outcome of a chunk: progress, or a failure.
-    fn record_chunk(&self, result: Result<bool, BoxError>) {
-        self.progress.inc(1);
-        let s = self.cache.stats();
-        self.progress
-            .set_message(format!("hits {} waits {}", s.hits, s.waits));
-        self.record(result.map(|_| ()));
-    }
-
-    /// Counts a failure (the first one is kept for the summary); the run goes on.
-    fn record(&self, result: Result<(), BoxError>) {
-        if let Err(e) = result {
-            self.failures.fetch_add(1, Ordering::SeqCst);
-            let msg = e.to_string();
-            self.progress.suspend(|| log::error!("index_corpus: {msg}"));
-            let mut first = self.first_error.lock().unwrap_or_else(|p| p.into_inner());
-            first.get_or_insert(msg);
-        }
-    }
-}
-
 /// The LLM client, the model name, and a label for the summary.
 fn make_llm(args: &Args) -> Result<(Box<dyn LlmClient>, String, String), BoxError> {
     match args.llm {
@@ -593,193 +441,5 @@ fn make_llm(args: &Args) -> Result<(Box<dyn LlmClient>, String, String), BoxErro
             args.model.as_deref().unwrap_or(OPENAI_MODEL)
         )
         .into()),
-    }
-}
-
-/// Every `.txt` and `.md` file under `dir`, in path order, as documents (stripped, empty ones
-/// and duplicates of an earlier one left out), at most `limit` of them.
-fn read_corpus(dir: &Path, limit: Option<usize>) -> Result<Vec<Doc>, BoxError> {
-    let mut paths = Vec::new();
-    collect_files(dir, &mut paths)
-        .map_err(|e| format!("reading the corpus folder {}: {e}", dir.display()))?;
-    paths.sort();
-    let mut seen = HashSet::new();
-    let mut docs = Vec::new();
-    for path in paths {
-        if limit.is_some_and(|n| docs.len() >= n) {
-            break;
-        }
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| format!("reading {}: {e}", path.display()))?;
-        // Python's str.strip(): nano-graphrag hashes and stores the stripped text.
-        let content = text.trim().to_string();
-        if content.is_empty() {
-            continue;
-        }
-        let id = compute_mdhash_id(&content, "doc-");
-        if !seen.insert(id.clone()) {
-            continue;
-        }
-        let name = path
-            .strip_prefix(dir)
-            .unwrap_or(&path)
-            .display()
-            .to_string();
-        docs.push(Doc {
-            id,
-            name,
-            content,
-            chunk_ids: Vec::new(),
-        });
-    }
-    Ok(docs)
-}
-
-fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        if path.is_dir() {
-            collect_files(&path, out)?;
-        } else if path
-            .extension()
-            .and_then(|e| e.to_str())
-            .is_some_and(|e| e.eq_ignore_ascii_case("txt") || e.eq_ignore_ascii_case("md"))
-        {
-            out.push(path);
-        }
-    }
-    Ok(())
-}
-
-/// nano-graphrag's `chunking_by_token_size` on whitespace tokens: a window of `max_tokens`
-/// tokens starts every `max_tokens - overlap` tokens (the last windows may be short, even
-/// contained in the previous one, as there). A chunk's text runs from its first token to its
-/// last with the document's own spacing kept, as decoding tiktoken tokens keeps it; its
-/// `tokens` is the window's length.
-fn chunk_by_tokens(text: &str, max_tokens: usize, overlap: usize) -> Vec<(String, usize)> {
-    let base = text.as_ptr() as usize;
-    let spans: Vec<(usize, usize)> = text
-        .split_whitespace()
-        .map(|w| {
-            let start = w.as_ptr() as usize - base;
-            (start, start + w.len())
-        })
-        .collect();
-    (0..spans.len())
-        .step_by(max_tokens - overlap)
-        .map(|start| {
-            let end = (start + max_tokens).min(spans.len());
-            let content = text[spans[start].0..spans[end - 1].1].trim().to_string();
-            (content, end - start)
-        })
-        .collect()
-}
-
-/// One community report per document, in nano-graphrag's shape (`report_string`, `report_json`
-/// with title, summary, rating and findings), built from the chunk answers.
-fn community_report(doc: &Doc, answers: &[String]) -> (String, Value) {
-    let title = doc_title(doc);
-    let parsed: Vec<(String, Vec<String>)> = answers.iter().map(|a| parse_answer(a)).collect();
-    let summary = parsed.first().map(|(s, _)| s.clone()).unwrap_or_default();
-    let mut terms: Vec<String> = Vec::new();
-    for (_, ts) in &parsed {
-        for t in ts {
-            if !terms.iter().any(|x| x.eq_ignore_ascii_case(t)) {
-                terms.push(t.clone());
-            }
-        }
-    }
-    let findings: Vec<Value> = parsed
-        .iter()
-        .enumerate()
-        .map(|(i, (s, ts))| {
-            json!({
-                "summary": format!("Part {} of {}: {}", i + 1, parsed.len(), ts.join(", ")),
-                "explanation": s,
-            })
-        })
-        .collect();
-    let mut report_string = format!("# {title}\n\n{summary}\n");
-    if !terms.is_empty() {
-        report_string.push_str(&format!("\nKey terms: {}\n", terms.join(", ")));
-    }
-    for f in &findings {
-        report_string.push_str(&format!(
-            "\n## {}\n\n{}\n",
-            f["summary"].as_str().unwrap_or(""),
-            f["explanation"].as_str().unwrap_or("")
-        ));
-    }
-    let report = json!({
-        "report_string": report_string,
-        "report_json": {
-            "title": title,
-            "summary": summary,
-            "rating": (terms.len() as f64).min(10.0),
-            "rating_explanation": "number of distinct key terms, at most 10",
-            "findings": findings,
-        },
-        "level": 0,
-        "title": title,
-        "source": doc.name,
-        "full_doc_id": doc.id,
-        "chunk_ids": doc.chunk_ids,
-        "occurrence": 1.0,
-        "sub_communities": [],
-    });
-    let id = compute_mdhash_id(&doc.id, "report-");
-    (id, report)
-}
-
-/// The document's first line when it looks like a title (a Markdown heading or a short line),
-/// else its file name.
-fn doc_title(doc: &Doc) -> String {
-    let first = doc.content.lines().next().unwrap_or("").trim();
-    let heading = first.trim_start_matches('#').trim();
-    if !heading.is_empty() && heading.len() <= 120 && !heading.ends_with('.') {
-        heading.to_string()
-    } else {
-        doc.name.clone()
-    }
-}
-
-/// The `SUMMARY:` and `KEY TERMS:` lines of an answer; an answer without them is all summary.
-fn parse_answer(answer: &str) -> (String, Vec<String>) {
-    let mut summary = None;
-    let mut terms = Vec::new();
-    for line in answer.lines() {
-        let line = line.trim();
-        if let Some(s) = line.strip_prefix("SUMMARY:") {
-            summary = Some(s.trim().to_string());
-        } else if let Some(t) = line.strip_prefix("KEY TERMS:") {
-            terms = t
-                .split(',')
-                .map(|t| t.trim().to_string())
-                .filter(|t| !t.is_empty())
-                .collect();
-        }
-    }
-    (summary.unwrap_or_else(|| answer.trim().to_string()), terms)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn windows_overlap_like_nano_graphrag() {
-        let text = (0..25)
-            .map(|i| format!("w{i}"))
-            .collect::<Vec<_>>()
-            .join("  ");
-        let chunks = chunk_by_tokens(&text, 10, 2);
-        let starts: Vec<&str> = chunks
-            .iter()
-            .map(|(c, _)| c.split_whitespace().next().unwrap())
-            .collect();
-        assert_eq!(starts, ["w0", "w8", "w16", "w24"]);
-        let lens: Vec<usize> = chunks.iter().map(|(_, n)| *n).collect();
-        assert_eq!(lens, [10, 10, 9, 1]);
-        assert!(chunks[0].0.contains("w0  w1"), "spacing kept");
     }
 }
