@@ -30,9 +30,14 @@
 //! - **Backend failures.** After a retryable error ([`Error::is_retryable`]: connection
 //!   errors, timeouts, and the server's passing states `MISCONF`, `NOREPLICAS`, `LOADING`,
 //!   `BUSY`, `MASTERDOWN`, `TRYAGAIN`, `CLUSTERDOWN`, `READONLY`), its sender keeps the batch
-//!   and retries it until it goes through or the shutdown deadline passes. `OOM` is retried
-//!   8 times (about 1 to 2.5 s), then it is a refusal. The backoff starts at 10 ms and
-//!   doubles up to 1 s. Nothing is reordered: a later write of the same id waits for it.
+//!   and submits it again until it goes through or the shutdown deadline passes: at most
+//!   once per [`crate::retry::RESUBMIT_INTERVAL`] (1 s), each submission being one operation
+//!   of the store below, which retries it itself (`REDIS_RETRIES + 1` sends). So within a
+//!   deadline `T` one failing write causes at most `(REDIS_RETRIES + 1) ×`
+//!   [`crate::retry::submissions_within`]`(T)` commands (see [`crate::retry`]). `OOM`, which
+//!   the store below does not retry, is retried 8 times (about 1 to 2.5 s; the backoff starts
+//!   at 10 ms and doubles up to 1 s), then it is a refusal. Nothing is reordered: a later
+//!   write of the same id waits for it.
 //!   Writers keep queueing until the queue is full; a `flush` meanwhile returns the last error
 //!   at its deadline, and the writes stay queued.
 //! - **Refusals reach the thread that wrote them.** A batch that the backend *refuses* (a
@@ -1159,7 +1164,16 @@ impl<S: KvStore> Shared<S> {
                         oom_retries -= 1;
                     }
                     self.counters.retries.fetch_add(1, Ordering::Relaxed);
-                    let pause = backoff(attempt);
+                    // A retryable error has already been retried by the store below (the
+                    // backend's policy, REDIS_RETRIES + 1 sends): submitting again at once
+                    // would multiply its attempts. So the batch is submitted again at most once
+                    // per `RESUBMIT_INTERVAL` (see `crate::retry` for the bound). `OOM` is not
+                    // retried below and keeps its own short schedule.
+                    let pause = if e.is_retryable() {
+                        crate::retry::resubmit_pause()
+                    } else {
+                        backoff(attempt)
+                    };
                     if attempt == 0 {
                         log::warn!(
                             "write-behind: sending to namespace {:?} failed ({e}); retrying \

@@ -109,14 +109,19 @@ pub(crate) struct ClusterPool {
 impl ClusterPool {
     /// A pool over the cluster seeded by `config`'s URLs. Connects lazily.
     pub(crate) fn new(config: &RedisConfig) -> RedisResult<ClusterPool> {
+        let policy = crate::retry::RetryPolicy::new(config.retries);
         let mut builder = ClusterClient::builder(config.urls())
             .connection_timeout(config.connection_timeout)
             .response_timeout(config.socket_timeout)
-            // The client's own retries for single commands: redirects and transient states.
-            // Connection-level failures are retried above, with a fresh connection.
-            .retries(config.retries.max(3))
-            .min_retry_wait(25)
-            .max_retry_wait(1_000);
+            // The client's own retries for single commands: one budget for following
+            // redirects and for waiting out cluster states (TRYAGAIN, CLUSTERDOWN, LOADING,
+            // MASTERDOWN, READONLY) and timeouts. The backend does not retry those again
+            // (`RedisShared::should_retry`), so they are retried at this one level; it keeps
+            // at least 3 for redirects. Connection failures are retried by the backend, with a
+            // fresh connection. See `crate::retry` for the bound.
+            .retries(crate::retry::cluster_client_retries(config.retries))
+            .min_retry_wait(policy.min_wait_ms())
+            .max_retry_wait(policy.max_wait_ms());
         if let Some(u) = &config.username {
             builder = builder.username(u);
         }

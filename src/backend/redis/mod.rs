@@ -19,10 +19,8 @@ pub(crate) mod cluster;
 mod mode;
 mod pool;
 
-use std::collections::hash_map::RandomState;
 use std::collections::HashSet;
-use std::hash::{BuildHasher, Hasher};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,6 +32,7 @@ pub use mode::RedisMode;
 use crate::codec::Codec;
 use crate::config::{redact_url, BackendKind, ClusterMode, RedisConfig};
 use crate::error::{display_id, is_retryable_redis, ConnectFailure, Error, Result};
+use crate::retry::RetryPolicy;
 use crate::store::{
     missing_in_order, project, validate_id, validate_ids, validate_namespace, Item, KvStore,
     NamespaceStats,
@@ -81,11 +80,11 @@ pub struct RedisShared {
     codec: Codec,
     checkpoints: Coalescer,
     warned_no_durability: AtomicBool,
-    /// Where retries are counted (`redis_retries_total`). A lock and a list: the pool is shared
-    /// process-wide, so several `Storage`s with their own registries may watch it; it is read
-    /// only when a command is retried.
-    #[cfg(feature = "metrics")]
-    retry_metrics: std::sync::RwLock<Vec<crate::metrics::Metrics>>,
+    /// The one retry policy of these connections (`REDIS_RETRIES`), see [`crate::retry`].
+    policy: RetryPolicy,
+    /// Retries made so far, read at scrape time through [`RedisShared::retries_total`]: a plain
+    /// counter, so the backend does not depend on who observes it.
+    retries: AtomicU64,
 }
 
 impl std::fmt::Debug for RedisShared {
@@ -163,8 +162,8 @@ impl RedisShared {
             codec: Codec::new(config.compression, config.compression_min_bytes),
             checkpoints: Coalescer::default(),
             warned_no_durability: AtomicBool::new(false),
-            #[cfg(feature = "metrics")]
-            retry_metrics: std::sync::RwLock::new(Vec::new()),
+            policy: RetryPolicy::new(config.retries),
+            retries: AtomicU64::new(0),
         }))
     }
 
@@ -369,57 +368,51 @@ impl RedisShared {
         }
     }
 
-    /// Retries `attempt` on retryable failures, with exponential backoff and jitter.
+    /// Runs `attempt` under the retry policy: again on retryable failures (see
+    /// [`RedisShared::should_retry`]), with exponential backoff and jitter, at most
+    /// `REDIS_RETRIES + 1` times in all. This is the one level that retries a command
+    /// (see [`crate::retry`]).
     fn retrying<T>(
         &self,
         operation: &'static str,
         namespace: &str,
-        mut attempt: impl FnMut() -> Result<T>,
+        attempt: impl FnMut() -> Result<T>,
     ) -> Result<T> {
-        let mut n = 0u32;
-        loop {
-            let err = match attempt() {
-                Ok(v) => return Ok(v),
-                Err(e) => e,
-            };
-            if n >= self.config.retries || !self.should_retry(&err) {
-                return Err(err);
-            }
-            let pause = backoff(n);
-            #[cfg(feature = "metrics")]
-            for m in self
-                .retry_metrics
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .iter()
-            {
-                m.record_retry(namespace, operation);
-            }
-            log::debug!(
-                "redis {operation} on {namespace:?} failed ({err}); retry {} in {pause:?}",
-                n + 1
-            );
-            std::thread::sleep(pause);
-            n += 1;
-        }
+        self.policy.run(
+            attempt,
+            |err| self.should_retry(err),
+            |err, retry, pause| {
+                self.retries.fetch_add(1, Ordering::Relaxed);
+                log::debug!(
+                    "redis {operation} on {namespace:?} failed ({err}); retry {} in {pause:?}",
+                    retry + 1
+                );
+            },
+        )
     }
 
-    /// Counts every retry of a command on these connections in `metrics`
-    /// (`redis_retries_total{namespace, operation}`, `namespace` empty for server-wide commands).
-    /// Attaching the same `Metrics` (or a clone) again changes nothing.
-    #[cfg(feature = "metrics")]
-    pub fn record_retries_to(&self, metrics: &crate::metrics::Metrics) {
-        let mut all = self
-            .retry_metrics
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if !all.iter().any(|m| m.same_as(metrics)) {
-            all.push(metrics.clone());
-        }
+    /// Commands retried so far on these connections, by the backend's retry policy (all
+    /// namespaces and operations together). Metrics read it at scrape time.
+    pub fn retries_total(&self) -> u64 {
+        self.retries.load(Ordering::Relaxed)
+    }
+
+    /// The retry policy of these connections (built from `REDIS_RETRIES`).
+    pub fn retry_policy(&self) -> RetryPolicy {
+        self.policy
     }
 
     fn should_retry(&self, err: &Error) -> bool {
         match err {
+            // The cluster client has already retried these itself, within the same operation
+            // (its budget also follows redirects, so it cannot be turned off): retrying them
+            // again here would multiply the sends (see `crate::retry`).
+            Error::Redis { source, .. }
+                if matches!(self.conns, Conns::Cluster(_))
+                    && crate::error::is_retried_by_cluster_client(source) =>
+            {
+                false
+            }
             Error::Redis { source, .. } if source.is_timeout() => self.config.retry_on_timeout,
             Error::Redis { source, .. } => is_retryable_redis(source),
             Error::Pool { .. } => self.config.retry_on_timeout,
@@ -672,14 +665,6 @@ impl PersistOps for NodeOps<'_> {
     fn run(&mut self, cmd: &Cmd) -> RedisResult<Value> {
         cluster::on_node(self.conn, self.host, self.port, cmd)
     }
-}
-
-/// Backoff before retry `attempt` (0-based): 25 ms doubling up to 1 s, with jitter.
-fn backoff(attempt: u32) -> Duration {
-    let cap = (25u64 << attempt.min(6)).min(1_000);
-    // RandomState is seeded randomly per instance: enough jitter without a rand dependency.
-    let r = RandomState::new().build_hasher().finish();
-    Duration::from_millis(cap / 2 + r % (cap / 2 + 1))
 }
 
 /// Escapes Redis glob characters so the string matches only itself in SCAN MATCH.
@@ -1320,14 +1305,5 @@ mod tests {
     fn glob_escaping() {
         assert_eq!(glob_escape("a*b?[c]\\d"), "a\\*b\\?\\[c\\]\\\\d");
         assert_eq!(glob_escape("nano_graphrag:docs:"), "nano_graphrag:docs:");
-    }
-
-    #[test]
-    fn backoff_grows_and_is_capped() {
-        for a in 0..10 {
-            let d = backoff(a);
-            assert!(d <= Duration::from_secs(1), "{a}: {d:?}");
-        }
-        assert!(backoff(0) <= Duration::from_millis(25));
     }
 }
