@@ -434,8 +434,13 @@ const TRANSIENT_CODES: [&str; 8] = [
 /// Server codes the redis-rs cluster client waits out and re-sends itself (its
 /// `RetryMethod::WaitAndRetry` and `RefreshSlotsAndRetry`), within the budget it shares with
 /// redirects.
-const CLUSTER_CLIENT_RETRIED_CODES: [&str; 5] =
-    ["TRYAGAIN", "CLUSTERDOWN", "LOADING", "MASTERDOWN", "READONLY"];
+const CLUSTER_CLIENT_RETRIED_CODES: [&str; 5] = [
+    "TRYAGAIN",
+    "CLUSTERDOWN",
+    "LOADING",
+    "MASTERDOWN",
+    "READONLY",
+];
 
 /// True for cluster errors the cluster client has already retried within the same operation:
 /// the states in [`CLUSTER_CLIENT_RETRIED_CODES`] (for a pipeline: when every failed command

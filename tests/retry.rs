@@ -72,7 +72,9 @@ fn direct_store_sends_a_failing_write_retries_plus_one_times() {
     store.upsert(vec![("warm".into(), json!(1))]).unwrap();
     config_set(&mut admin, "min-replicas-to-write", "1");
     reset_stats(&mut admin);
-    let err = store.upsert(vec![("a".into(), json!({"x": 1}))]).unwrap_err();
+    let err = store
+        .upsert(vec![("a".into(), json!({"x": 1}))])
+        .unwrap_err();
     assert!(err.is_retryable(), "{err}");
     let sent = sets_received(&mut admin);
     eprintln!("direct store: {sent} SETs for one failing upsert (REDIS_RETRIES={RETRIES})");
@@ -139,11 +141,16 @@ fn cluster_sends_a_failing_write_a_bounded_number_of_times() {
         .arg(0)
         .query(&mut admin)
         .unwrap();
-    let probe = redis::cmd("SET").arg("probe").arg(1).query::<()>(&mut admin);
+    let probe = redis::cmd("SET")
+        .arg("probe")
+        .arg(1)
+        .query::<()>(&mut admin);
     let code = probe.err().and_then(|e| e.code().map(str::to_string));
     assert_eq!(code.as_deref(), Some("CLUSTERDOWN"));
     reset_stats(&mut admin);
-    let err = store.upsert(vec![("a".into(), json!({"x": 1}))]).unwrap_err();
+    let err = store
+        .upsert(vec![("a".into(), json!({"x": 1}))])
+        .unwrap_err();
     let sent = sets_received(&mut admin);
     let bound = graphrag_kv::retry::cluster_sends_bound(RETRIES);
     eprintln!(
@@ -151,7 +158,10 @@ fn cluster_sends_a_failing_write_a_bounded_number_of_times() {
          {err}"
     );
     assert!(sent >= 2, "{sent} SETs: the cluster client did not retry");
-    assert!(sent <= bound, "{sent} SETs; the documented bound is {bound}");
+    assert!(
+        sent <= bound,
+        "{sent} SETs; the documented bound is {bound}"
+    );
 }
 
 /// Cluster, a state the cluster client does not retry (`NOREPLICAS`): the backend's policy
@@ -165,7 +175,9 @@ fn cluster_sends_a_refused_write_retries_plus_one_times() {
     store.upsert(vec![("warm".into(), json!(1))]).unwrap();
     config_set(&mut admin, "min-replicas-to-write", "1");
     reset_stats(&mut admin);
-    let err = store.upsert(vec![("a".into(), json!({"x": 1}))]).unwrap_err();
+    let err = store
+        .upsert(vec![("a".into(), json!({"x": 1}))])
+        .unwrap_err();
     assert!(err.is_retryable(), "{err}");
     let sent = sets_received(&mut admin);
     eprintln!("cluster NOREPLICAS: {sent} SETs for one failing upsert (REDIS_RETRIES={RETRIES})");
