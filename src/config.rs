@@ -62,6 +62,10 @@ use crate::store::{
     is_name_char, validate_namespace, COMMUNITY_REPORTS, FULL_DOCS, LLM_RESPONSE_CACHE, TEXT_CHUNKS,
 };
 
+/// `KV_WRITE_BEHIND*`: in its own file, so this module does not depend on `write_behind`.
+pub(crate) mod write_behind;
+pub use write_behind::{WriteBehindConfig, WriteBehindConfigBuilder};
+
 /// Which backend stores the namespaces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -558,7 +562,7 @@ pub struct StoreConfig {
     /// none: a Redis outage is an error for the caller.
     pub fallback: Option<FallbackConfig>,
     /// Write-behind queue (`KV_WRITE_BEHIND=true`). Defaults to none: writes are synchronous.
-    pub write_behind: Option<crate::write_behind::WriteBehindConfig>,
+    pub write_behind: Option<WriteBehindConfig>,
     /// Dual-write to JSON and Redis (`STORAGE_KV_BACKEND=dual`). Defaults to none.
     pub dual: Option<DualConfig>,
 }
@@ -786,7 +790,7 @@ impl StoreConfigBuilder {
             }
             r.ttl.by_env_name.insert(name.to_string(), parse_ttl(k, v)?);
         }
-        b.config.write_behind = crate::write_behind::WriteBehindConfig::from_vars(vars)?;
+        b.config.write_behind = WriteBehindConfig::from_vars(vars)?;
         Ok(b)
     }
 
@@ -897,7 +901,7 @@ impl StoreConfigBuilder {
         self
     }
     /// Queues writes and sends them in batches from a background thread.
-    pub fn write_behind(mut self, c: crate::write_behind::WriteBehindConfig) -> Self {
+    pub fn write_behind(mut self, c: WriteBehindConfig) -> Self {
         self.config.write_behind = Some(c);
         self
     }
