@@ -27,8 +27,8 @@ pub const DEFAULT_FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default of [`WriteBehindConfig::in_flight`].
 pub const DEFAULT_IN_FLIGHT: usize = 4;
 
-/// How [`WriteBehind`](crate::write_behind::WriteBehind) batches and bounds its queue. Build it with
-/// [`WriteBehindConfig::builder`], [`WriteBehindConfig::from_env`] or
+/// How the write-behind queue (`write_behind::WriteBehind`) batches and bounds itself. Build it
+/// with [`WriteBehindConfig::builder`], [`WriteBehindConfig::from_env`] or
 /// [`WriteBehindConfig::from_vars`].
 ///
 /// The defaults were chosen by measurement: see `docs/BENCHMARKS.md` and the bench
