@@ -432,6 +432,32 @@ const TRANSIENT_CODES: [&str; 8] = [
     "NOREPLICAS",
 ];
 
+/// Server codes the redis-rs cluster client waits out and re-sends itself (its
+/// `RetryMethod::WaitAndRetry` and `RefreshSlotsAndRetry`), within the budget it shares with
+/// redirects.
+const CLUSTER_CLIENT_RETRIED_CODES: [&str; 5] = [
+    "TRYAGAIN",
+    "CLUSTERDOWN",
+    "LOADING",
+    "MASTERDOWN",
+    "READONLY",
+];
+
+/// True for cluster errors the cluster client has already retried within the same operation:
+/// the states in [`CLUSTER_CLIENT_RETRIED_CODES`] (for a pipeline: when every failed command
+/// failed with one) and timeouts (which it re-sends at once). The backend does not retry these
+/// again on a cluster, so a failing command is retried at one level only (`crate::retry`).
+pub(crate) fn is_retried_by_cluster_client(e: &redis::RedisError) -> bool {
+    if e.is_timeout() {
+        return true;
+    }
+    let codes = server_codes(e);
+    !codes.is_empty()
+        && codes
+            .iter()
+            .all(|c| CLUSTER_CLIENT_RETRIED_CODES.contains(&c.as_str()))
+}
+
 /// True for errors worth retrying an idempotent command on: connection errors, and server
 /// replies with a [`TRANSIENT_CODES`] code. A pipeline's error is retryable when every failed
 /// command in it failed with such a code (redis-rs reports the code of an unknown one, such

@@ -24,6 +24,7 @@
 //!   JSON writer and reader (serde_json's `Value` without its per-byte cost).
 //! - `backend::json_file`: nano-graphrag's `kv_store_{namespace}.json` files.
 //! - `backend::redis`: the Redis backend on an r2d2 pool, with durable checkpoints.
+//! - `retry`: the one retry policy (`REDIS_RETRIES`), the level it is applied at, its bound.
 //! - `fallback`: `FallbackStore`, a local journal that keeps writes going while Redis is down.
 //! - `write_behind`: `WriteBehind<S>`, writes queued and sent in batches by a background
 //!   thread, with read-your-writes.
@@ -72,7 +73,7 @@
 //!   turn it off with `default-features = false`.
 //! - `metrics`: Prometheus metrics on `prometheus` (without its protobuf support): the
 //!   `metrics` module, `Metered`, `Metrics`, `Storage::with_metrics`,
-//!   `DualWrite::with_metrics`, `RedisShared::record_retries_to`.
+//!   `DualWrite::with_metrics`.
 //! - `openai`: `llm::OpenAiClient`, an OpenAI-compatible chat-completions client on `ureq`
 //!   (synchronous, rustls). Off by default.
 //!
@@ -93,6 +94,7 @@ pub mod llm_hash;
 pub mod metrics;
 pub mod migrate;
 mod open;
+pub mod retry;
 pub mod store;
 pub mod write_behind;
 

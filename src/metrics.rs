@@ -282,18 +282,12 @@ impl Metrics {
     /// Counts one retry of `operation` on `namespace` (`""` for server-wide commands).
     ///
     /// The backend retries inside its own calls, so only the backend knows; `Metered` cannot
-    /// see retries. The Redis backend calls this from its retry loop for every `Metrics`
-    /// attached with [`crate::Storage::with_metrics`] (or
-    /// [`crate::backend::redis::RedisShared::record_retries_to`]).
+    /// see retries. The backend counts them in
+    /// [`crate::backend::redis::RedisShared::retries_total`].
     pub fn record_retry(&self, namespace: &str, operation: &str) {
         self.retries
             .with_label_values(&[namespace, operation])
             .inc();
-    }
-
-    /// True when `other` is a clone of this `Metrics` (the same metrics, not just equal ones).
-    pub(crate) fn same_as(&self, other: &Metrics) -> bool {
-        Arc::ptr_eq(&self.last_evicted, &other.last_evicted)
     }
 
     /// Sets `redis_write_behind_queue_depth` for `namespace`: the writes accepted but not yet

@@ -170,7 +170,6 @@ impl Storage {
     pub fn with_metrics(mut self, metrics: &Metrics) -> Storage {
         if let Some(shared) = self.redis() {
             metrics.pool().watch_redis(shared);
-            shared.record_retries_to(metrics);
         }
         self.metrics = Some(metrics.clone());
         self

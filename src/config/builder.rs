@@ -123,7 +123,7 @@ impl StoreConfigBuilder {
         self
     }
     /// Queues writes and sends them in batches from a background thread.
-    pub fn write_behind(mut self, c: crate::write_behind::WriteBehindConfig) -> Self {
+    pub fn write_behind(mut self, c: super::WriteBehindConfig) -> Self {
         self.config.write_behind = Some(c);
         self
     }

@@ -198,7 +198,7 @@ impl StoreConfigBuilder {
             }
             r.ttl.by_env_name.insert(name.to_string(), parse_ttl(k, v)?);
         }
-        b.config.write_behind = crate::write_behind::WriteBehindConfig::from_vars(vars)?;
+        b.config.write_behind = super::WriteBehindConfig::from_vars(vars)?;
         Ok(b)
     }
 }

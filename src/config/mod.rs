@@ -60,6 +60,8 @@ mod redact;
 mod tests;
 mod tls;
 mod ttl;
+/// `KV_WRITE_BEHIND*`: in its own file, so this module does not depend on `write_behind`.
+pub(crate) mod write_behind;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -72,6 +74,7 @@ pub(crate) use parse::{config_error, parse_bool, parse_u64};
 pub(crate) use redact::has_userinfo;
 pub use redact::redact_url;
 pub use ttl::TtlTable;
+pub use write_behind::{WriteBehindConfig, WriteBehindConfigBuilder};
 
 use redact::split_urls;
 use tls::is_tls_url;
@@ -334,7 +337,7 @@ pub struct StoreConfig {
     /// none: a Redis outage is an error for the caller.
     pub fallback: Option<FallbackConfig>,
     /// Write-behind queue (`KV_WRITE_BEHIND=true`). Defaults to none: writes are synchronous.
-    pub write_behind: Option<crate::write_behind::WriteBehindConfig>,
+    pub write_behind: Option<WriteBehindConfig>,
     /// Dual-write to JSON and Redis (`STORAGE_KV_BACKEND=dual`). Defaults to none.
     pub dual: Option<DualConfig>,
 }

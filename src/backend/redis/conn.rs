@@ -1,0 +1,303 @@
+//! How a command reaches the server: pooled connections, the one retry level (see
+//! [`crate::retry`]), batches, every master, SCAN.
+
+use super::*;
+
+impl RedisShared {
+    /// Runs `f` on a pooled connection (single server, or a cluster connection that routes
+    /// single-key commands itself), retrying connection errors (and timeouts when allowed) with
+    /// exponential backoff and jitter. Only idempotent commands go through here.
+    pub(crate) fn with_conn<T>(
+        &self,
+        operation: &'static str,
+        namespace: &str,
+        mut f: impl FnMut(&mut dyn ConnectionLike) -> RedisResult<T>,
+    ) -> Result<T> {
+        self.retrying(operation, namespace, || match &self.conns {
+            Conns::Single(p) => {
+                let mut c = p.get().map_err(|m| pool_error(operation, namespace, m))?;
+                let out = f(&mut *c);
+                if out.is_ok() {
+                    pool::touch(&mut c);
+                } else if out.as_ref().err().is_some_and(must_discard) || !c.is_open() {
+                    c.mark_broken();
+                }
+                out.map_err(|e| redis_error(operation, namespace, e))
+            }
+            Conns::Cluster(p) => {
+                let mut c = p.get().map_err(|m| pool_error(operation, namespace, m))?;
+                let out = f(&mut *c);
+                if out.as_ref().err().is_some_and(must_discard) || !c.is_open() {
+                    c.mark_broken();
+                }
+                out.map_err(|e| redis_error(operation, namespace, e))
+            }
+        })
+    }
+
+    /// `with_conn` for a single server, handing `f` the pooled connection itself, for exchanges
+    /// that keep several replies in flight (`send_packed_command` / `recv_response`). Any
+    /// failure discards the connection: replies of the exchange may still be on its socket.
+    pub(super) fn with_single<T>(
+        &self,
+        pool: &RedisPool,
+        operation: &'static str,
+        namespace: &str,
+        mut f: impl FnMut(&mut PooledConn) -> RedisResult<T>,
+    ) -> Result<T> {
+        self.retrying(operation, namespace, || {
+            let mut c = pool
+                .get()
+                .map_err(|m| pool_error(operation, namespace, m))?;
+            let out = f(&mut c);
+            match out {
+                Ok(_) => pool::touch(&mut c),
+                Err(_) => c.mark_broken(),
+            }
+            out.map_err(|e| redis_error(operation, namespace, e))
+        })
+    }
+
+    /// Runs `cmds` as one batch: a pipeline on a single server, per-node pipelines with
+    /// redirect handling on a cluster. Returns one result per command; per-command server
+    /// errors (e.g. WRONGTYPE) are left for the caller to name the key.
+    pub(super) fn batch(
+        &self,
+        operation: &'static str,
+        namespace: &str,
+        cmds: Vec<Cmd>,
+    ) -> Result<Vec<RedisResult<Value>>> {
+        match &self.conns {
+            Conns::Single(_) => {
+                // Built once: a retry re-sends the same packed pipeline.
+                let mut p = redis::pipe();
+                for cmd in cmds {
+                    p.add_command(cmd);
+                }
+                p.ignore_errors();
+                let values: Vec<Value> = self.with_conn(operation, namespace, |c| p.query(c))?;
+                Ok(values.into_iter().map(value_result).collect())
+            }
+            Conns::Cluster(p) => self.retrying(operation, namespace, || {
+                let mut c = p.get().map_err(|m| pool_error(operation, namespace, m))?;
+                let out = cluster::pipeline(&mut c.conn, &cmds);
+                if out.as_ref().err().is_some_and(must_discard) {
+                    c.mark_broken();
+                }
+                out.map_err(|e| redis_error(operation, namespace, e))
+            }),
+        }
+    }
+
+    /// Runs `f` once per master with a connection and the master's address (`None` on a
+    /// single server, where the connection is the server's). Every operation that must see
+    /// all the data (`all_keys`, `clear`, `stats`, `list_namespaces`, the checkpoint) goes
+    /// through here: on a cluster, [`cluster::on_every_master`] returns only results gathered
+    /// under one stable slot map covering all slots, or [`Error::ClusterUnstable`].
+    pub(super) fn each_master<T>(
+        &self,
+        operation: &'static str,
+        namespace: &str,
+        mut f: impl FnMut(&mut dyn PersistOps, Option<(&str, u16)>) -> RedisResult<T>,
+    ) -> Result<Vec<T>> {
+        match &self.conns {
+            Conns::Single(_) => self
+                .with_conn(operation, namespace, |c| f(&mut ConnOps(c), None))
+                .map(|v| vec![v]),
+            Conns::Cluster(p) => self.retrying(operation, namespace, || {
+                let mut c = p.get().map_err(|m| pool_error(operation, namespace, m))?;
+                let out = cluster::on_every_master(&mut c.conn, |conn, host, port| {
+                    f(&mut NodeOps { conn, host, port }, Some((host, port)))
+                });
+                match out {
+                    Ok(v) => Ok(v),
+                    Err(cluster::EveryMasterError::Redis(e)) => {
+                        if must_discard(&e) {
+                            c.mark_broken();
+                        }
+                        Err(redis_error(operation, namespace, e))
+                    }
+                    Err(cluster::EveryMasterError::Unstable { attempts, reason }) => {
+                        Err(Error::ClusterUnstable {
+                            operation,
+                            namespace: namespace.to_string(),
+                            attempts,
+                            reason,
+                        })
+                    }
+                }
+            }),
+        }
+    }
+
+    /// Runs `attempt` under the retry policy: again on retryable failures (see
+    /// [`RedisShared::should_retry`]), with exponential backoff and jitter, at most
+    /// `REDIS_RETRIES + 1` times in all. This is the one level that retries a command
+    /// (see [`crate::retry`]).
+    pub(super) fn retrying<T>(
+        &self,
+        operation: &'static str,
+        namespace: &str,
+        attempt: impl FnMut() -> Result<T>,
+    ) -> Result<T> {
+        self.policy.run(
+            attempt,
+            |err| self.should_retry(err),
+            |err, retry, pause| {
+                self.retries.fetch_add(1, Ordering::Relaxed);
+                log::debug!(
+                    "redis {operation} on {namespace:?} failed ({err}); retry {} in {pause:?}",
+                    retry + 1
+                );
+            },
+        )
+    }
+
+    /// Commands retried so far on these connections, by the backend's retry policy (all
+    /// namespaces and operations together). Metrics read it at scrape time.
+    pub fn retries_total(&self) -> u64 {
+        self.retries.load(Ordering::Relaxed)
+    }
+
+    /// The retry policy of these connections (built from `REDIS_RETRIES`).
+    pub fn retry_policy(&self) -> RetryPolicy {
+        self.policy
+    }
+
+    pub(super) fn should_retry(&self, err: &Error) -> bool {
+        match err {
+            // The cluster client has already retried these itself, within the same operation
+            // (its budget also follows redirects, so it cannot be turned off): retrying them
+            // again here would multiply the sends (see `crate::retry`).
+            Error::Redis { source, .. }
+                if matches!(self.conns, Conns::Cluster(_))
+                    && crate::error::is_retried_by_cluster_client(source) =>
+            {
+                false
+            }
+            Error::Redis { source, .. } if source.is_timeout() => self.config.retry_on_timeout,
+            Error::Redis { source, .. } => is_retryable_redis(source),
+            Error::Pool { .. } => self.config.retry_on_timeout,
+            // A refused connect costs nothing to repeat (a restarting server comes back within
+            // the backoff); one that waited out REDIS_CONNECTION_TIMEOUT is not repeated, or
+            // an outage would take (retries + 1) timeouts to be reported; a refused password
+            // or certificate never heals.
+            Error::Connect { cause, .. } => {
+                matches!(cause, ConnectFailure::Refused | ConnectFailure::Unreachable)
+            }
+            _ => false,
+        }
+    }
+
+    /// SCANs `pattern` on every master, handing each page of keys to `page`. A key may be
+    /// handed over more than once (SCAN's guarantee); callers deduplicate.
+    pub(super) fn scan(
+        &self,
+        operation: &'static str,
+        namespace: &str,
+        pattern: &str,
+        page: &mut dyn FnMut(Vec<Vec<u8>>) -> Result<()>,
+    ) -> Result<()> {
+        // Pages are collected per master before being handed over, so a retried attempt
+        // (after a failover) never hands a partial page sequence twice to a non-idempotent
+        // consumer; consumers still deduplicate.
+        let pages = self.each_master(operation, namespace, |ops, _| {
+            let mut pages = Vec::new();
+            let mut cursor: u64 = 0;
+            loop {
+                let (next, keys): (u64, Vec<Vec<u8>>) = redis::from_redis_value(
+                    ops.run(
+                        redis::cmd("SCAN")
+                            .arg(cursor)
+                            .arg("MATCH")
+                            .arg(pattern)
+                            .arg("COUNT")
+                            .arg(SCAN_COUNT),
+                    )?,
+                )?;
+                if !keys.is_empty() {
+                    pages.push(keys);
+                }
+                if next == 0 {
+                    return Ok(pages);
+                }
+                cursor = next;
+            }
+        })?;
+        for keys in pages.into_iter().flatten() {
+            page(keys)?;
+        }
+        Ok(())
+    }
+}
+
+/// True when the connection cannot be reused: a reply may still be in flight, or it points at
+/// a server that is no longer the master.
+pub(super) fn must_discard(e: &RedisError) -> bool {
+    crate::error::is_connection_error(e) || e.code() == Some("READONLY")
+}
+
+pub(super) fn pool_error(operation: &'static str, namespace: &str, e: pool::NoConnection) -> Error {
+    e.into_error(operation, namespace)
+}
+
+pub(super) fn redis_error(operation: &'static str, namespace: &str, source: RedisError) -> Error {
+    Error::Redis {
+        operation,
+        namespace: namespace.to_string(),
+        source,
+    }
+}
+
+/// A pipeline reply item as a result: server errors become `Err`.
+pub(super) fn value_result(v: Value) -> RedisResult<Value> {
+    match v {
+        Value::ServerError(e) => Err(e.into()),
+        v => Ok(v),
+    }
+}
+
+/// Persistence commands over a single-server connection.
+pub(super) struct ConnOps<'a>(&'a mut dyn ConnectionLike);
+
+/// Persistence commands routed to one cluster node by address.
+pub(super) struct NodeOps<'a> {
+    conn: &'a mut redis::cluster::ClusterConnection,
+    host: &'a str,
+    port: u16,
+}
+
+impl PersistOps for ConnOps<'_> {
+    fn run(&mut self, cmd: &Cmd) -> RedisResult<Value> {
+        self.0.req_command(cmd)
+    }
+}
+
+impl PersistOps for NodeOps<'_> {
+    fn run(&mut self, cmd: &Cmd) -> RedisResult<Value> {
+        cluster::on_node(self.conn, self.host, self.port, cmd)
+    }
+}
+
+/// Escapes Redis glob characters so the string matches only itself in SCAN MATCH.
+pub(crate) fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\' | '^' | '-') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn glob_escaping() {
+        assert_eq!(glob_escape("a*b?[c]\\d"), "a\\*b\\?\\[c\\]\\\\d");
+        assert_eq!(glob_escape("nano_graphrag:docs:"), "nano_graphrag:docs:");
+    }
+}

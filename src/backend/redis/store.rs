@@ -1,0 +1,235 @@
+//! [`RedisStore`]: one namespace, and its [`KvStore`] implementation.
+
+use super::*;
+
+/// One namespace in Redis.
+#[derive(Debug, Clone)]
+pub struct RedisStore {
+    pub(super) namespace: String,
+    /// `{prefix}:{namespace}:`, built once.
+    pub(super) key_prefix: String,
+    pub(super) ttl: u64,
+    pub(super) shared: Arc<RedisShared>,
+}
+
+impl KvStore for RedisStore {
+    fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    fn all_keys(&self) -> Result<Vec<String>> {
+        let mut seen = HashSet::new();
+        let mut ids = Vec::new();
+        self.shared
+            .scan("all_keys", &self.namespace, &self.pattern(), &mut |keys| {
+                for k in keys {
+                    let id = self.id_of(k)?;
+                    // SCAN may return a key more than once (rehashing, slot migration).
+                    if seen.insert(id.clone()) {
+                        ids.push(id);
+                    }
+                }
+                Ok(())
+            })?;
+        Ok(ids)
+    }
+
+    fn get_by_id(&self, id: &str) -> Result<Option<Json>> {
+        validate_id(&self.namespace, id)?;
+        let key = self.key(id);
+        let bytes: Option<Vec<u8>> = self
+            .shared
+            .with_conn("get_by_id", &self.namespace, |c| {
+                redis::cmd("GET").arg(&key).query(c)
+            })
+            .map_err(|e| match e {
+                Error::Redis { source, .. } if source.code() == Some("WRONGTYPE") => {
+                    self.wrong_type(id, "non-string value")
+                }
+                other => other,
+            })?;
+        bytes.map(|b| self.decode(id, &b)).transpose()
+    }
+
+    fn get_by_ids(&self, ids: &[String], fields: Option<&[String]>) -> Result<Vec<Option<Json>>> {
+        validate_ids(&self.namespace, ids)?;
+        if let Conns::Single(pool) = &self.shared.conns {
+            return self.get_by_ids_single(pool, ids, fields);
+        }
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(READ_CHUNK) {
+            // A cluster gets single-key GETs (never a multi-slot MGET): WRONGTYPE then comes
+            // back per key.
+            let values: Vec<Option<Vec<u8>>> = self
+                .per_key("get_by_ids", "GET", chunk)?
+                .into_iter()
+                .map(|v| redis::from_redis_value(v).map_err(RedisError::from))
+                .collect::<RedisResult<_>>()
+                .map_err(|e| redis_error("get_by_ids", &self.namespace, e))?;
+            for (id, v) in chunk.iter().zip(values) {
+                out.push(match v {
+                    None => None,
+                    Some(bytes) => Some(project(self.decode(id, &bytes)?, fields)),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    fn filter_keys(&self, ids: &[String]) -> Result<Vec<String>> {
+        validate_ids(&self.namespace, ids)?;
+        let mut present = Vec::with_capacity(ids.len());
+        let mut buf = Vec::new();
+        for chunk in ids.chunks(READ_CHUNK) {
+            let values = match &self.shared.conns {
+                // One EXISTS per id (EXISTS with several keys only counts them), packed by hand.
+                Conns::Single(_) => {
+                    buf.clear();
+                    for id in chunk {
+                        resp_array(&mut buf, 2);
+                        resp_bulk(&mut buf, &[b"EXISTS"]);
+                        resp_bulk(&mut buf, &[self.key_prefix.as_bytes(), id.as_bytes()]);
+                    }
+                    let replies = self.shared.with_conn("filter_keys", &self.namespace, |c| {
+                        c.req_packed_commands(&buf, 0, chunk.len())
+                    })?;
+                    chunk
+                        .iter()
+                        .zip(replies)
+                        .map(|(id, r)| {
+                            value_result(r).map_err(|e| self.key_error("filter_keys", id, e))
+                        })
+                        .collect::<Result<Vec<_>>>()?
+                }
+                Conns::Cluster(_) => self.per_key("filter_keys", "EXISTS", chunk)?,
+            };
+            for v in values {
+                present.push(matches!(v, Value::Int(n) if n > 0));
+            }
+        }
+        Ok(missing_in_order(ids, |i| present[i]))
+    }
+
+    fn upsert(&self, items: Vec<Item>) -> Result<()> {
+        let refs: Vec<(&str, &Json)> = items.iter().map(|(id, v)| (id.as_str(), v)).collect();
+        self.upsert_refs(&refs)
+    }
+
+    /// Encodes straight from the references: no copy of the values.
+    fn upsert_refs(&self, items: &[(&str, &Json)]) -> Result<()> {
+        for (id, _) in items {
+            validate_id(&self.namespace, id)?;
+        }
+        let pool = match &self.shared.conns {
+            Conns::Single(pool) => return self.upsert_single(pool, items),
+            Conns::Cluster(pool) => pool,
+        };
+        let mut start = 0;
+        while start < items.len() {
+            // Encode (and compress) on the caller's thread, before holding a connection.
+            let mut end = start;
+            let mut bytes = 0usize;
+            let mut values = Vec::new();
+            while end < items.len() && end - start < WRITE_CHUNK && bytes < WRITE_CHUNK_BYTES {
+                let v = self.encode(items[end].0, items[end].1)?;
+                bytes += v.len();
+                values.push(v);
+                end += 1;
+            }
+            let keys: Vec<String> = items[start..end]
+                .iter()
+                .map(|(id, _)| self.key(id))
+                .collect();
+            self.write_chunk(pool, &keys, &values)?;
+            start = end;
+        }
+        Ok(())
+    }
+
+    fn delete_by_ids(&self, ids: &[String]) -> Result<()> {
+        validate_ids(&self.namespace, ids)?;
+        for chunk in ids.chunks(READ_CHUNK) {
+            match &self.shared.conns {
+                Conns::Single(_) => {
+                    let keys: Vec<String> = chunk.iter().map(|id| self.key(id)).collect();
+                    self.shared
+                        .with_conn("delete_by_ids", &self.namespace, |c| {
+                            redis::cmd("UNLINK").arg(&keys).query::<()>(c)
+                        })?;
+                }
+                Conns::Cluster(_) => {
+                    self.per_key("delete_by_ids", "UNLINK", chunk)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn clear(&self) -> Result<()> {
+        let mut keys = Vec::new();
+        self.shared
+            .scan("clear", &self.namespace, &self.pattern(), &mut |page| {
+                keys.extend(page);
+                Ok(())
+            })?;
+        for chunk in keys.chunks(READ_CHUNK) {
+            let cmds: Vec<Cmd> = chunk
+                .iter()
+                .map(|k| redis::cmd("UNLINK").arg(k.as_slice()).clone())
+                .collect();
+            for r in self.shared.batch("clear", &self.namespace, cmds)? {
+                r.map_err(|e| redis_error("clear", &self.namespace, e))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn index_start_callback(&self) -> Result<()> {
+        self.shared
+            .with_conn("index_start_callback", &self.namespace, |c| {
+                redis::cmd("PING").query::<()>(c)
+            })
+    }
+
+    fn index_done_callback(&self) -> Result<()> {
+        self.shared.checkpoint()
+    }
+
+    fn stats(&self) -> Result<NamespaceStats> {
+        let mut count = 0u64;
+        let mut sample: Vec<Vec<u8>> = Vec::new();
+        self.shared
+            .scan("stats", &self.namespace, &self.pattern(), &mut |keys| {
+                count += keys.len() as u64;
+                let room = STATS_SAMPLE.saturating_sub(sample.len());
+                sample.extend(keys.into_iter().take(room));
+                Ok(())
+            })?;
+        let bytes = if sample.is_empty() {
+            0
+        } else {
+            let cmds: Vec<Cmd> = sample
+                .iter()
+                .map(|k| redis::cmd("STRLEN").arg(k.as_slice()).clone())
+                .collect();
+            let total: u64 = self
+                .shared
+                .batch("stats", &self.namespace, cmds)?
+                .into_iter()
+                .map(|r| match r {
+                    Ok(Value::Int(n)) => n.max(0) as u64,
+                    _ => 0,
+                })
+                .sum();
+            total * count / sample.len() as u64
+        };
+        Ok(NamespaceStats {
+            namespace: self.namespace.clone(),
+            backend: BackendKind::Redis,
+            keys: count,
+            bytes,
+            bytes_sampled: count > sample.len() as u64,
+            ttl_seconds: self.ttl,
+        })
+    }
+}
