@@ -92,7 +92,7 @@ pub mod llm_hash;
 #[cfg(feature = "metrics")]
 pub mod metrics;
 pub mod migrate;
-mod open;
+pub mod storage;
 pub mod store;
 pub mod write_behind;
 
@@ -105,7 +105,7 @@ pub use dual_write::DualWrite;
 pub use error::{ConnectFailure, Error, Result};
 #[cfg(feature = "metrics")]
 pub use metrics::{Metered, Metrics};
-pub use open::{open_from_env, Storage};
+pub use storage::{open_from_env, Storage, StorageBuilder};
 pub use store::{
     validate_id, validate_namespace, FullDoc, Item, KvStore, KvStoreExt, LlmCacheEntry,
     NamespaceStats, TextChunk, COMMUNITY_REPORTS, FULL_DOCS, LLM_RESPONSE_CACHE, MAX_ID_BYTES,

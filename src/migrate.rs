@@ -21,7 +21,7 @@ use redis::Cmd;
 use crate::backend::redis::{cluster, RedisMode, RedisShared, RedisStore};
 use crate::config::{has_userinfo, redact_url, BackendKind, StoreConfig, StoreConfigBuilder};
 use crate::error::{Error, Result};
-use crate::open::Storage;
+use crate::storage::Storage;
 use crate::store::KvStore;
 
 /// Ids per read and write batch when none is given: large enough that round trips do not

@@ -81,11 +81,9 @@ pub struct RedisShared {
     codec: Codec,
     checkpoints: Coalescer,
     warned_no_durability: AtomicBool,
-    /// Where retries are counted (`redis_retries_total`). A lock and a list: the pool is shared
-    /// process-wide, so several `Storage`s with their own registries may watch it; it is read
-    /// only when a command is retried.
-    #[cfg(feature = "metrics")]
-    retry_metrics: std::sync::RwLock<Vec<crate::metrics::Metrics>>,
+    /// Commands retried on these connections, for observers outside the backend (the metrics
+    /// read it at scrape time through [`RedisShared::retries_total`]).
+    retries: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for RedisShared {
@@ -163,8 +161,7 @@ impl RedisShared {
             codec: Codec::new(config.compression, config.compression_min_bytes),
             checkpoints: Coalescer::default(),
             warned_no_durability: AtomicBool::new(false),
-            #[cfg(feature = "metrics")]
-            retry_metrics: std::sync::RwLock::new(Vec::new()),
+            retries: std::sync::atomic::AtomicU64::new(0),
         }))
     }
 
@@ -386,35 +383,13 @@ impl RedisShared {
                 return Err(err);
             }
             let pause = backoff(n);
-            #[cfg(feature = "metrics")]
-            for m in self
-                .retry_metrics
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .iter()
-            {
-                m.record_retry(namespace, operation);
-            }
+            self.retries.fetch_add(1, Ordering::Relaxed);
             log::debug!(
                 "redis {operation} on {namespace:?} failed ({err}); retry {} in {pause:?}",
                 n + 1
             );
             std::thread::sleep(pause);
             n += 1;
-        }
-    }
-
-    /// Counts every retry of a command on these connections in `metrics`
-    /// (`redis_retries_total{namespace, operation}`, `namespace` empty for server-wide commands).
-    /// Attaching the same `Metrics` (or a clone) again changes nothing.
-    #[cfg(feature = "metrics")]
-    pub fn record_retries_to(&self, metrics: &crate::metrics::Metrics) {
-        let mut all = self
-            .retry_metrics
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if !all.iter().any(|m| m.same_as(metrics)) {
-            all.push(metrics.clone());
         }
     }
 
@@ -542,6 +517,12 @@ impl RedisShared {
         let got = cluster::wait_for_keys(conn, keys, want, self.config.wait_timeout)
             .map_err(|e| redis_error("upsert", namespace, e))?;
         check_replicas(namespace, want, got)
+    }
+
+    /// Commands retried on these connections since the pool was created (every retry, of any
+    /// namespace or operation): a counter observers read, the backend never pushes it anywhere.
+    pub fn retries_total(&self) -> u64 {
+        self.retries.load(Ordering::Relaxed)
     }
 }
 

@@ -1,0 +1,108 @@
+//! The stack of one namespace, built in one place, innermost first.
+//!
+//! ```text
+//! Metered                      metrics (StorageBuilder::metrics): outermost, sees what callers see
+//!   WriteBehind                KV_WRITE_BEHIND: callers wait for the queue, not the network
+//!     FallbackStore | DualWrite    KV_FALLBACK (journal while Redis is down) | dual (migration)
+//!       [retry]                one retry policy, once per operation (slot, see below)
+//!         backend              JsonFileStore | RedisStore
+//! ```
+//!
+//! Why this order: the fallback must see an operation's final outcome (after retries) to decide
+//! that Redis is down; write-behind sits over the fallback so unsent writes at shutdown land in
+//! its journal and a queued batch that fails over is journaled, not lost; the metrics sit
+//! outside everything so they count and time the calls callers make, not the queue's batches.
+//! [`build`] is the only code in the crate that composes these layers.
+
+use std::sync::Arc;
+
+use crate::config::BackendKind;
+use crate::dual_write::DualWrite;
+use crate::error::Result;
+#[cfg(feature = "metrics")]
+use crate::metrics::{Metered, Metrics};
+use crate::store::KvStore;
+use crate::write_behind::{WriteBehind, WriteBehindConfig};
+
+use super::Backend;
+
+/// A namespace's stack: the whole of it, and the part under the metrics (which
+/// [`super::Storage::close`] flushes and checkpoints without counting those calls as the
+/// caller's).
+pub(super) struct Stack {
+    pub(super) top: Arc<dyn KvStore>,
+    pub(super) unmetered: Arc<dyn KvStore>,
+}
+
+/// Builds the stack of `namespace` over `backend`, bottom to top.
+pub(super) fn build(
+    backend: &Backend,
+    namespace: &str,
+    write_behind: Option<&WriteBehindConfig>,
+    #[cfg(feature = "metrics")] metrics: Option<&Metrics>,
+) -> Result<Stack> {
+    // 1 + 2 + 3. The backend, then (Redis only) the retry layer, then the fallback journal or
+    // the dual write that pairs two backends.
+    let store: Arc<dyn KvStore> = match backend {
+        Backend::Json(dir) => dir.namespace(namespace)?,
+        Backend::Redis { redis, fallback } => {
+            let store = redis.namespace(namespace)?;
+            // Retry slot: `crate::retry::Retry<S>` wraps `store` here once the one retry
+            // policy exists (`let store = Retry::new(store, &policy);`). It sits under the
+            // fallback so the fallback sees only final outcomes, and under write-behind so a
+            // queued batch is retried by the same policy as a direct call.
+            match fallback {
+                None => Arc::new(store),
+                Some(fb) => Arc::new(fb.fallback.wrap(store, Some(fb.guard.clone()))),
+            }
+        }
+        Backend::Dual {
+            json,
+            redis,
+            primary,
+        } => {
+            let j: Arc<dyn KvStore> = json.namespace(namespace)?;
+            // Retry slot for the Redis side, as above.
+            let r: Arc<dyn KvStore> = Arc::new(redis.namespace(namespace)?);
+            let (p, s, names) = match primary {
+                BackendKind::Json => (j, r, ("json", "redis")),
+                BackendKind::Redis => (r, j, ("redis", "json")),
+            };
+            let dual = DualWrite::new(p, s).with_names(names.0, names.1);
+            // Observed from outside: the metrics read the counter at scrape time.
+            #[cfg(feature = "metrics")]
+            if let Some(m) = metrics {
+                m.watch_divergences(namespace, dual.divergences_source());
+            }
+            Arc::new(dual)
+        }
+    };
+    // 4. Write-behind. With a fallback, writes the queue cannot send before its shutdown
+    // deadline go to the fallback's journal rather than being dropped.
+    let store: Arc<dyn KvStore> = match (write_behind, backend) {
+        (None, _) => store,
+        (
+            Some(config),
+            Backend::Redis {
+                fallback: Some(fb), ..
+            },
+        ) => Arc::new(WriteBehind::with_unsent_sink(
+            store,
+            config.clone(),
+            fb.fallback.clone(),
+        )),
+        (Some(config), _) => Arc::new(WriteBehind::new(store, config.clone())),
+    };
+    // 5. Metrics, outermost.
+    #[cfg(feature = "metrics")]
+    if let Some(m) = metrics {
+        return Ok(Stack {
+            top: Arc::new(Metered::new(store.clone(), m)),
+            unmetered: store,
+        });
+    }
+    Ok(Stack {
+        top: store.clone(),
+        unmetered: store,
+    })
+}
