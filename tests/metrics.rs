@@ -474,3 +474,43 @@ fn the_example_serves_metrics_that_move() {
     let (status, _) = http_get(addr, "/nothing");
     assert_eq!(status, 404);
 }
+
+/// A `Storage` built with metrics reports its write-behind queues' depth at scrape time: the
+/// layer keeps its own count, the metrics read it from outside.
+#[test]
+fn write_behind_depth_of_a_metered_storage_is_read_at_scrape_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = StoreConfig::builder()
+        .working_dir(dir.path())
+        .build()
+        .unwrap();
+    config.write_behind = Some(
+        graphrag_kv::WriteBehindConfig::builder()
+            .max_delay(std::time::Duration::from_secs(60))
+            .batch_items(100_000)
+            .build()
+            .unwrap(),
+    );
+    let registry = Registry::new();
+    let metrics = Metrics::new(&registry).unwrap();
+    let storage = Storage::builder(&config).metrics(&metrics).open().unwrap();
+    let docs = storage.namespace("full_docs").unwrap();
+    let depth = || {
+        Scrape(graphrag_kv::metrics::render(&registry)).value(
+            "redis_write_behind_queue_depth",
+            &[("namespace", "full_docs")],
+        )
+    };
+    for i in 0..3 {
+        docs.upsert(vec![(format!("d{i}"), json!(i))]).unwrap();
+    }
+    assert_eq!(depth(), 3.0);
+    docs.flush().unwrap();
+    assert_eq!(depth(), 0.0);
+    docs.upsert(vec![("d9".into(), json!(9))]).unwrap();
+    assert_eq!(depth(), 1.0);
+    // The queue gone (flushed by its drop), nothing is queued.
+    drop(docs);
+    assert_eq!(depth(), 0.0);
+    storage.close().unwrap();
+}

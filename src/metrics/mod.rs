@@ -17,7 +17,7 @@
 //! | `redis_retries_total` | counter | | [`RedisShared::retries_total`], read at scrape time ([`Metrics::watch_retries`]) |
 //! | `redis_evicted_keys_total` | counter | | [`Metrics::sample_server`] (`INFO stats`) |
 //! | `redis_server_used_memory_bytes`, `redis_server_maxmemory_bytes` | gauge | | [`Metrics::sample_server`] (`INFO memory`) |
-//! | `redis_write_behind_queue_depth` | gauge | `namespace` | [`Metrics::set_write_behind_queue_depth`] |
+//! | `redis_write_behind_queue_depth` | gauge | `namespace` | the queues of a metered `Storage`, read at scrape time ([`Metrics::watch_write_behind_depth`]), or [`Metrics::set_write_behind_queue_depth`] |
 //! | `redis_dual_write_divergences_total` | counter | `namespace` | [`crate::dual_write::DualWrite::divergences`], read at scrape time ([`Metrics::watch_divergences`]) |
 //!
 //! Names keep the design's `redis_` prefix whatever the backend, so dashboards and alerts do not
@@ -39,8 +39,8 @@ use crate::error::{Error, Result};
 
 pub use metered::Metered;
 use metered::{NsMetrics, OpMetrics};
-use observe::ObservedCounter;
 pub use observe::PoolGauge;
+use observe::{ObservedCounter, ObservedGauge};
 
 /// Upper bounds of `redis_operation_duration_seconds`, from 50 µs (a pipelined GET on a local
 /// server) to 1 s (a SCAN of a large namespace, or a retry after a failover). Slower calls land
@@ -130,7 +130,7 @@ pub struct Metrics {
     evicted: IntCounter,
     server_memory: IntGauge,
     server_maxmemory: IntGauge,
-    write_behind_depth: IntGaugeVec,
+    write_behind_depth: ObservedGauge,
     divergences: ObservedCounter,
     pool: PoolGauge,
     /// The server's `evicted_keys` at the last sample. The server reports a running total since
@@ -233,11 +233,12 @@ impl Metrics {
             "The server's maxmemory setting (0 = no limit), summed over masters.",
         )?;
         registry.register(Box::new(server_maxmemory.clone()))?;
-        let write_behind_depth = gauge(
+        let write_behind_depth = ObservedGauge::new(
             "redis_write_behind_queue_depth",
             "Writes queued by write-behind and not yet flushed to the backend.",
-            &["namespace"],
+            "namespace",
         )?;
+        registry.register(Box::new(write_behind_depth.clone()))?;
         let divergences = ObservedCounter::new(
             "redis_dual_write_divergences_total",
             "Dual-write calls that succeeded on one store only.",
@@ -292,6 +293,17 @@ impl Metrics {
         self.retries.watch(&[], Some(id), read);
     }
 
+    /// Reads `redis_write_behind_queue_depth{namespace}` from `source` (a queue's depth, `None`
+    /// once the queue is gone) at scrape time; the sources of one namespace are summed.
+    /// [`crate::StorageBuilder::metrics`] does this for its write-behind queues.
+    pub fn watch_write_behind_depth(
+        &self,
+        namespace: &str,
+        source: impl Fn() -> Option<u64> + Send + Sync + 'static,
+    ) {
+        self.write_behind_depth.watch(namespace, source);
+    }
+
     /// Reads `redis_dual_write_divergences_total{namespace}` from `source` at scrape time, for
     /// example [`crate::DualWrite::divergences_source`]; several sources of one namespace are
     /// summed. [`crate::StorageBuilder::metrics`] does this for its dual-write namespaces.
@@ -304,9 +316,11 @@ impl Metrics {
     }
 
     /// Sets `redis_write_behind_queue_depth` for `namespace`: the writes accepted but not yet
-    /// flushed. A write-behind layer calls this when its queue changes (or on a timer).
+    /// flushed, for a queue no source is attached for (a `Storage` built with metrics attaches
+    /// its queues itself: see [`Metrics::watch_write_behind_depth`]).
     pub fn set_write_behind_queue_depth(&self, namespace: &str, depth: u64) {
         self.write_behind_depth
+            .gauge
             .with_label_values(&[namespace])
             .set(clamp_i64(depth));
     }

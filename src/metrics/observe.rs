@@ -196,3 +196,84 @@ pub(crate) fn retries_of(
         weak.upgrade().map(|s| s.retries_total())
     })
 }
+
+/// A gauge per label value read from the layers at scrape time, summed over the sources of
+/// each label value; it can also be set by hand for label values no source reads. When the
+/// last source of a label value is gone, the gauge goes to 0 (a queue that is gone holds
+/// nothing).
+#[derive(Clone)]
+pub(crate) struct ObservedGauge {
+    pub(super) gauge: IntGaugeVec,
+    /// `std::sync::Mutex`: taken at scrape time and when a source is attached only.
+    sources: Arc<Mutex<Vec<GaugeSource>>>,
+}
+
+struct GaugeSource {
+    label: String,
+    read: Box<dyn Fn() -> Option<u64> + Send + Sync>,
+}
+
+impl ObservedGauge {
+    pub(crate) fn new(name: &str, help: &str, label: &str) -> prometheus::Result<Self> {
+        Ok(ObservedGauge {
+            gauge: IntGaugeVec::new(Opts::new(name, help), &[label])?,
+            sources: Arc::new(Mutex::new(Vec::new())),
+        })
+    }
+
+    pub(crate) fn watch(
+        &self,
+        label: &str,
+        read: impl Fn() -> Option<u64> + Send + Sync + 'static,
+    ) {
+        self.sources
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(GaugeSource {
+                label: label.to_string(),
+                read: Box::new(read),
+            });
+    }
+
+    fn refresh(&self) {
+        let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        let mut sums: Vec<(String, u64)> = Vec::new();
+        let mut add = |label: &str, n: u64| match sums.iter_mut().find(|(l, _)| l == label) {
+            Some((_, sum)) => *sum += n,
+            None => sums.push((label.to_string(), n)),
+        };
+        sources.retain(|s| match (s.read)() {
+            Some(n) => {
+                add(&s.label, n);
+                true
+            }
+            None => {
+                add(&s.label, 0);
+                false
+            }
+        });
+        for (label, sum) in sums {
+            self.gauge.with_label_values(&[&label]).set(clamp_i64(sum));
+        }
+    }
+}
+
+impl fmt::Debug for ObservedGauge {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.sources.lock().map(|s| s.len()).unwrap_or(0);
+        f.debug_struct("ObservedGauge")
+            .field("sources", &n)
+            .finish()
+    }
+}
+
+impl Collector for ObservedGauge {
+    fn desc(&self) -> Vec<&Desc> {
+        self.gauge.desc()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        self.refresh();
+        self.gauge.collect()
+    }
+}

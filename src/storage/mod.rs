@@ -1,5 +1,5 @@
 //! [`Storage`]: opens namespaces from one configuration, owns what they share, and is the one
-//! place that decides a namespace's stack (see [`stack`] for the layers and their order).
+//! place that decides a namespace's stack (`stack.rs` lists the layers and why they are in that order).
 //!
 //! Ownership: a `Storage` owns its Redis pool, its fallback journal and prober thread, its JSON
 //! directory lock, its write-behind queues (one per namespace), its lock capability

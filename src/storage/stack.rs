@@ -79,19 +79,25 @@ pub(super) fn build(
     };
     // 4. Write-behind. With a fallback, writes the queue cannot send before its shutdown
     // deadline go to the fallback's journal rather than being dropped.
-    let store: Arc<dyn KvStore> = match (write_behind, backend) {
-        (None, _) => store,
-        (
-            Some(config),
-            Backend::Redis {
-                fallback: Some(fb), ..
-            },
-        ) => Arc::new(WriteBehind::with_unsent_sink(
-            store,
-            config.clone(),
-            fb.fallback.clone(),
-        )),
-        (Some(config), _) => Arc::new(WriteBehind::new(store, config.clone())),
+    let store: Arc<dyn KvStore> = match write_behind {
+        None => store,
+        Some(config) => {
+            let queue = Arc::new(match backend {
+                Backend::Redis {
+                    fallback: Some(fb), ..
+                } => WriteBehind::with_unsent_sink(store, config.clone(), fb.fallback.clone()),
+                _ => WriteBehind::new(store, config.clone()),
+            });
+            // Observed from outside: the metrics read the depth at scrape time, weakly.
+            #[cfg(feature = "metrics")]
+            if let Some(m) = metrics {
+                let weak = Arc::downgrade(&queue);
+                m.watch_write_behind_depth(namespace, move || {
+                    weak.upgrade().map(|q| q.stats_snapshot().queue_depth)
+                });
+            }
+            queue
+        }
     };
     // 5. Metrics, outermost.
     #[cfg(feature = "metrics")]
