@@ -24,7 +24,7 @@
 //! - `error`: the error type and its `is_*` helpers.
 //! - `config`: configuration, builder, environment variables, redacted `Debug`.
 //! - `storage`: `Storage` and its builder; `storage::stack`, the one place layers are composed
-//!   (backend → [retry] → fallback | dual write → write-behind → metrics); `storage::locks`,
+//!   (backend → retry slot → fallback | dual write → write-behind → metrics); `storage::locks`,
 //!   the lock capability (Redis `SET NX PX` through the backend's pool, in-process for JSON).
 //! - `codec`: values to bytes for Redis (plain JSON, or lz4 behind a header), with its own
 //!   JSON writer and reader (serde_json's `Value` without its per-byte cost).

@@ -672,3 +672,37 @@ fn json_storage_reopens_at_once_after_drop() {
         }
     }
 }
+
+/// `open_from_env` calls share one process-wide `Storage` while the environment's configuration
+/// is unchanged and a handle lives: one directory lock (no `Error::Locked` between two calls),
+/// one stack per namespace; released with the last handle. The only test of this binary that
+/// sets the environment; the others build configurations from maps.
+#[test]
+fn open_from_env_shares_one_storage() {
+    let dir = tempfile::tempdir().unwrap();
+    std::env::set_var("STORAGE_KV_BACKEND", "json");
+    std::env::set_var("STORAGE_WORKING_DIR", dir.path());
+    let a = graphrag_kv::open_from_env("full_docs").unwrap();
+    let b = graphrag_kv::open_from_env("full_docs").unwrap();
+    assert!(Arc::ptr_eq(&a, &b));
+    let chunks = graphrag_kv::open_from_env("text_chunks").unwrap();
+    a.upsert(vec![("d".into(), json!(1))]).unwrap();
+    chunks.upsert(vec![("c".into(), json!(2))]).unwrap();
+    drop((a, b, chunks));
+    // All handles gone: saved, lock released; a plain `Storage` opens the directory.
+    let storage = Storage::from_env().unwrap();
+    assert_eq!(
+        storage
+            .namespace("full_docs")
+            .unwrap()
+            .get_by_id("d")
+            .unwrap(),
+        Some(json!(1))
+    );
+    drop(storage);
+    let again = graphrag_kv::open_from_env("text_chunks").unwrap();
+    assert_eq!(again.get_by_id("c").unwrap(), Some(json!(2)));
+    drop(again);
+    std::env::remove_var("STORAGE_KV_BACKEND");
+    std::env::remove_var("STORAGE_WORKING_DIR");
+}

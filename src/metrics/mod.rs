@@ -11,7 +11,7 @@
 //! | `redis_operation_duration_seconds` | histogram (50 µs .. 1 s) | `namespace`, `operation` | [`Metered`] |
 //! | `redis_errors_total` | counter | `namespace`, `operation`, `kind` (`timeout`, `connection`, `decode`, `other`) | [`Metered`], failed calls |
 //! | `redis_cache_hits_total` / `redis_cache_misses_total` | counter | `namespace` | [`Metered`], ids found / not found by `get_by_id(s)` |
-//! | `redis_memory_usage_bytes` | gauge (sampled) | `namespace` | [`Metered::stats`], [`Metered::sample_memory`] |
+//! | `redis_memory_usage_bytes` | gauge (sampled) | `namespace` | `stats` through [`Metered`], [`Metered::sample_memory`] |
 //! | `redis_namespace_keys` | gauge | `namespace` | as above |
 //! | `redis_connection_pool_size` | gauge | `status` = `active` / `idle` | [`PoolGauge`] sources, read at scrape time |
 //! | `redis_retries_total` | counter | | [`RedisShared::retries_total`], read at scrape time ([`Metrics::watch_retries`]) |
