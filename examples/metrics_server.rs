@@ -148,8 +148,11 @@ fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let registry = Registry::new();
     let metrics = Metrics::new(&registry)?;
     let storage = Storage::from_env()?;
+    // The stores are metered by hand below (the example samples their memory); the pool's
+    // size and the backend's retries are read from it at scrape time.
     if let Some(shared) = storage.redis() {
         metrics.pool().watch_redis(shared);
+        metrics.watch_retries(shared);
     }
     let stores: Vec<Arc<Metered<Arc<dyn KvStore>>>> = NAMESPACES
         .iter()

@@ -9,8 +9,6 @@ use std::sync::{Arc, Mutex};
 use serde_json::Value;
 
 use crate::error::{display_id, Result};
-#[cfg(feature = "metrics")]
-use crate::metrics::Metrics;
 use crate::store::{Item, KvStore, NamespaceStats};
 
 /// How many ids a divergence warning names; the rest are counted.
@@ -24,7 +22,7 @@ pub(crate) type WriteOrder = Arc<Mutex<()>>;
 /// The primary is the store in service: its answer is the caller's answer, its errors are the
 /// caller's errors. The secondary follows: when a write succeeded on the primary but failed on
 /// the secondary, the call still succeeds, the divergence is counted ([`DualWrite::divergences`],
-/// and `redis_dual_write_divergences_total` with `DualWrite::with_metrics`, feature `metrics`)
+/// which `redis_dual_write_divergences_total` reads at scrape time, feature `metrics`)
 /// and logged at `warn` with the namespace and ids, and `graphrag-kv verify` / `migrate` find and repair it.
 /// When the primary fails, the secondary is not written: the caller sees the error exactly as
 /// without dual-write, and retries.
@@ -32,9 +30,9 @@ pub(crate) type WriteOrder = Arc<Mutex<()>>;
 /// Writes (`upsert`, `delete_by_ids`, `clear`) are serialized per `DualWrite`, so two threads
 /// writing the same id leave both stores with the same last value; without that, the two stores
 /// could apply the two writes in opposite orders and diverge silently. Reads are not serialized.
-/// Every `DualWrite` that [`crate::Storage::namespace`] builds for one namespace of one
-/// `Storage` (and its clones) shares one order, so two handles of a namespace are ordered
-/// too. Two `DualWrite`s built by hand, or by two separately opened `Storage`s, are not
+/// Every handle that [`crate::Storage::namespace`] returns for one namespace of one
+/// `Storage` (and its clones) is the same `DualWrite`, so two handles of a namespace are
+/// ordered too. Two `DualWrite`s built by hand, or by two separately opened `Storage`s, are not
 /// ordered against each other: open the namespace from one `Storage`.
 /// This only orders writes of one process, which is enough while a JSON store is one of the two:
 /// its directory lock allows one writing process.
@@ -75,17 +73,16 @@ pub struct DualWrite<P, S> {
     /// Names for log lines (`json`, `redis`, ...).
     primary_name: String,
     secondary_name: String,
-    /// Writes that succeeded on the primary only.
-    divergences: AtomicU64,
+    /// Writes that succeeded on the primary only. An `Arc` so that observers (the metrics,
+    /// through [`DualWrite::divergences_source`]) read it from outside at scrape time: this
+    /// wrapper never pushes into them.
+    divergences: Arc<AtomicU64>,
     /// Held across the primary's and the secondary's write so both apply writes in one order.
     /// A `std::sync::Mutex` rather than a channel to a writer thread: the caller must see the
     /// primary's result synchronously, and the lock is uncontended for a single-writer indexer.
-    /// Shared (an `Arc`) by every handle `Storage` opens for the namespace: a lock per handle
-    /// would let two handles apply the same ids in opposite orders.
+    /// `Storage` builds one `DualWrite` per namespace and hands it to every caller: a lock per
+    /// handle would let two handles apply the same ids in opposite orders.
     write_order: WriteOrder,
-    /// Where divergences are also counted, if anywhere.
-    #[cfg(feature = "metrics")]
-    metrics: Option<Metrics>,
 }
 
 impl<P, S> fmt::Debug for DualWrite<P, S> {
@@ -115,18 +112,9 @@ impl<P: KvStore, S: KvStore> DualWrite<P, S> {
             secondary,
             primary_name: "primary".into(),
             secondary_name: "secondary".into(),
-            divergences: AtomicU64::new(0),
+            divergences: Arc::default(),
             write_order: WriteOrder::default(),
-            #[cfg(feature = "metrics")]
-            metrics: None,
         }
-    }
-
-    /// Orders this store's writes with every other `DualWrite` holding `order` (all the
-    /// handles of one namespace).
-    pub(crate) fn with_write_order(mut self, order: WriteOrder) -> Self {
-        self.write_order = order;
-        self
     }
 
     /// Names the two stores in log lines (e.g. `json` and `redis`). Defaults to `primary` and
@@ -137,11 +125,12 @@ impl<P: KvStore, S: KvStore> DualWrite<P, S> {
         self
     }
 
-    /// Also counts divergences in `redis_dual_write_divergences_total{namespace}`.
-    #[cfg(feature = "metrics")]
-    pub fn with_metrics(mut self, metrics: &Metrics) -> Self {
-        self.metrics = Some(metrics.clone());
-        self
+    /// A reader of [`DualWrite::divergences`] for observers outside the stack, such as
+    /// `Metrics::watch_divergences` (feature `metrics`), which call it at scrape time. It keeps
+    /// only the counter alive, not the stores.
+    pub fn divergences_source(&self) -> impl Fn() -> Option<u64> + Send + Sync + 'static {
+        let counter = self.divergences.clone();
+        move || Some(counter.load(Ordering::Relaxed))
     }
 
     /// Writes (and checkpoints) that succeeded on the primary and failed on the secondary since
@@ -187,10 +176,6 @@ impl<P: KvStore, S: KvStore> DualWrite<P, S> {
 
     fn diverged(&self, operation: &str, ids: &[&str], error: &str) {
         self.divergences.fetch_add(1, Ordering::Relaxed);
-        #[cfg(feature = "metrics")]
-        if let Some(m) = &self.metrics {
-            m.record_divergence(self.primary.namespace());
-        }
         let mut named: Vec<String> = ids
             .iter()
             .take(IDS_IN_WARNING)

@@ -72,7 +72,7 @@ pub enum Error {
 
     /// Another process holds the write lock on a JSON working directory.
     #[error(
-        "working directory {} is locked for writing by another process (lock file {}); \
+        "working directory {} is locked for writing by another process or another open Storage (lock file {}); \
          stop that process or use a read-only command",
         dir.display(),
         lock_file.display()

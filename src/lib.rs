@@ -12,14 +12,20 @@
 //!   many threads through `&self`. Every operation returns a [`Result`]: a failure is never
 //!   reported as a missing key.
 //! - [`KvStoreExt`]: typed conveniences through serde ([`TextChunk`], [`LlmCacheEntry`], yours).
-//! - [`Storage`]: opens namespaces from one [`StoreConfig`] (builder or environment), sharing one
-//!   Redis pool or one JSON directory lock between them.
+//! - [`Storage`]: opens namespaces from one [`StoreConfig`] (builder or environment) and owns
+//!   what they share: one Redis pool or one JSON directory lock, the fallback journal, one
+//!   write-behind queue per namespace, the cross-process locks ([`Storage::locks`]).
+//!   [`Storage::builder`] chooses metrics before anything is opened; [`Storage::close`]
+//!   flushes, checkpoints and reports errors.
 //!
 //! ## Layout
 //!
 //! - `store`: the trait, the typed extension, namespace and id rules.
 //! - `error`: the error type and its `is_*` helpers.
 //! - `config`: configuration, builder, environment variables, redacted `Debug`.
+//! - `storage`: `Storage` and its builder; `storage::stack`, the one place layers are composed
+//!   (backend, which retries → fallback | dual write → write-behind → metrics); `storage::locks`,
+//!   the lock capability (Redis `SET NX PX` through the backend's pool, in-process for JSON).
 //! - `codec`: values to bytes for Redis (plain JSON, or lz4 behind a header), with its own
 //!   JSON writer and reader (serde_json's `Value` without its per-byte cost).
 //! - `backend::json_file`: nano-graphrag's `kv_store_{namespace}.json` files.
@@ -29,10 +35,13 @@
 //! - `write_behind`: `WriteBehind<S>`, writes queued and sent in batches by a background
 //!   thread, with read-your-writes.
 //! - `dual_write`: `DualWrite<P, S>`, one namespace written to two stores during a migration.
-//! - `metrics`: Prometheus metrics: the `Metered<S>` wrapper, pool and server gauges.
+//! - `metrics`: Prometheus metrics: the `Metered<S>` wrapper (`metrics::metered`), and what is
+//!   read from the layers at scrape time: pool sizes, retries, queue depths, divergences
+//!   (`metrics::observe`), server gauges.
 //! - `migrate`: copying and comparing namespaces between backends (`migrate`, `verify`).
 //! - `llm`: the LLM interface, a deterministic local stand-in, an OpenAI-compatible client.
-//! - `llm_cache`: `LlmCache`, the shared response cache with single-flight across processes.
+//! - `llm_cache`: `LlmCache`, the shared response cache with single-flight across processes,
+//!   through the stack's locks.
 //! - `llm_hash`: nano-graphrag's id and LLM-cache key hashing, byte for byte.
 //! - `bin/graphrag-kv`: the command line.
 //!
@@ -72,8 +81,7 @@
 //!   Enables `metrics`, which `graphrag-kv stats` reads server figures through. Library users
 //!   turn it off with `default-features = false`.
 //! - `metrics`: Prometheus metrics on `prometheus` (without its protobuf support): the
-//!   `metrics` module, `Metered`, `Metrics`, `Storage::with_metrics`,
-//!   `DualWrite::with_metrics`.
+//!   `metrics` module, `Metered`, `Metrics`, `StorageBuilder::metrics`.
 //! - `openai`: `llm::OpenAiClient`, an OpenAI-compatible chat-completions client on `ureq`
 //!   (synchronous, rustls). Off by default.
 //!
@@ -93,8 +101,8 @@ pub mod llm_hash;
 #[cfg(feature = "metrics")]
 pub mod metrics;
 pub mod migrate;
-mod open;
 pub mod retry;
+pub mod storage;
 pub mod store;
 pub mod write_behind;
 
@@ -107,7 +115,7 @@ pub use dual_write::DualWrite;
 pub use error::{ConnectFailure, Error, Result};
 #[cfg(feature = "metrics")]
 pub use metrics::{Metered, Metrics};
-pub use open::{open_from_env, Storage};
+pub use storage::{open_from_env, LockGuard, Locks, Storage, StorageBuilder};
 pub use store::{
     validate_id, validate_namespace, FullDoc, Item, KvStore, KvStoreExt, LlmCacheEntry,
     NamespaceStats, TextChunk, COMMUNITY_REPORTS, FULL_DOCS, LLM_RESPONSE_CACHE, MAX_ID_BYTES,

@@ -27,8 +27,10 @@
 //! namespace's keys (`{prefix}:{namespace}:*`) include them: `all_keys`, `clear`, `stats`,
 //! export and migration never see a lock, and `list_namespaces` skips them.
 //!
-//! On the JSON backend only the in-process single-flight applies: a JSON working directory has
-//! one writing process at a time anyway (its directory lock).
+//! The lock is the one the stack offers ([`Storage::locks`]), taken through the storage's own
+//! pool, so the cache works the same over every stack (write-behind, fallback, metrics, TLS,
+//! cluster). On the JSON backend the locks are in-process: a JSON working directory has one
+//! writing process at a time anyway (its directory lock).
 //!
 //! # During a Redis outage
 //!
@@ -48,18 +50,15 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use serde_json::Value;
 
-use crate::backend::redis::RedisShared;
 use crate::error::{Error, Result};
 use crate::fallback::Fallback;
 use crate::llm::LlmClient;
 use crate::llm_hash::{compute_args_hash, Message};
-use crate::open::Storage;
+use crate::storage::{Locks, Storage};
 use crate::store::{KvStore, LLM_RESPONSE_CACHE};
 
 /// Counters of [`LlmCache::get_or_compute`] calls, as returned by [`LlmCache::stats`].
@@ -108,8 +107,9 @@ pub struct LlmCacheStats {
 /// ```
 pub struct LlmCache {
     store: Arc<dyn KvStore>,
-    /// The cross-process lock; `None` on JSON (in-process single-flight only).
-    lock: Option<RedisLock>,
+    /// The lock the stack offers (see [`Storage::locks`]); `None` for a cache built with
+    /// [`LlmCache::new`] alone (in-process single-flight only).
+    lock: Option<CacheLock>,
     /// The fallback under the store, if any: while it is offline (or when Redis fails with a
     /// connection error or timeout), `get_or_compute` degrades to in-process single-flight
     /// instead of failing, since the store still takes the answers.
@@ -130,7 +130,7 @@ impl std::fmt::Debug for LlmCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LlmCache")
             .field("namespace", &self.store.namespace())
-            .field("cross_process_lock", &self.lock.is_some())
+            .field("locks", &self.lock.as_ref().map(|l| &l.locks))
             .field("stats", &self.stats())
             .finish_non_exhaustive()
     }
@@ -144,8 +144,8 @@ impl LlmCache {
     pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(20);
 
     /// A cache over `store` (normally the `llm_response_cache` namespace) with in-process
-    /// single-flight only. Add [`LlmCache::with_redis_lock`] for processes sharing a Redis
-    /// store, or use [`LlmCache::open`], which does both.
+    /// single-flight only. Add [`LlmCache::with_locks`] for processes sharing a store, or use
+    /// [`LlmCache::open`], which does both.
     pub fn new(store: Arc<dyn KvStore>) -> LlmCache {
         LlmCache {
             store,
@@ -159,16 +159,15 @@ impl LlmCache {
         }
     }
 
-    /// The `llm_response_cache` namespace of `storage`, with the cross-process lock when the
-    /// backend is Redis, and riding out outages when it has a fallback (`KV_FALLBACK`).
+    /// The `llm_response_cache` namespace of `storage`, with the locks the storage offers
+    /// ([`Storage::locks`]: across processes on Redis, in-process on JSON), and riding out
+    /// outages when it has a fallback (`KV_FALLBACK`).
     ///
     /// # Errors
     /// As [`Storage::namespace`].
     pub fn open(storage: &Storage) -> Result<LlmCache> {
-        let mut cache = LlmCache::new(storage.namespace(LLM_RESPONSE_CACHE)?);
-        if let Some(shared) = storage.redis() {
-            cache = cache.with_redis_lock(shared.clone());
-        }
+        let mut cache =
+            LlmCache::new(storage.namespace(LLM_RESPONSE_CACHE)?).with_locks(storage.locks());
         if let Some(fallback) = storage.fallback() {
             cache = cache.with_fallback(fallback.clone());
         }
@@ -184,17 +183,11 @@ impl LlmCache {
         self
     }
 
-    /// Adds single-flight across processes through locks in `shared`'s Redis. `shared` must be
-    /// the Redis the store lives in (waiters poll the store for the holder's answer).
-    pub fn with_redis_lock(mut self, shared: Arc<RedisShared>) -> LlmCache {
-        let key_prefix = format!(
-            "{}::lock:{}:",
-            shared.config().key_prefix,
-            self.store.namespace()
-        );
-        self.lock = Some(RedisLock {
-            shared,
-            key_prefix,
+    /// Adds single-flight through `locks`, which must be the locks of the storage the store
+    /// lives in ([`Storage::locks`]): waiters poll the store for the holder's answer.
+    pub fn with_locks(mut self, locks: Arc<dyn Locks>) -> LlmCache {
+        self.lock = Some(CacheLock {
+            locks,
             ttl: Self::DEFAULT_LOCK_TTL,
             poll: Self::DEFAULT_POLL_INTERVAL,
         });
@@ -219,12 +212,12 @@ impl LlmCache {
         self
     }
 
-    /// The lock TTL, or `None` without a cross-process lock.
+    /// The lock TTL, or `None` without locks.
     pub fn lock_ttl(&self) -> Option<Duration> {
         self.lock.as_ref().map(|l| l.ttl)
     }
 
-    /// The pause between polls, or `None` without a cross-process lock.
+    /// The pause between polls, or `None` without locks.
     pub fn poll_interval(&self) -> Option<Duration> {
         self.lock.as_ref().map(|l| l.poll)
     }
@@ -239,11 +232,17 @@ impl LlmCache {
         compute_args_hash(model, messages)
     }
 
-    /// The Redis key of the lock guarding a prompt, or `None` without a cross-process lock.
+    /// The key other processes see the lock guarding a prompt under (the Redis key), or
+    /// `None` when the locks are in-process only or there are none.
     pub fn lock_key(&self, model: &str, messages: &[Message]) -> Option<String> {
-        self.lock
-            .as_ref()
-            .map(|l| l.key(&Self::key(model, messages)))
+        let lock = self.lock.as_ref()?;
+        lock.locks.key(&self.lock_name(&Self::key(model, messages)))
+    }
+
+    /// The name of a prompt's lock: `{namespace}:{hash}` (Redis key
+    /// `{prefix}::lock:{namespace}:{hash}`).
+    fn lock_name(&self, cache_key: &str) -> String {
+        format!("{}:{cache_key}", self.store.namespace())
     }
 
     /// The cached answer to a prompt, if any. Does not touch the counters.
@@ -409,7 +408,7 @@ impl LlmCache {
                 self.degrade(&"the fallback journal is taking the writes");
                 return self.compute(key, model, f).map(Some);
             }
-            let held = match lock.try_acquire(key) {
+            let held = match lock.locks.try_lock(&self.lock_name(key), lock.ttl) {
                 Ok(held) => held,
                 Err(e) if self.rides_out(&e) => {
                     self.degrade(&e);
@@ -524,6 +523,13 @@ impl LlmCache {
     }
 }
 
+/// The locks of the cache and how it uses them.
+struct CacheLock {
+    locks: Arc<dyn Locks>,
+    ttl: Duration,
+    poll: Duration,
+}
+
 /// Whether a caller waits for another caller computing the same prompt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Wait {
@@ -590,184 +596,5 @@ impl Drop for FlightGuard<'_> {
         {
             flights.remove(self.key);
         }
-    }
-}
-
-// The lock scripts run with EVAL, not EVALSHA: they are tiny, and EVAL needs no SCRIPT LOAD,
-// which a cluster would route to another node than the key's.
-
-/// Takes the lock, or renews it when the caller already owns it (so a retry after a lost reply
-/// is harmless): 1 when the caller owns the lock afterwards, 0 when someone else does.
-const ACQUIRE: &str =
-    "if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end \
-     if redis.call('GET', KEYS[1]) == ARGV[1] then \
-       redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 \
-     end \
-     return 0";
-
-/// Extends the lock's TTL only if the caller still owns it.
-const RENEW: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
-       return redis.call('PEXPIRE', KEYS[1], ARGV[2]) \
-     end \
-     return 0";
-
-/// Deletes the lock only if the caller still owns it.
-const RELEASE: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
-       return redis.call('DEL', KEYS[1]) \
-     end \
-     return 0";
-
-/// `EVAL script 1 key token [ttl_ms]`.
-fn eval(script: &str, key: &str, token: &str, ttl_ms: Option<u64>) -> redis::Cmd {
-    let mut cmd = redis::cmd("EVAL");
-    cmd.arg(script).arg(1).arg(key).arg(token);
-    if let Some(ms) = ttl_ms {
-        cmd.arg(ms);
-    }
-    cmd
-}
-
-/// Cross-process locks in Redis, one per cache key.
-struct RedisLock {
-    shared: Arc<RedisShared>,
-    /// `{prefix}::lock:{namespace}:`.
-    key_prefix: String,
-    ttl: Duration,
-    poll: Duration,
-}
-
-impl RedisLock {
-    fn key(&self, cache_key: &str) -> String {
-        format!("{}{cache_key}", self.key_prefix)
-    }
-
-    /// Takes the lock of `cache_key`: `Some` (holding it, renewed in the background until
-    /// dropped) or `None` when another owner holds it.
-    fn try_acquire(&self, cache_key: &str) -> Result<Option<HeldLock>> {
-        let key = self.key(cache_key);
-        let token = owner_token();
-        let ttl_ms = millis(self.ttl);
-        let namespace = LLM_RESPONSE_CACHE;
-        let acquire = eval(ACQUIRE, &key, &token, Some(ttl_ms));
-        let owned: i64 = self
-            .shared
-            .with_conn("llm_cache_lock", namespace, |c| acquire.query(c))?;
-        if owned != 1 {
-            return Ok(None);
-        }
-        let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
-        let renewer = {
-            let shared = self.shared.clone();
-            let (key, token) = (key.clone(), token.clone());
-            let every = self.ttl / 3;
-            std::thread::Builder::new()
-                .name("llm-cache-lock".into())
-                .spawn(move || renew_until_stopped(&shared, &key, &token, ttl_ms, every, stopped))
-                .map_err(|e| Error::Unavailable {
-                    namespace: namespace.into(),
-                    reason: format!("cannot start the lock renewal thread: {e}"),
-                })?
-        };
-        Ok(Some(HeldLock {
-            shared: self.shared.clone(),
-            key,
-            token,
-            stop: Some(stop),
-            renewer: Some(renewer),
-        }))
-    }
-}
-
-/// Renews the lock every `every` until the sender is dropped. A failed renewal is logged: the
-/// lock may then expire while the LLM works, and another process may compute the same prompt
-/// (a duplicate call, never a wrong answer).
-fn renew_until_stopped(
-    shared: &RedisShared,
-    key: &str,
-    token: &str,
-    ttl_ms: u64,
-    every: Duration,
-    stopped: Receiver<()>,
-) {
-    loop {
-        match stopped.recv_timeout(every) {
-            Err(RecvTimeoutError::Timeout) => {}
-            Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
-        }
-        let renew = eval(RENEW, key, token, Some(ttl_ms));
-        let renewed: Result<i64> =
-            shared.with_conn("llm_cache_lock", LLM_RESPONSE_CACHE, |c| renew.query(c));
-        match renewed {
-            Ok(1) => {}
-            Ok(_) => {
-                log::warn!("lost the LLM cache lock {key} (it expired); another process may compute the same prompt");
-                return;
-            }
-            Err(e) => log::warn!("cannot renew the LLM cache lock {key}: {e}"),
-        }
-    }
-}
-
-/// A lock this process owns. Dropping it stops the renewal thread (and joins it), then
-/// releases the lock if it is still ours.
-struct HeldLock {
-    shared: Arc<RedisShared>,
-    key: String,
-    token: String,
-    /// Dropped to stop the renewal thread: a closed channel wakes it at once.
-    stop: Option<Sender<()>>,
-    renewer: Option<JoinHandle<()>>,
-}
-
-impl Drop for HeldLock {
-    fn drop(&mut self) {
-        drop(self.stop.take());
-        if let Some(t) = self.renewer.take() {
-            let _ = t.join();
-        }
-        let release = eval(RELEASE, &self.key, &self.token, None);
-        let released: Result<i64> =
-            self.shared
-                .with_conn("llm_cache_lock", LLM_RESPONSE_CACHE, |c| release.query(c));
-        if let Err(e) = released {
-            // Not fatal: the lock expires by itself; waiters see the answer before that anyway.
-            log::warn!("cannot release the LLM cache lock {}: {e}", self.key);
-        }
-    }
-}
-
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
-}
-
-/// A token no other lock owner uses: 128 random bits, the process id and a counter.
-fn owner_token() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    // RandomState is seeded randomly per instance: enough randomness without a rand crate.
-    let r = || {
-        std::collections::hash_map::RandomState::new()
-            .build_hasher()
-            .finish()
-    };
-    format!(
-        "{:016x}{:016x}-{}-{}",
-        r(),
-        r(),
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn owner_tokens_differ() {
-        let a = owner_token();
-        let b = owner_token();
-        assert_ne!(a, b);
-        assert!(a.len() >= 34, "{a}");
     }
 }

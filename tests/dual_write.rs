@@ -154,7 +154,8 @@ fn secondary_failure_is_a_counted_divergence_not_an_error() {
     let mut b = both();
     let registry = prometheus::Registry::new();
     let metrics = Metrics::new(&registry).unwrap();
-    let dual = b.json_primary("text_chunks").with_metrics(&metrics);
+    let dual = b.json_primary("text_chunks");
+    metrics.watch_divergences("text_chunks", dual.divergences_source());
     dual.upsert(vec![("before".into(), json!("both"))]).unwrap();
     assert_eq!(dual.divergences(), 0);
 
@@ -306,9 +307,10 @@ fn storage_with_metrics_counts_calls() {
         .working_dir(dir.path())
         .build()
         .unwrap();
-    let storage = graphrag_kv::Storage::open(&config)
-        .unwrap()
-        .with_metrics(&metrics);
+    let storage = graphrag_kv::Storage::builder(&config)
+        .metrics(&metrics)
+        .open()
+        .unwrap();
     let s = storage.namespace("text_chunks").unwrap();
     s.upsert(vec![("a".into(), serde_json::json!(1))]).unwrap();
     s.get_by_id("a").unwrap();
@@ -349,17 +351,11 @@ fn two_handles_racing_on_the_same_ids_leave_both_stores_identical() {
     let handles: Vec<_> = (0..HANDLES)
         .map(|_| storage.namespace("full_docs").unwrap())
         .collect();
-    // The two stores underneath, read directly: the JSON directory is shared within the
-    // process, Redis is reached under the same prefix.
-    let json = Storage::open(
-        &StoreConfig::builder()
-            .working_dir(dir.path())
-            .build()
-            .unwrap(),
-    )
-    .unwrap()
-    .namespace("full_docs")
-    .unwrap();
+    // The two stores underneath: the JSON side through the dual storage itself (reads come
+    // from the primary, JSON by default; the directory has one writing Storage), Redis
+    // directly under the same prefix.
+    assert_eq!(storage.backend(), BackendKind::Json);
+    let json = storage.namespace("full_docs").unwrap();
     let redis = Storage::open(
         &StoreConfig::builder()
             .backend(BackendKind::Redis)

@@ -166,17 +166,25 @@ fn lock_probe_child() {
     ));
 }
 
+/// One writing `Storage` per directory: its handles share one map; a second writing
+/// `Storage` of the same directory in the same process is refused like a second process
+/// (no process-wide registry to share it through), and allowed once the first is gone.
 #[test]
-fn same_directory_twice_in_one_process_shares_one_map() {
+fn same_directory_twice_in_one_process_is_one_storage() {
     let dir = tempfile::tempdir().unwrap();
     let config = StoreConfig::builder()
         .working_dir(dir.path())
         .build()
         .unwrap();
-    let a = Storage::open(&config).unwrap().namespace("ns").unwrap();
-    let b = Storage::open(&config).unwrap().namespace("ns").unwrap();
+    let storage = Storage::open(&config).unwrap();
+    let a = storage.namespace("ns").unwrap();
+    let b = storage.namespace("ns").unwrap();
     a.upsert(vec![("k".into(), json!("v"))]).unwrap();
     assert_eq!(b.get_by_id("k").unwrap(), Some(json!("v")));
+    assert!(matches!(Storage::open(&config), Err(Error::Locked { .. })));
+    drop((a, b, storage));
+    let again = Storage::open(&config).unwrap().namespace("ns").unwrap();
+    assert_eq!(again.get_by_id("k").unwrap(), Some(json!("v")));
 }
 
 #[test]

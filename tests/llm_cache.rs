@@ -472,11 +472,49 @@ fn holder_renews_its_lock_while_the_llm_is_slow() {
 }
 
 #[test]
-fn json_cache_has_no_cross_process_lock() {
+fn json_cache_has_in_process_locks_only() {
     let (_dir, storage) = json_storage();
     let cache = LlmCache::open(&storage).unwrap();
+    // The JSON stack offers locks too (the same code path as Redis), seen by no other process.
     assert_eq!(cache.lock_key("m", &prompt("x")), None);
-    assert_eq!(cache.lock_ttl(), None);
+    assert_eq!(cache.lock_ttl(), Some(LlmCache::DEFAULT_LOCK_TTL));
+    assert_eq!(
+        cache
+            .get_or_compute("m", &prompt("x"), || Ok("a".into()))
+            .unwrap(),
+        "a"
+    );
+    assert_eq!(storage.locks().key("llm_response_cache:k"), None);
+}
+
+/// Two caches over one JSON storage (two parts of one program) share its in-process locks:
+/// while one computes a prompt, the other waits for its answer instead of paying again.
+#[test]
+fn two_json_caches_of_one_storage_pay_once() {
+    let (_dir, storage) = json_storage();
+    let caches = [
+        LlmCache::open(&storage).unwrap(),
+        LlmCache::open(&storage).unwrap(),
+    ];
+    let calls = AtomicUsize::new(0);
+    let started = std::sync::Barrier::new(2);
+    std::thread::scope(|scope| {
+        for cache in &caches {
+            let (calls, started) = (&calls, &started);
+            scope.spawn(move || {
+                started.wait();
+                let answer = cache
+                    .get_or_compute("m", &prompt("shared"), || {
+                        calls.fetch_add(1, Ordering::SeqCst);
+                        std::thread::sleep(Duration::from_millis(100));
+                        Ok("once".into())
+                    })
+                    .unwrap();
+                assert_eq!(answer, "once");
+            });
+        }
+    });
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
 
 #[test]

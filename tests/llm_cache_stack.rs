@@ -1,7 +1,7 @@
-//! `LlmCache` over the whole stack a deployment runs (`KV_WRITE_BEHIND=true`,
-//! `KV_FALLBACK=json`, Redis): single-flight between real processes, round after round, and
-//! in-process single-flight with a warning when Redis is down and the fallback journal takes
-//! the writes.
+//! `LlmCache` over every Redis stack a deployment runs (plain, `KV_WRITE_BEHIND=true`,
+//! `KV_FALLBACK=json`, both, both with metrics): single-flight between real processes, round
+//! after round, through the lock the stack offers (`Storage::locks`); and in-process
+//! single-flight with a warning when Redis is down and the fallback journal takes the writes.
 
 mod support;
 
@@ -28,14 +28,15 @@ fn prompt(text: &str) -> Vec<Message> {
 // ---------------------------------------------------------------------------------------------
 // Four processes, several rounds
 
-/// Set (to the child's number) in the environment of the child processes of
-/// [`four_processes_with_write_behind_and_fallback_pay_once_per_prompt`]: the same test then
-/// runs the child's part instead of the parent's, so run alone it is the whole test.
+/// Set (to the child's number) in the environment of the child processes of the tests below:
+/// the same test then runs the child's part instead of the parent's, so run alone it is the
+/// whole test.
 const CHILD_ENV: &str = "LLM_CACHE_STACK_CHILD";
-const TEST_NAME: &str = "four_processes_with_write_behind_and_fallback_pay_once_per_prompt";
+/// Set in the children's environment when their storage counts into metrics.
+const METRICS_ENV: &str = "LLM_CACHE_STACK_METRICS";
 const PROCESSES: usize = 4;
 const THREADS_PER_PROCESS: usize = 2;
-const ROUNDS: usize = 5;
+const ROUNDS: usize = 3;
 const PROMPTS_PER_ROUND: usize = 8;
 /// How long the stand-in LLM takes to answer.
 const LLM_LATENCY: Duration = Duration::from_millis(50);
@@ -51,7 +52,49 @@ fn round_answer(round: usize, i: usize) -> String {
 }
 
 #[test]
+fn four_processes_on_plain_redis_pay_once_per_prompt() {
+    four_processes("four_processes_on_plain_redis_pay_once_per_prompt", &[]);
+}
+
+#[test]
+fn four_processes_with_write_behind_pay_once_per_prompt() {
+    four_processes(
+        "four_processes_with_write_behind_pay_once_per_prompt",
+        &[("KV_WRITE_BEHIND", "true")],
+    );
+}
+
+#[test]
+fn four_processes_with_fallback_pay_once_per_prompt() {
+    four_processes(
+        "four_processes_with_fallback_pay_once_per_prompt",
+        &[("KV_FALLBACK", "json")],
+    );
+}
+
+#[test]
 fn four_processes_with_write_behind_and_fallback_pay_once_per_prompt() {
+    four_processes(
+        "four_processes_with_write_behind_and_fallback_pay_once_per_prompt",
+        &[("KV_WRITE_BEHIND", "true"), ("KV_FALLBACK", "json")],
+    );
+}
+
+#[test]
+fn four_processes_with_write_behind_fallback_and_metrics_pay_once_per_prompt() {
+    four_processes(
+        "four_processes_with_write_behind_fallback_and_metrics_pay_once_per_prompt",
+        &[
+            ("KV_WRITE_BEHIND", "true"),
+            ("KV_FALLBACK", "json"),
+            (METRICS_ENV, "1"),
+        ],
+    );
+}
+
+/// Runs `test_name` (the calling test) as `PROCESSES` children over one Redis, with the
+/// variables `stack` adds, and checks each prompt of each round cost one LLM call in all.
+fn four_processes(test_name: &str, stack: &[(&str, &str)]) {
     if let Ok(child) = std::env::var(CHILD_ENV) {
         return child_process(child.parse().expect("the child's number"));
     }
@@ -62,15 +105,14 @@ fn four_processes_with_write_behind_and_fallback_pay_once_per_prompt() {
     let journal = dir.path().join("journal");
     let journal = journal.display().to_string();
     let working = dir.path().display().to_string();
-    let env = [
+    let mut env = vec![
         ("STORAGE_KV_BACKEND", "redis"),
         ("REDIS_URL", url.as_str()),
         ("REDIS_KEY_PREFIX", prefix.as_str()),
-        ("KV_WRITE_BEHIND", "true"),
-        ("KV_FALLBACK", "json"),
         ("KV_FALLBACK_DIR", journal.as_str()),
         ("STORAGE_WORKING_DIR", working.as_str()),
     ];
+    env.extend(stack.iter().copied());
     let children: Vec<_> = (0..PROCESSES)
         .map(|n| {
             let mut cmd = Command::new(std::env::current_exe().unwrap());
@@ -82,7 +124,7 @@ fn four_processes_with_write_behind_and_fallback_pay_once_per_prompt() {
                     cmd.env_remove(k);
                 }
             }
-            cmd.args(["--exact", TEST_NAME, "--nocapture", "--test-threads", "1"])
+            cmd.args(["--exact", test_name, "--nocapture", "--test-threads", "1"])
                 .envs(env.iter().copied())
                 .env(CHILD_ENV, n.to_string())
                 .stdout(Stdio::piped())
@@ -167,12 +209,22 @@ fn four_processes_with_write_behind_and_fallback_pay_once_per_prompt() {
 /// different prompt), and prints how many LLM calls this process made.
 fn child_process(child: usize) {
     let config = StoreConfig::from_env().unwrap();
-    assert!(config.write_behind.is_some(), "KV_WRITE_BEHIND is not on");
-    assert!(config.fallback.is_some(), "KV_FALLBACK is not on");
     let url = config.redis.url.clone();
     let prefix = config.redis.key_prefix.clone();
-    let storage = Storage::open(&config).unwrap();
+    #[cfg(feature = "metrics")]
+    let registry = prometheus::Registry::new();
+    #[allow(unused_mut)]
+    let mut builder = Storage::builder(&config);
+    #[cfg(feature = "metrics")]
+    if std::env::var_os(METRICS_ENV).is_some() {
+        builder = builder.metrics(&graphrag_kv::Metrics::new(&registry).unwrap());
+    }
+    let storage = builder.open().unwrap();
     let cache = Arc::new(LlmCache::open(&storage).unwrap());
+    assert!(
+        cache.lock_key("m", &prompt("x")).is_some(),
+        "the Redis stack offers cross-process locks"
+    );
     let mut barrier = redis::Client::open(url).unwrap().get_connection().unwrap();
 
     for round in 0..ROUNDS {
@@ -219,10 +271,19 @@ fn child_process(child: usize) {
             calls.load(Ordering::SeqCst)
         );
     }
-    assert!(
-        storage.fallback().unwrap().is_online(),
-        "Redis was up all along"
-    );
+    if let Some(fallback) = storage.fallback() {
+        assert!(fallback.is_online(), "Redis was up all along");
+    }
+    #[cfg(feature = "metrics")]
+    if std::env::var_os(METRICS_ENV).is_some() {
+        let text = graphrag_kv::metrics::render(&registry);
+        assert!(
+            text.contains(
+                r#"redis_operations_total{namespace="llm_response_cache",operation="get_by_id"}"#
+            ),
+            "the metrics saw the cache's calls:\n{text}"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -443,7 +504,7 @@ fn flush_sends_queued_writes_through_every_layer() {
         .build()
         .unwrap();
     let metrics = graphrag_kv::Metrics::new(&prometheus::Registry::new()).unwrap();
-    let storage = Storage::open(&config).unwrap().with_metrics(&metrics);
+    let storage = Storage::builder(&config).metrics(&metrics).open().unwrap();
     let store = storage.namespace(LLM_RESPONSE_CACHE).unwrap();
     let plain = StoreConfig::builder()
         .backend(BackendKind::Redis)

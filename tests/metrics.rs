@@ -242,34 +242,28 @@ fn counters_move_with_operations_on_redis() {
     assert_eq!(http_get(addr, "/").0, 404);
 }
 
-/// `redis_retries_total` counts the backend's own retries: a pooled connection the server
-/// dropped fails once, the call is retried on a new one and succeeds.
+/// `redis_retries_total` counts the backend's own retries, read from the pool at scrape time:
+/// a pooled connection the server dropped fails once, the call is retried on a new one and
+/// succeeds.
 #[test]
 fn retries_of_the_backend_are_counted() {
     let server = RedisServer::start();
-    let storage = Storage::open(
-        &StoreConfig::builder()
-            .backend(BackendKind::Redis)
-            .redis_url(server.url())
-            .key_prefix(unique_prefix("retry"))
-            .retries(3)
-            .build()
-            .unwrap(),
-    )
-    .unwrap();
+    let config = StoreConfig::builder()
+        .backend(BackendKind::Redis)
+        .redis_url(server.url())
+        .key_prefix(unique_prefix("retry"))
+        .retries(3)
+        .build()
+        .unwrap();
     let registry = Registry::new();
     let metrics = Metrics::new(&registry).unwrap();
-    // Attached twice (a clone, then the same again): still counted once per retry.
-    let storage = storage
-        .with_metrics(&metrics.clone())
-        .with_metrics(&metrics);
+    let storage = Storage::builder(&config).metrics(&metrics).open().unwrap();
+    // Watched again from outside: still counted once per retry.
+    metrics.watch_retries(storage.redis().unwrap());
     let docs = storage.namespace("full_docs").unwrap();
     let retries = |registry: &Registry| {
         Scrape(graphrag_kv::metrics::render(registry))
-            .get(
-                "redis_retries_total",
-                &[("namespace", "full_docs"), ("operation", "get_by_id")],
-            )
+            .get("redis_retries_total", &[])
             .unwrap_or(0.0)
     };
     docs.upsert(vec![("d1".into(), json!({"content": "one"}))])
@@ -287,6 +281,11 @@ fn retries_of_the_backend_are_counted() {
         docs.get_by_id("d1").unwrap(),
         Some(json!({"content": "one"}))
     );
+    assert_eq!(retries(&registry), 1.0);
+    assert_eq!(storage.redis().unwrap().retries_total(), 1);
+    // The pool gone, what it counted stays counted.
+    drop(docs);
+    drop(storage);
     assert_eq!(retries(&registry), 1.0);
 }
 
@@ -358,7 +357,6 @@ fn json_backend_and_hooks_for_other_layers() {
     chunks.upsert(vec![("c".into(), json!("v"))]).unwrap();
     chunks.index_done_callback().unwrap();
     metrics.set_write_behind_queue_depth("text_chunks", 17);
-    metrics.record_retry("text_chunks", "upsert");
     let s = scrape(addr);
     let ns = [("namespace", "text_chunks")];
     assert_eq!(
@@ -372,7 +370,8 @@ fn json_backend_and_hooks_for_other_layers() {
         1.0
     );
     assert_eq!(s.value("redis_write_behind_queue_depth", &ns), 17.0);
-    assert_eq!(s.value("redis_retries_total", &ns), 1.0);
+    // No Redis: no retries to read.
+    assert_eq!(s.get("redis_retries_total", &[]).unwrap_or(0.0), 0.0);
     // No Redis: no pool and no server figures move.
     assert_eq!(
         s.value("redis_connection_pool_size", &[("status", "idle")]),
@@ -474,4 +473,44 @@ fn the_example_serves_metrics_that_move() {
     assert_eq!(n, 1);
     let (status, _) = http_get(addr, "/nothing");
     assert_eq!(status, 404);
+}
+
+/// A `Storage` built with metrics reports its write-behind queues' depth at scrape time: the
+/// layer keeps its own count, the metrics read it from outside.
+#[test]
+fn write_behind_depth_of_a_metered_storage_is_read_at_scrape_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = StoreConfig::builder()
+        .working_dir(dir.path())
+        .build()
+        .unwrap();
+    config.write_behind = Some(
+        graphrag_kv::WriteBehindConfig::builder()
+            .max_delay(std::time::Duration::from_secs(60))
+            .batch_items(100_000)
+            .build()
+            .unwrap(),
+    );
+    let registry = Registry::new();
+    let metrics = Metrics::new(&registry).unwrap();
+    let storage = Storage::builder(&config).metrics(&metrics).open().unwrap();
+    let docs = storage.namespace("full_docs").unwrap();
+    let depth = || {
+        Scrape(graphrag_kv::metrics::render(&registry)).value(
+            "redis_write_behind_queue_depth",
+            &[("namespace", "full_docs")],
+        )
+    };
+    for i in 0..3 {
+        docs.upsert(vec![(format!("d{i}"), json!(i))]).unwrap();
+    }
+    assert_eq!(depth(), 3.0);
+    docs.flush().unwrap();
+    assert_eq!(depth(), 0.0);
+    docs.upsert(vec![("d9".into(), json!(9))]).unwrap();
+    assert_eq!(depth(), 1.0);
+    // The queue gone (flushed by its drop), nothing is queued.
+    drop(docs);
+    assert_eq!(depth(), 0.0);
+    storage.close().unwrap();
 }

@@ -1,7 +1,10 @@
 //! The conformance suite over the stacks users run: `FallbackStore` (Redis up, and Redis down
-//! with every write journaled), `Metered` over Redis and over JSON, and the stacks
-//! `Storage::open` builds from the variables: `KV_WRITE_BEHIND`, `KV_FALLBACK`, both, and
-//! `STORAGE_KV_BACKEND=dual` with either primary, each without and with metrics.
+//! with every write journaled), `Metered` over Redis and over JSON, and every stack `Storage`
+//! builds from the variables: JSON and Redis alone and with `KV_WRITE_BEHIND`; Redis with
+//! `KV_FALLBACK` and with both; `STORAGE_KV_BACKEND=dual` with either primary; each without and
+//! with metrics (`Storage::builder(..).metrics(..)`). Then what a `Storage` owns: one
+//! write-behind queue per namespace, shared by its handles and not by another `Storage`;
+//! `close` reporting a failed flush; a JSON directory reopened at once after a drop.
 //!
 //! Configurations come from `StoreConfigBuilder::from_vars` (a map), never from the process
 //! environment: tests run in parallel threads.
@@ -309,9 +312,12 @@ fn metered_json() -> (Guard, impl Fn(&str) -> Arc<dyn KvStore>) {
     })
 }
 
-/// What a stack from the variables adds to a Redis backend.
+/// The stack built from the variables: what it adds to a Redis backend, or a JSON one.
 #[derive(Clone, Copy)]
 enum Stack {
+    Json,
+    JsonWriteBehind,
+    Redis,
     WriteBehind,
     Fallback,
     WriteBehindAndFallback,
@@ -319,24 +325,33 @@ enum Stack {
     DualRedisPrimary,
 }
 
-/// `Storage::open` of the variables for `stack` over a fresh redis-server (and fresh
-/// directories), with metrics when `metered`.
+/// `Storage` of the variables for `stack` over a fresh redis-server (none for JSON) and fresh
+/// directories, with metrics when `metered`.
 fn from_vars(stack: Stack, metered: bool) -> (Guard, impl Fn(&str) -> Arc<dyn KvStore>) {
-    let server = RedisServer::start();
+    let json = matches!(stack, Stack::Json | Stack::JsonWriteBehind);
+    let server = (!json).then(RedisServer::start);
     let work = tempfile::tempdir().unwrap();
     let journal = tempfile::tempdir().unwrap();
     let mut vars: Vec<(&str, String)> = vec![
-        ("STORAGE_KV_BACKEND", "redis".into()),
+        (
+            "STORAGE_KV_BACKEND",
+            if json { "json" } else { "redis" }.into(),
+        ),
         ("STORAGE_WORKING_DIR", work.path().display().to_string()),
-        ("REDIS_URL", server.url()),
         ("REDIS_KEY_PREFIX", unique_prefix("stacks")),
     ];
+    if let Some(server) = &server {
+        vars.push(("REDIS_URL", server.url()));
+    }
     let fallback = [
         ("KV_FALLBACK", "json".to_string()),
         ("KV_FALLBACK_DIR", journal.path().display().to_string()),
     ];
     match stack {
-        Stack::WriteBehind => vars.push(("KV_WRITE_BEHIND", "true".into())),
+        Stack::Json | Stack::Redis => {}
+        Stack::WriteBehind | Stack::JsonWriteBehind => {
+            vars.push(("KV_WRITE_BEHIND", "true".into()))
+        }
         Stack::Fallback => vars.extend(fallback),
         Stack::WriteBehindAndFallback => {
             vars.push(("KV_WRITE_BEHIND", "true".into()));
@@ -359,18 +374,25 @@ fn from_vars(stack: Stack, metered: bool) -> (Guard, impl Fn(&str) -> Arc<dyn Kv
     match stack {
         Stack::DualJsonPrimary | Stack::DualRedisPrimary => assert!(config.dual.is_some()),
         Stack::Fallback | Stack::WriteBehindAndFallback => assert!(config.fallback.is_some()),
-        Stack::WriteBehind => {}
+        Stack::Json | Stack::JsonWriteBehind | Stack::Redis | Stack::WriteBehind => {
+            assert!(config.dual.is_none() && config.fallback.is_none())
+        }
     }
-    if matches!(stack, Stack::WriteBehind | Stack::WriteBehindAndFallback) {
-        assert!(config.write_behind.is_some());
-    }
-    let mut storage = Storage::open(&config).unwrap();
+    assert_eq!(
+        config.write_behind.is_some(),
+        matches!(
+            stack,
+            Stack::WriteBehind | Stack::WriteBehindAndFallback | Stack::JsonWriteBehind
+        )
+    );
+    let mut builder = Storage::builder(&config);
     let mut registry = None;
     if metered {
         let (r, m) = metrics();
-        storage = storage.with_metrics(&m);
+        builder = builder.metrics(&m);
         registry = Some(r);
     }
+    let storage = builder.open().unwrap();
     let opened: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
     // Dual: at the end, the JSON and the Redis store hold the same data in every namespace.
     let check: Option<Box<dyn FnOnce()>> = match stack {
@@ -403,7 +425,7 @@ fn from_vars(stack: Stack, metered: bool) -> (Guard, impl Fn(&str) -> Arc<dyn Kv
     };
     let guard = Guard {
         check,
-        server: Some(server),
+        server,
         dirs: vec![work, journal],
         registry,
     };
@@ -475,6 +497,18 @@ mod offline_invalid_ids {
 support::conformance::conformance_tests!(metered_over_redis, metered_redis);
 support::conformance::conformance_tests!(metered_over_json, metered_json);
 
+support::conformance::conformance_tests!(env_json, || from_vars(Stack::Json, false));
+support::conformance::conformance_tests!(env_json_metered, || from_vars(Stack::Json, true));
+support::conformance::conformance_tests!(env_json_write_behind, || from_vars(
+    Stack::JsonWriteBehind,
+    false
+));
+support::conformance::conformance_tests!(env_json_write_behind_metered, || from_vars(
+    Stack::JsonWriteBehind,
+    true
+));
+support::conformance::conformance_tests!(env_redis, || from_vars(Stack::Redis, false));
+support::conformance::conformance_tests!(env_redis_metered, || from_vars(Stack::Redis, true));
 support::conformance::conformance_tests!(env_write_behind, || from_vars(Stack::WriteBehind, false));
 support::conformance::conformance_tests!(env_write_behind_metered, || from_vars(
     Stack::WriteBehind,
@@ -520,4 +554,173 @@ fn fallback_offline_stats_is_unavailable() {
             other => panic!("stats offline: expected Error::Unavailable, got {other:?}"),
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// What a `Storage` owns
+
+/// Write-behind that holds writes for a minute: what is read elsewhere before a flush came
+/// through the queue's overlay, not from Redis.
+fn slow_write_behind() -> graphrag_kv::WriteBehindConfig {
+    graphrag_kv::WriteBehindConfig::builder()
+        .max_delay(Duration::from_secs(60))
+        .batch_items(100_000)
+        .flush_timeout(Duration::from_secs(3))
+        .build()
+        .unwrap()
+}
+
+/// Two `namespace()` handles of one `Storage` are one stack: a write queued through one is
+/// read back through the other (one read-your-writes overlay). Another `Storage` has its own
+/// queue: it sees the write only once the first one's queue is flushed.
+#[test]
+fn handles_of_one_storage_share_one_write_behind_queue_and_storages_do_not() {
+    let server = RedisServer::start();
+    let mut config = redis_config(&server.url());
+    config.write_behind = Some(slow_write_behind());
+    let storage = Storage::open(&config).unwrap();
+    let other = Storage::open(&config).unwrap();
+    let a = storage.namespace("full_docs").unwrap();
+    let b = storage.clone().namespace("full_docs").unwrap();
+    assert!(Arc::ptr_eq(&a, &b), "one stack per namespace per storage");
+    let c = other.namespace("full_docs").unwrap();
+    assert!(!Arc::ptr_eq(&a, &c), "two storages share nothing");
+
+    a.upsert(vec![("d1".into(), json!("queued"))]).unwrap();
+    assert_eq!(b.get_by_id("d1").unwrap(), Some(json!("queued")));
+    assert_eq!(
+        c.get_by_id("d1").unwrap(),
+        None,
+        "the other storage's queue is its own"
+    );
+    b.flush().unwrap();
+    assert_eq!(c.get_by_id("d1").unwrap(), Some(json!("queued")));
+
+    // A handle dropped and opened again while another lives: still the same queue.
+    drop(b);
+    a.upsert(vec![("d2".into(), json!("queued"))]).unwrap();
+    let again = storage.namespace("full_docs").unwrap();
+    assert_eq!(again.get_by_id("d2").unwrap(), Some(json!("queued")));
+    storage.close().unwrap();
+    other.close().unwrap();
+}
+
+/// `close` flushes the queues and reports what failed: here the server is gone with a write
+/// still queued, so the flush fails with the connection error, instead of the write vanishing
+/// into a log line at drop.
+#[test]
+fn close_reports_a_failed_flush() {
+    let mut server = RedisServer::start();
+    let mut config = redis_config(&server.url());
+    config.write_behind = Some(slow_write_behind());
+    let storage = Storage::open(&config).unwrap();
+    let docs = storage.namespace("full_docs").unwrap();
+    docs.upsert(vec![("d1".into(), json!("never sent"))])
+        .unwrap();
+    server.kill();
+    let err = storage.close().expect_err("the flush cannot succeed");
+    assert!(
+        err.is_connection() || err.is_timeout(),
+        "a connection failure, got {err:?}"
+    );
+}
+
+/// `close` of a healthy storage saves everything: the JSON file holds the writes at once.
+#[test]
+fn close_saves_json_and_flushes_write_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = StoreConfig::builder()
+        .working_dir(dir.path())
+        .build()
+        .unwrap();
+    config.write_behind = Some(slow_write_behind());
+    let storage = Storage::open(&config).unwrap();
+    let docs = storage.namespace("full_docs").unwrap();
+    docs.upsert(vec![("d1".into(), json!("saved"))]).unwrap();
+    storage.close().unwrap();
+    let text = std::fs::read_to_string(dir.path().join("kv_store_full_docs.json")).unwrap();
+    assert!(text.contains("saved"), "{text}");
+}
+
+/// Opening, dropping and reopening a JSON storage in a loop never meets its own lock: the
+/// last handle's drop flushes the queue, saves and releases the lock before it returns, so
+/// no retry or pause is needed (a process-wide registry used to race with that drop).
+#[test]
+fn json_storage_reopens_at_once_after_drop() {
+    let dir = tempfile::tempdir().unwrap();
+    for write_behind in [false, true] {
+        let mut config = StoreConfig::builder()
+            .working_dir(dir.path())
+            .build()
+            .unwrap();
+        if write_behind {
+            config.write_behind = Some(slow_write_behind());
+        }
+        for i in 0..40 {
+            let storage = Storage::open(&config).unwrap();
+            let docs = storage.namespace("full_docs").unwrap();
+            if i > 0 {
+                assert_eq!(docs.get_by_id("n").unwrap(), Some(json!(i - 1)));
+            }
+            docs.upsert(vec![("n".into(), json!(i))]).unwrap();
+            // Dropped from another thread half of the time: the drop is over when `join`
+            // returns, so the next open finds the lock free.
+            if i % 2 == 0 {
+                std::thread::spawn(move || drop((docs, storage)))
+                    .join()
+                    .unwrap();
+            } else {
+                drop((docs, storage));
+            }
+        }
+        let storage = Storage::open(&config).unwrap();
+        assert_eq!(
+            storage
+                .namespace("full_docs")
+                .unwrap()
+                .get_by_id("n")
+                .unwrap(),
+            Some(json!(39))
+        );
+        // A second writing storage of the same directory in this process is refused, as a
+        // second process would be.
+        match Storage::open(&config) {
+            Err(e @ Error::Locked { .. }) => assert!(e.to_string().contains("lock")),
+            other => panic!("expected Error::Locked, got {other:?}"),
+        }
+    }
+}
+
+/// `open_from_env` calls share one process-wide `Storage` while the environment's configuration
+/// is unchanged and a handle lives: one directory lock (no `Error::Locked` between two calls),
+/// one stack per namespace; released with the last handle. The only test of this binary that
+/// sets the environment; the others build configurations from maps.
+#[test]
+fn open_from_env_shares_one_storage() {
+    let dir = tempfile::tempdir().unwrap();
+    std::env::set_var("STORAGE_KV_BACKEND", "json");
+    std::env::set_var("STORAGE_WORKING_DIR", dir.path());
+    let a = graphrag_kv::open_from_env("full_docs").unwrap();
+    let b = graphrag_kv::open_from_env("full_docs").unwrap();
+    assert!(Arc::ptr_eq(&a, &b));
+    let chunks = graphrag_kv::open_from_env("text_chunks").unwrap();
+    a.upsert(vec![("d".into(), json!(1))]).unwrap();
+    chunks.upsert(vec![("c".into(), json!(2))]).unwrap();
+    drop((a, b, chunks));
+    // All handles gone: saved, lock released; a plain `Storage` opens the directory.
+    let storage = Storage::from_env().unwrap();
+    assert_eq!(
+        storage
+            .namespace("full_docs")
+            .unwrap()
+            .get_by_id("d")
+            .unwrap(),
+        Some(json!(1))
+    );
+    drop(storage);
+    let again = graphrag_kv::open_from_env("text_chunks").unwrap();
+    assert_eq!(again.get_by_id("c").unwrap(), Some(json!(2)));
+    drop(again);
+    std::env::remove_var("STORAGE_KV_BACKEND");
+    std::env::remove_var("STORAGE_WORKING_DIR");
 }

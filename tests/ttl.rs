@@ -205,7 +205,11 @@ fn stacks_expire_too() {
         {
             let registry = prometheus::Registry::new();
             let metrics = graphrag_kv::Metrics::new(&registry).unwrap();
-            let s = storage_from(&vars(&server, &extra)).with_metrics(&metrics);
+            let config = StoreConfigBuilder::from_vars(&vars(&server, &extra))
+                .unwrap()
+                .build()
+                .unwrap();
+            let s = Storage::builder(&config).metrics(&metrics).open().unwrap();
             let docs = s.namespace("full_docs").unwrap();
             let chunks = s.namespace("text_chunks").unwrap();
             chunks.clear().unwrap();

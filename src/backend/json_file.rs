@@ -21,7 +21,7 @@ use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, Mutex, RwLock};
 
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -59,30 +59,19 @@ pub struct JsonDir {
     namespaces: Mutex<HashMap<String, Arc<Namespace>>>,
 }
 
-/// Directories opened for writing in this process: a second `Storage::open` of the same
-/// directory shares the first one's lock and maps instead of failing on its own lock.
-static OPEN_DIRS: Mutex<Vec<(PathBuf, Weak<JsonDir>)>> = Mutex::new(Vec::new());
-
 impl JsonDir {
     /// Opens `dir` for reading and writing, creating it if needed and taking its write lock.
-    /// Within one process, opening the same directory again returns the same object.
+    ///
+    /// The lock is taken once, without waiting: a second writer, in another process or in
+    /// this one, gets [`Error::Locked`]. Within a process, share one object (a
+    /// [`crate::Storage`] does) rather than opening the directory twice.
     ///
     /// # Errors
-    /// [`Error::Locked`] when another process holds the lock; [`Error::Io`] when the directory
+    /// [`Error::Locked`] when another writer holds the lock; [`Error::Io`] when the directory
     /// cannot be created or the lock file opened.
     pub fn open(dir: impl Into<PathBuf>) -> Result<Arc<JsonDir>> {
         let dir = dir.into();
         fs::create_dir_all(&dir).map_err(|e| io_error("creating directory", &dir, e))?;
-        let canonical = fs::canonicalize(&dir).map_err(|e| io_error("resolving", &dir, e))?;
-        let mut open = OPEN_DIRS.lock().unwrap_or_else(|p| p.into_inner());
-        open.retain(|(_, w)| w.strong_count() > 0);
-        if let Some(d) = open
-            .iter()
-            .find(|(p, _)| *p == canonical)
-            .and_then(|(_, w)| w.upgrade())
-        {
-            return Ok(d);
-        }
         let lock_path = dir.join(LOCK_FILE);
         let lock = File::options()
             .create(true)
@@ -90,32 +79,22 @@ impl JsonDir {
             .write(true)
             .open(&lock_path)
             .map_err(|e| io_error("opening lock file", &lock_path, e))?;
-        // A directory object of this process may be finishing its final save right now (its
-        // last handle just dropped); give it a moment before reporting a lock conflict.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(500);
-        loop {
-            match lock.try_lock() {
-                Ok(()) => break,
-                Err(fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                Err(fs::TryLockError::WouldBlock) => {
-                    return Err(Error::Locked {
-                        dir,
-                        lock_file: lock_path,
-                    })
-                }
-                Err(fs::TryLockError::Error(e)) => return Err(io_error("locking", &lock_path, e)),
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(Error::Locked {
+                    dir,
+                    lock_file: lock_path,
+                })
             }
+            Err(fs::TryLockError::Error(e)) => return Err(io_error("locking", &lock_path, e)),
         }
-        let d = Arc::new(JsonDir {
+        Ok(Arc::new(JsonDir {
             dir,
             read_only: false,
             _lock: Some(lock),
             namespaces: Mutex::new(HashMap::new()),
-        });
-        open.push((canonical, Arc::downgrade(&d)));
-        Ok(d)
+        }))
     }
 
     /// Opens `dir` for reading only: no lock, no directory created, writes refused.

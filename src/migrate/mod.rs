@@ -18,7 +18,7 @@ use std::collections::{BTreeSet, HashSet};
 
 use crate::config::BackendKind;
 use crate::error::{Error, Result};
-use crate::open::Storage;
+use crate::storage::Storage;
 use crate::store::KvStore;
 
 pub use spec::{parse_spec, Spec};

@@ -11,33 +11,36 @@
 //! | `redis_operation_duration_seconds` | histogram (50 µs .. 1 s) | `namespace`, `operation` | [`Metered`] |
 //! | `redis_errors_total` | counter | `namespace`, `operation`, `kind` (`timeout`, `connection`, `decode`, `other`) | [`Metered`], failed calls |
 //! | `redis_cache_hits_total` / `redis_cache_misses_total` | counter | `namespace` | [`Metered`], ids found / not found by `get_by_id(s)` |
-//! | `redis_memory_usage_bytes` | gauge (sampled) | `namespace` | [`Metered::stats`], [`Metered::sample_memory`] |
+//! | `redis_memory_usage_bytes` | gauge (sampled) | `namespace` | `stats` through [`Metered`], [`Metered::sample_memory`] |
 //! | `redis_namespace_keys` | gauge | `namespace` | as above |
 //! | `redis_connection_pool_size` | gauge | `status` = `active` / `idle` | [`PoolGauge`] sources, read at scrape time |
-//! | `redis_retries_total` | counter | `namespace`, `operation` | [`Metrics::record_retry`], called by the backend |
+//! | `redis_retries_total` | counter | | [`RedisShared::retries_total`], read at scrape time ([`Metrics::watch_retries`]) |
 //! | `redis_evicted_keys_total` | counter | | [`Metrics::sample_server`] (`INFO stats`) |
 //! | `redis_server_used_memory_bytes`, `redis_server_maxmemory_bytes` | gauge | | [`Metrics::sample_server`] (`INFO memory`) |
-//! | `redis_write_behind_queue_depth` | gauge | `namespace` | [`Metrics::set_write_behind_queue_depth`] |
-//! | `redis_dual_write_divergences_total` | counter | `namespace` | [`crate::dual_write::DualWrite`] |
+//! | `redis_write_behind_queue_depth` | gauge | `namespace` | the queues of a metered `Storage`, read at scrape time ([`Metrics::watch_write_behind_depth`]), or [`Metrics::set_write_behind_queue_depth`] |
+//! | `redis_dual_write_divergences_total` | counter | `namespace` | [`crate::dual_write::DualWrite::divergences`], read at scrape time ([`Metrics::watch_divergences`]) |
 //!
 //! Names keep the design's `redis_` prefix whatever the backend, so dashboards and alerts do not
 //! change when a fleet moves from JSON files to Redis; the JSON backend simply has no server or
 //! pool figures. docs/MONITORING.md says what healthy looks like for each and suggests alerts.
 
-use std::fmt;
-use std::sync::{Arc, Mutex, OnceLock, Weak};
-use std::time::Instant;
+mod metered;
+mod observe;
 
-use prometheus::core::{Collector, Desc};
-use prometheus::proto::MetricFamily;
+use std::fmt;
+use std::sync::{Arc, Mutex, OnceLock};
+
 use prometheus::{
     HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
-use serde_json::Value;
 
 use crate::backend::redis::RedisShared;
 use crate::error::{Error, Result};
-use crate::store::{Item, KvStore, NamespaceStats};
+
+pub use metered::Metered;
+use metered::{NsMetrics, OpMetrics};
+pub use observe::PoolGauge;
+use observe::{ObservedCounter, ObservedGauge};
 
 /// Upper bounds of `redis_operation_duration_seconds`, from 50 µs (a pipelined GET on a local
 /// server) to 1 s (a SCAN of a large namespace, or a retry after a failover). Slower calls land
@@ -123,12 +126,12 @@ pub struct Metrics {
     misses: IntCounterVec,
     memory: IntGaugeVec,
     keys: IntGaugeVec,
-    retries: IntCounterVec,
+    retries: ObservedCounter,
     evicted: IntCounter,
     server_memory: IntGauge,
     server_maxmemory: IntGauge,
-    write_behind_depth: IntGaugeVec,
-    divergences: IntCounterVec,
+    write_behind_depth: ObservedGauge,
+    divergences: ObservedCounter,
     pool: PoolGauge,
     /// The server's `evicted_keys` at the last sample. The server reports a running total since
     /// its start; the counter is advanced by the difference so it stays a counter (a server
@@ -209,11 +212,12 @@ impl Metrics {
             "Ids stored in the namespace at the last stats() call.",
             &["namespace"],
         )?;
-        let retries = counter(
+        let retries = ObservedCounter::new(
             "redis_retries_total",
-            "Commands retried after a connection error or timeout.",
-            ns_op,
+            "Commands the Redis backend retried after a connection error or timeout.",
+            &[],
         )?;
+        registry.register(Box::new(retries.clone()))?;
         let evicted = IntCounter::new(
             "redis_evicted_keys_total",
             "Keys the server evicted for maxmemory (INFO stats evicted_keys, summed over masters).",
@@ -229,16 +233,18 @@ impl Metrics {
             "The server's maxmemory setting (0 = no limit), summed over masters.",
         )?;
         registry.register(Box::new(server_maxmemory.clone()))?;
-        let write_behind_depth = gauge(
+        let write_behind_depth = ObservedGauge::new(
             "redis_write_behind_queue_depth",
             "Writes queued by write-behind and not yet flushed to the backend.",
-            &["namespace"],
+            "namespace",
         )?;
-        let divergences = counter(
+        registry.register(Box::new(write_behind_depth.clone()))?;
+        let divergences = ObservedCounter::new(
             "redis_dual_write_divergences_total",
             "Dual-write calls that succeeded on one store only.",
             &["namespace"],
         )?;
+        registry.register(Box::new(divergences.clone()))?;
         let pool = PoolGauge::new()?;
         registry.register(Box::new(pool.clone()))?;
         Ok(Metrics {
@@ -279,28 +285,44 @@ impl Metrics {
         &self.pool
     }
 
-    /// Counts one retry of `operation` on `namespace` (`""` for server-wide commands).
-    ///
-    /// The backend retries inside its own calls, so only the backend knows; `Metered` cannot
-    /// see retries. The backend counts them in
-    /// [`crate::backend::redis::RedisShared::retries_total`].
-    pub fn record_retry(&self, namespace: &str, operation: &str) {
-        self.retries
-            .with_label_values(&[namespace, operation])
-            .inc();
+    /// Reads `redis_retries_total` from `shared`'s [`RedisShared::retries_total`] at scrape
+    /// time. Holds only a weak reference; attaching the same pool again changes nothing.
+    /// [`crate::StorageBuilder::metrics`] does this for its pool.
+    pub fn watch_retries(&self, shared: &Arc<RedisShared>) {
+        let (id, read) = observe::retries_of(shared);
+        self.retries.watch(&[], Some(id), read);
+    }
+
+    /// Reads `redis_write_behind_queue_depth{namespace}` from `source` (a queue's depth, `None`
+    /// once the queue is gone) at scrape time; the sources of one namespace are summed.
+    /// [`crate::StorageBuilder::metrics`] does this for its write-behind queues.
+    pub fn watch_write_behind_depth(
+        &self,
+        namespace: &str,
+        source: impl Fn() -> Option<u64> + Send + Sync + 'static,
+    ) {
+        self.write_behind_depth.watch(namespace, source);
+    }
+
+    /// Reads `redis_dual_write_divergences_total{namespace}` from `source` at scrape time, for
+    /// example [`crate::DualWrite::divergences_source`]; several sources of one namespace are
+    /// summed. [`crate::StorageBuilder::metrics`] does this for its dual-write namespaces.
+    pub fn watch_divergences(
+        &self,
+        namespace: &str,
+        source: impl Fn() -> Option<u64> + Send + Sync + 'static,
+    ) {
+        self.divergences.watch(&[namespace], None, source);
     }
 
     /// Sets `redis_write_behind_queue_depth` for `namespace`: the writes accepted but not yet
-    /// flushed. A write-behind layer calls this when its queue changes (or on a timer).
+    /// flushed, for a queue no source is attached for (a `Storage` built with metrics attaches
+    /// its queues itself: see [`Metrics::watch_write_behind_depth`]).
     pub fn set_write_behind_queue_depth(&self, namespace: &str, depth: u64) {
         self.write_behind_depth
+            .gauge
             .with_label_values(&[namespace])
             .set(clamp_i64(depth));
-    }
-
-    /// Counts one divergence of a dual-write store (a write that succeeded on one side only).
-    pub fn record_divergence(&self, namespace: &str) {
-        self.divergences.with_label_values(&[namespace]).inc();
     }
 
     /// Reads the server's INFO text through `info` and updates `redis_evicted_keys_total`,
@@ -375,89 +397,6 @@ pub fn render(registry: &Registry) -> String {
         .encode_to_string(&registry.gather())
         // Encoding only fails for metric families the registry itself would have refused.
         .unwrap_or_else(|e| format!("# error encoding metrics: {e}\n"))
-}
-
-/// `redis_connection_pool_size{status="active"|"idle"}`, read from the pools at scrape time.
-///
-/// Pools are attached with [`PoolGauge::watch`] (any `(open, idle)` source) or
-/// [`PoolGauge::watch_redis`]; several pools are summed. Sources are asked when the registry is
-/// gathered, so the figures are those of the scrape, not of the last operation. A source that
-/// returns `None` (its pool was dropped) is forgotten.
-#[derive(Clone)]
-pub struct PoolGauge {
-    gauge: IntGaugeVec,
-    /// `std::sync::Mutex`: taken only at scrape time and when a pool is attached, never on the
-    /// store's hot path.
-    sources: Arc<Mutex<Vec<PoolSource>>>,
-}
-
-type PoolSource = Box<dyn Fn() -> Option<(u32, u32)> + Send + Sync>;
-
-impl fmt::Debug for PoolGauge {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let n = self.sources.lock().map(|s| s.len()).unwrap_or(0);
-        f.debug_struct("PoolGauge").field("sources", &n).finish()
-    }
-}
-
-impl PoolGauge {
-    fn new() -> prometheus::Result<PoolGauge> {
-        Ok(PoolGauge {
-            gauge: IntGaugeVec::new(
-                Opts::new(
-                    "redis_connection_pool_size",
-                    "Pooled Redis connections: active (checked out) and idle.",
-                ),
-                &["status"],
-            )?,
-            sources: Arc::new(Mutex::new(Vec::new())),
-        })
-    }
-
-    /// Attaches a pool: `source` returns `(open, idle)` connections, or `None` once the pool is
-    /// gone. `active` is `open - idle`.
-    pub fn watch(&self, source: impl Fn() -> Option<(u32, u32)> + Send + Sync + 'static) {
-        self.sources
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(Box::new(source));
-    }
-
-    /// Attaches a Redis pool through [`RedisShared::pool_state`]. Holds only a weak reference:
-    /// the gauge never keeps a pool (and its sockets) alive.
-    pub fn watch_redis(&self, shared: &Arc<RedisShared>) {
-        let weak: Weak<RedisShared> = Arc::downgrade(shared);
-        self.watch(move || weak.upgrade().map(|s| s.pool_state()));
-    }
-
-    /// Asks every source and sets the gauge to the sums.
-    fn refresh(&self) {
-        let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
-        let (mut open, mut idle) = (0u64, 0u64);
-        sources.retain(|source| match source() {
-            Some((o, i)) => {
-                open += u64::from(o);
-                idle += u64::from(i);
-                true
-            }
-            None => false,
-        });
-        self.gauge
-            .with_label_values(&["active"])
-            .set(clamp_i64(open.saturating_sub(idle)));
-        self.gauge.with_label_values(&["idle"]).set(clamp_i64(idle));
-    }
-}
-
-impl Collector for PoolGauge {
-    fn desc(&self) -> Vec<&Desc> {
-        self.gauge.desc()
-    }
-
-    fn collect(&self) -> Vec<MetricFamily> {
-        self.refresh();
-        self.gauge.collect()
-    }
 }
 
 /// Server-wide figures from `INFO`, summed over the masters of a cluster.
@@ -540,210 +479,6 @@ pub fn server_info(shared: &RedisShared) -> Result<ServerInfo> {
     let reply: redis::Value =
         shared.with_conn("server_info", "", |c| redis::cmd("INFO").query(c))?;
     Ok(ServerInfo::from_reply(reply))
-}
-
-/// One operation's series for one namespace.
-#[derive(Clone)]
-struct OpMetrics {
-    count: IntCounter,
-    duration: prometheus::Histogram,
-}
-
-/// A namespace's series, resolved once.
-#[derive(Clone)]
-struct NsMetrics {
-    metrics: Metrics,
-    namespace: String,
-    ops: [OpMetrics; Op::ALL.len()],
-    hits: IntCounter,
-    misses: IntCounter,
-    memory: IntGauge,
-    keys: IntGauge,
-}
-
-impl NsMetrics {
-    /// Runs `f`, counting and timing it as `op`; a failure is also counted by kind.
-    fn observe<T>(&self, op: Op, f: impl FnOnce() -> Result<T>) -> Result<T> {
-        let start = Instant::now();
-        let out = f();
-        let m = &self.ops[op as usize];
-        m.duration.observe(start.elapsed().as_secs_f64());
-        m.count.inc();
-        if let Err(e) = &out {
-            self.metrics
-                .errors
-                .with_label_values(&[self.namespace.as_str(), op.as_str(), error_kind(e)])
-                .inc();
-        }
-        out
-    }
-
-    fn count_reads<'a>(&self, values: impl IntoIterator<Item = &'a Option<Value>>) {
-        let (mut hit, mut miss) = (0, 0);
-        for v in values {
-            if v.is_some() {
-                hit += 1;
-            } else {
-                miss += 1;
-            }
-        }
-        self.hits.inc_by(hit);
-        self.misses.inc_by(miss);
-    }
-
-    fn record_stats(&self, s: &NamespaceStats) {
-        self.memory.set(clamp_i64(s.bytes));
-        self.keys.set(clamp_i64(s.keys));
-    }
-}
-
-/// Counts and times every call to the store it wraps, into a [`Metrics`].
-///
-/// # Where it goes in a stack
-///
-/// Outermost, directly under the caller:
-///
-/// ```text
-/// right: Metered<WriteBehind<FallbackStore<RedisStore>>>   times what the caller waits for
-/// wrong: WriteBehind<Metered<RedisStore>>                  times the flusher's batches instead
-/// ```
-///
-/// Inside a write-behind layer it would time the background flusher's batches and report
-/// upserts as slow while the caller never waited for them, and it would miss reads answered by
-/// the write-behind overlay. Outermost, `redis_operation_duration_seconds` is the latency the
-/// indexer sees and `redis_errors_total` the errors it got, whichever layer produced them.
-///
-/// Works over any store: a backend, another wrapper, or the `Arc<dyn KvStore>` that
-/// [`crate::Storage::namespace`] returns.
-///
-/// # Examples
-/// ```
-/// use graphrag_kv::metrics::{render, Metered, Metrics};
-/// use graphrag_kv::{KvStore, Storage, StoreConfig};
-///
-/// # fn main() -> graphrag_kv::Result<()> {
-/// # let dir = tempfile::tempdir().unwrap();
-/// let registry = prometheus::Registry::new();
-/// let metrics = Metrics::new(&registry).expect("fresh registry");
-/// let storage = Storage::open(&StoreConfig::builder().working_dir(dir.path()).build()?)?;
-/// let docs = Metered::new(storage.namespace("full_docs")?, &metrics);
-/// docs.upsert(vec![("doc-1".into(), serde_json::json!({"content": "x"}))])?;
-/// assert_eq!(docs.get_by_id("doc-1")?.is_some(), true);
-/// let text = render(&registry);
-/// assert!(text.contains(r#"redis_cache_hits_total{namespace="full_docs"} 1"#));
-/// # Ok(())
-/// # }
-/// ```
-pub struct Metered<S> {
-    inner: S,
-    m: NsMetrics,
-}
-
-impl<S> fmt::Debug for Metered<S> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Metered")
-            .field("namespace", &self.m.namespace)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<S: KvStore> Metered<S> {
-    /// Wraps `inner`, recording into `metrics` under `inner`'s namespace. The namespace's hit
-    /// and miss counters start at zero here, so a hit ratio is defined from the first scrape.
-    pub fn new(inner: S, metrics: &Metrics) -> Metered<S> {
-        let m = metrics.for_namespace(inner.namespace());
-        Metered { inner, m }
-    }
-
-    /// The wrapped store.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
-
-    /// The wrapped store, by reference.
-    pub fn inner(&self) -> &S {
-        &self.inner
-    }
-
-    /// Refreshes `redis_memory_usage_bytes` and `redis_namespace_keys` of this namespace from
-    /// [`KvStore::stats`] (counted as a `stats` operation) and returns the stats.
-    ///
-    /// On Redis this SCANs the whole keyspace (seconds per million keys on the server, measured
-    /// in docs/MONITORING.md): call it on a timer of a minute or so, not on every scrape of a
-    /// large index.
-    ///
-    /// # Errors
-    /// As [`KvStore::stats`].
-    pub fn sample_memory(&self) -> Result<NamespaceStats> {
-        let s = self.m.observe(Op::Stats, || self.inner.stats())?;
-        self.m.record_stats(&s);
-        Ok(s)
-    }
-}
-
-#[deny(clippy::missing_trait_methods)]
-impl<S: KvStore> KvStore for Metered<S> {
-    fn namespace(&self) -> &str {
-        self.inner.namespace()
-    }
-
-    fn all_keys(&self) -> Result<Vec<String>> {
-        self.m.observe(Op::AllKeys, || self.inner.all_keys())
-    }
-
-    fn get_by_id(&self, id: &str) -> Result<Option<Value>> {
-        let v = self.m.observe(Op::GetById, || self.inner.get_by_id(id))?;
-        self.m.count_reads([&v]);
-        Ok(v)
-    }
-
-    fn get_by_ids(&self, ids: &[String], fields: Option<&[String]>) -> Result<Vec<Option<Value>>> {
-        let values = self
-            .m
-            .observe(Op::GetByIds, || self.inner.get_by_ids(ids, fields))?;
-        self.m.count_reads(&values);
-        Ok(values)
-    }
-
-    fn filter_keys(&self, ids: &[String]) -> Result<Vec<String>> {
-        self.m
-            .observe(Op::FilterKeys, || self.inner.filter_keys(ids))
-    }
-
-    fn upsert(&self, items: Vec<Item>) -> Result<()> {
-        self.m.observe(Op::Upsert, || self.inner.upsert(items))
-    }
-
-    fn upsert_refs(&self, items: &[(&str, &Value)]) -> Result<()> {
-        self.m.observe(Op::Upsert, || self.inner.upsert_refs(items))
-    }
-
-    fn delete_by_ids(&self, ids: &[String]) -> Result<()> {
-        self.m
-            .observe(Op::DeleteByIds, || self.inner.delete_by_ids(ids))
-    }
-
-    fn clear(&self) -> Result<()> {
-        self.m.observe(Op::Clear, || self.inner.clear())
-    }
-
-    fn index_start_callback(&self) -> Result<()> {
-        self.m
-            .observe(Op::IndexStartCallback, || self.inner.index_start_callback())
-    }
-
-    fn index_done_callback(&self) -> Result<()> {
-        self.m
-            .observe(Op::IndexDoneCallback, || self.inner.index_done_callback())
-    }
-
-    fn stats(&self) -> Result<NamespaceStats> {
-        self.sample_memory()
-    }
-
-    fn flush(&self) -> Result<()> {
-        self.inner.flush()
-    }
 }
 
 #[cfg(test)]
@@ -856,5 +591,37 @@ mod tests {
             "{text}"
         );
         assert_eq!(m.pool().sources.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn observed_counters_follow_their_sources_and_keep_what_retired_ones_counted() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let registry = Registry::new();
+        let m = Metrics::new(&registry).unwrap();
+        let a = Arc::new(AtomicU64::new(2));
+        let weak = Arc::downgrade(&a);
+        let read = move || weak.upgrade().map(|c| c.load(Ordering::Relaxed));
+        m.divergences.watch(&["ns"], Some(1), read.clone());
+        // The same source again: ignored, not counted twice.
+        m.divergences.watch(&["ns"], Some(1), read);
+        m.watch_divergences("ns", || Some(1));
+        let text = render(&registry);
+        assert!(
+            text.contains(r#"redis_dual_write_divergences_total{namespace="ns"} 3"#),
+            "{text}"
+        );
+        a.store(5, Ordering::Relaxed);
+        let text = render(&registry);
+        assert!(
+            text.contains(r#"redis_dual_write_divergences_total{namespace="ns"} 6"#),
+            "{text}"
+        );
+        drop(a);
+        let text = render(&registry);
+        assert!(
+            text.contains(r#"redis_dual_write_divergences_total{namespace="ns"} 6"#),
+            "{text}"
+        );
+        assert_eq!(m.divergences.source_count(), 1);
     }
 }
