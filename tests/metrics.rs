@@ -495,22 +495,25 @@ fn write_behind_depth_of_a_metered_storage_is_read_at_scrape_time() {
     let metrics = Metrics::new(&registry).unwrap();
     let storage = Storage::builder(&config).metrics(&metrics).open().unwrap();
     let docs = storage.namespace("full_docs").unwrap();
-    let depth = || {
+    let depth = |namespace: &str| {
         Scrape(graphrag_kv::metrics::render(&registry)).value(
             "redis_write_behind_queue_depth",
-            &[("namespace", "full_docs")],
+            &[("namespace", namespace)],
         )
     };
     for i in 0..3 {
         docs.upsert(vec![(format!("d{i}"), json!(i))]).unwrap();
     }
-    assert_eq!(depth(), 3.0);
+    assert_eq!(depth("full_docs"), 3.0);
     docs.flush().unwrap();
-    assert_eq!(depth(), 0.0);
-    docs.upsert(vec![("d9".into(), json!(9))]).unwrap();
-    assert_eq!(depth(), 1.0);
-    // The queue gone (flushed by its drop), nothing is queued.
+    assert_eq!(depth("full_docs"), 0.0);
+    // Another namespace's queue, never flushed yet: its one write waits for max_delay (60 s).
+    // (Not `docs` again: a flush request left in its channel may send the next write at once.)
+    let chunks = storage.namespace("text_chunks").unwrap();
+    chunks.upsert(vec![("c9".into(), json!(9))]).unwrap();
+    assert_eq!(depth("text_chunks"), 1.0);
+    assert_eq!(depth("full_docs"), 0.0);
     drop(docs);
-    assert_eq!(depth(), 0.0);
+    drop(chunks);
     storage.close().unwrap();
 }

@@ -93,7 +93,7 @@ pub(super) fn build(
             if let Some(m) = metrics {
                 let weak = Arc::downgrade(&queue);
                 m.watch_write_behind_depth(namespace, move || {
-                    weak.upgrade().map(|q| q.stats_snapshot().queue_depth)
+                    weak.upgrade().map(|q| q.stats_snapshot().unsent)
                 });
             }
             queue

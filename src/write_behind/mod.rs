@@ -175,10 +175,15 @@ pub use crate::config::WriteBehindConfig;
 
 /// A snapshot of the queue's figures, as returned by [`WriteBehind::stats_snapshot`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct WriteBehindStats {
     /// Writes accepted and not yet taken by the flusher (the flusher holds up to `in_flight`
     /// more batches).
     pub queue_depth: u64,
+    /// Writes accepted and not yet acknowledged by the backend: those queued, those the
+    /// flusher is gathering into a batch and those being sent. What
+    /// `redis_write_behind_queue_depth` reports.
+    pub unsent: u64,
     /// Ids whose newest write the backend has not yet acknowledged (the overlay's size).
     pub pending_ids: u64,
     /// Batches acknowledged by the backend.

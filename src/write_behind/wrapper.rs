@@ -137,13 +137,18 @@ impl<S: KvStore + 'static> WriteBehind<S> {
 
     /// The queue's figures: depth, batches, latencies, retries.
     pub fn stats_snapshot(&self) -> WriteBehindStats {
-        let (queue_depth, pending_ids) = {
+        let (queue_depth, unsent, pending_ids) = {
             let st = self.shared.state();
-            (st.queued as u64, st.overlay.len() as u64)
+            (
+                st.queued as u64,
+                st.last_seq - st.acked_seq,
+                st.overlay.len() as u64,
+            )
         };
         let c = &self.shared.counters;
         WriteBehindStats {
             queue_depth,
+            unsent,
             pending_ids,
             batches_sent: c.batches.load(Ordering::Relaxed),
             items_sent: c.items.load(Ordering::Relaxed),
