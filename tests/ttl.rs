@@ -201,6 +201,9 @@ fn stacks_expire_too() {
             &s.namespace("text_chunks").unwrap(),
             what,
         );
+        // A second writing Storage of the same JSON directory (the dual case) is refused
+        // while the first is open, as a second process would be.
+        drop(s);
         #[cfg(feature = "metrics")]
         {
             let registry = prometheus::Registry::new();
