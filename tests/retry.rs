@@ -11,7 +11,7 @@ use std::time::Duration;
 use graphrag_kv::write_behind::{WriteBehind, WriteBehindConfig};
 use graphrag_kv::{BackendKind, KvStore, RedisShared, StoreConfig};
 use serde_json::json;
-use support::RedisServer;
+use support::{config_set, RedisServer};
 
 /// REDIS_RETRIES of every store here: a failing command is sent RETRIES + 1 times.
 const RETRIES: u32 = 3;
@@ -29,15 +29,6 @@ fn redis_shared(url: String, prefix: &str) -> Arc<RedisShared> {
         .build()
         .unwrap();
     RedisShared::connect(&config.redis).unwrap()
-}
-
-fn config_set(conn: &mut redis::Connection, key: &str, value: &str) {
-    redis::cmd("CONFIG")
-        .arg("SET")
-        .arg(key)
-        .arg(value)
-        .query::<()>(conn)
-        .unwrap_or_else(|e| panic!("CONFIG SET {key} {value}: {e}"));
 }
 
 fn reset_stats(conn: &mut redis::Connection) {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use graphrag_kv::write_behind::{WriteBehind, WriteBehindConfig};
 use graphrag_kv::{BackendKind, Error, KvStore, RedisShared, StoreConfig};
 use serde_json::{json, Value};
-use support::RedisServer;
+use support::{config_set, RedisServer};
 
 /// Redis with short timeouts and `retries` retries of its own.
 fn redis_shared(url: String, prefix: &str, retries: u32) -> Arc<RedisShared> {
@@ -27,15 +27,6 @@ fn redis_shared(url: String, prefix: &str, retries: u32) -> Arc<RedisShared> {
         .build()
         .unwrap();
     RedisShared::connect(&config.redis).unwrap()
-}
-
-fn config_set(conn: &mut redis::Connection, key: &str, value: &str) {
-    redis::cmd("CONFIG")
-        .arg("SET")
-        .arg(key)
-        .arg(value)
-        .query::<()>(conn)
-        .unwrap_or_else(|e| panic!("CONFIG SET {key} {value}: {e}"));
 }
 
 /// The error code a plain SET gets from the server now (`None` when it succeeds).

@@ -199,3 +199,14 @@ pub(crate) fn percent_encode(s: &str) -> String {
         })
         .collect()
 }
+
+/// `CONFIG SET key value` on `conn`, panicking with the setting in the message: tests use it to
+/// put a server into the state they need (`min-replicas-to-write`, `maxmemory`, ...).
+pub fn config_set(conn: &mut redis::Connection, key: &str, value: &str) {
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg(key)
+        .arg(value)
+        .query::<()>(conn)
+        .unwrap_or_else(|e| panic!("CONFIG SET {key} {value}: {e}"));
+}
