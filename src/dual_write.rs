@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use serde_json::Value;
 
 use crate::error::{display_id, Result};
-use crate::store::{Item, KvStore, NamespaceStats};
+use crate::store::{park_refused, Item, KvStore, NamespaceStats, UnsentWrite};
 
 /// How many ids a divergence warning names; the rest are counted.
 const IDS_IN_WARNING: usize = 5;
@@ -301,5 +301,11 @@ impl<P: KvStore, S: KvStore> KvStore for DualWrite<P, S> {
             self.diverged("flush", &[], &e.to_string());
         }
         Ok(())
+    }
+
+    /// Refused, as by default: neither store keeps writes aside, and parking them in one
+    /// store only would make the two diverge where no log line says so.
+    fn park(&self, writes: Vec<UnsentWrite>) -> Result<()> {
+        Err(park_refused(self.namespace(), writes.len()))
     }
 }

@@ -197,6 +197,57 @@ pub trait KvStore: Send + Sync {
     fn flush(&self) -> Result<()> {
         Ok(())
     }
+
+    /// Takes writes that a layer above accepted and can no longer deliver, so that they are
+    /// not lost: the write-behind queue calls it on the store below it at close or drop, with
+    /// the writes still unsent when its final flush reached its deadline, in the order they
+    /// were accepted (applying them in that order gives the state its callers expected).
+    ///
+    /// A store that can keep writes without the backend keeps them and returns `Ok`: the
+    /// fallback ([`crate::fallback::FallbackStore`]) appends them to its journal (fsynced) and
+    /// goes offline, so they are replayed when Redis answers, by this process or the next one
+    /// to open the journal directory. Wrappers forward the call to their inner store.
+    ///
+    /// The default refuses them ([`Error::Unavailable`], naming the namespace and the count),
+    /// and the caller reports them lost. It does not write them through `upsert` and
+    /// `delete_by_ids`: the layer above has been sending them until its deadline, and one more
+    /// attempt would outlast that deadline and break the bound on the commands one failing
+    /// write causes (`crate::retry`).
+    ///
+    /// # Errors
+    /// When the writes cannot be kept; they are then lost, and the caller says so.
+    fn park(&self, writes: Vec<UnsentWrite>) -> Result<()> {
+        Err(park_refused(self.namespace(), writes.len()))
+    }
+}
+
+/// One write accepted by a layer and not sent to the backend, handed to [`KvStore::park`].
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum UnsentWrite {
+    /// An upsert of one id.
+    Upsert {
+        /// The id.
+        id: String,
+        /// The value.
+        value: Value,
+    },
+    /// A delete of one id.
+    Delete {
+        /// The id.
+        id: String,
+    },
+}
+
+/// What [`KvStore::park`] answers when a store cannot keep writes aside.
+pub(crate) fn park_refused(namespace: &str, count: usize) -> Error {
+    Error::Unavailable {
+        namespace: namespace.to_string(),
+        reason: format!(
+            "{count} unsent writes cannot be kept: no layer below keeps writes while the \
+             backend is unreachable (KV_FALLBACK=json does)"
+        ),
+    }
 }
 
 /// A shared store is a store, so wrappers can hold the `Arc<dyn KvStore>` that
@@ -241,6 +292,9 @@ impl<S: KvStore + ?Sized> KvStore for std::sync::Arc<S> {
     }
     fn flush(&self) -> Result<()> {
         (**self).flush()
+    }
+    fn park(&self, writes: Vec<UnsentWrite>) -> Result<()> {
+        (**self).park(writes)
     }
 }
 

@@ -13,9 +13,9 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use graphrag_kv::{BackendKind, KvStore, Storage, StoreConfig};
+use graphrag_kv::{BackendKind, KvStore, Storage, StoreConfig, WriteBehindConfig};
 use serde_json::{json, Value};
-use support::RedisServer;
+use support::{config_set, RedisServer};
 
 /// The binary under test.
 const BIN: &str = env!("CARGO_BIN_EXE_graphrag-kv");
@@ -181,6 +181,66 @@ fn index_done_callback_that_finds_redis_down_goes_offline_with_the_same_error() 
     assert!(e.to_string().contains("Redis is unreachable"), "{e}");
     assert!(e.to_string().contains("0 writes"), "{e}");
     assert!(!storage.fallback().unwrap().is_online());
+}
+
+/// Write-behind over the fallback, as `Storage` stacks them: writes the queue could not send
+/// before its close deadline (Redis refuses them with NOREPLICAS, a passing state and not an
+/// outage, so the fallback did not journal them as it sent them) are parked in the store below
+/// it, the fallback, which journals them; the next open replays them once Redis takes writes.
+#[test]
+fn write_behind_parks_unsent_writes_in_the_journal_at_close() {
+    let server = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&server.url(), "park")
+        .fallback_dir(dir.path())
+        .write_behind(
+            WriteBehindConfig::builder()
+                .flush_timeout(Duration::from_millis(700))
+                .build()
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    let mut admin = server.conn();
+    {
+        let storage = Storage::open(&cfg).unwrap();
+        let store = storage.namespace("text_chunks").unwrap();
+        store.upsert(vec![("old".into(), json!(0))]).unwrap();
+        store.flush().unwrap();
+        config_set(&mut admin, "min-replicas-to-write", "1");
+        store
+            .upsert(vec![("a".into(), json!(1)), ("b".into(), json!(2))])
+            .unwrap();
+        store.delete_by_ids(&["old".into()]).unwrap();
+        let e = storage.close().unwrap_err();
+        assert!(e.is_retryable(), "{e}");
+        // The last handle: the queue's final flush gives up at its deadline and parks.
+        drop(store);
+    }
+    assert_eq!(
+        journal_files(dir.path()).len(),
+        1,
+        "the parked writes' journal"
+    );
+    let redis = direct(&server, "park", "text_chunks");
+    assert_eq!(redis.get_by_id("a").unwrap(), None, "not in Redis yet");
+    assert_eq!(redis.get_by_id("old").unwrap(), Some(json!(0)));
+
+    config_set(&mut admin, "min-replicas-to-write", "0");
+    let storage = Storage::open(&cfg).unwrap();
+    assert_eq!(
+        storage.fallback().unwrap().pending_writes(),
+        0,
+        "replayed at open"
+    );
+    assert!(journal_files(dir.path()).is_empty());
+    assert_eq!(redis.get_by_id("a").unwrap(), Some(json!(1)));
+    assert_eq!(redis.get_by_id("b").unwrap(), Some(json!(2)));
+    assert_eq!(
+        redis.get_by_id("old").unwrap(),
+        None,
+        "the parked delete replayed"
+    );
 }
 
 /// A journal whose last line was cut inside a multi-byte character (a crash in the middle of

@@ -1,7 +1,7 @@
 //! The write-behind wrapper over real stores: the conformance suite over Redis and JSON (with
 //! the default batching and with tiny batches), a randomized multi-thread model test, a Redis
 //! restart in the middle of 100,000 writes, drop without flush, backpressure, flush deadlines,
-//! refused writes and the unsent-writes sink.
+//! refused writes and writes parked in the store below at close.
 
 mod support;
 
@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, Condvar, Mutex};
 use std::time::Duration;
 
-use graphrag_kv::write_behind::{UnsentSink, UnsentWrite, WriteBehind, WriteBehindConfig};
+use graphrag_kv::write_behind::{UnsentWrite, WriteBehind, WriteBehindConfig};
 use graphrag_kv::{
     BackendKind, Error, Item, JsonDir, KvStore, NamespaceStats, RedisShared, StoreConfig,
 };
@@ -582,40 +582,99 @@ fn into_inner_flushes() {
     assert_eq!(inner.get_by_id("k").unwrap(), Some(json!("v")));
 }
 
-/// Keeps what it is handed.
-#[derive(Default)]
-struct Journal(Mutex<Vec<(String, UnsentWrite)>>);
+/// A store that keeps what is parked in it (as the fallback's journal does) and forwards
+/// everything else.
+struct Parks<S> {
+    inner: S,
+    parked: Mutex<Vec<(String, UnsentWrite)>>,
+}
 
-impl UnsentSink for Journal {
-    fn save_unsent(&self, namespace: &str, writes: Vec<UnsentWrite>) -> graphrag_kv::Result<()> {
-        let mut j = self.0.lock().unwrap();
-        j.extend(writes.into_iter().map(|w| (namespace.to_string(), w)));
+impl<S> Parks<S> {
+    fn new(inner: S) -> Arc<Parks<S>> {
+        Arc::new(Parks {
+            inner,
+            parked: Mutex::new(Vec::new()),
+        })
+    }
+}
+
+#[deny(clippy::missing_trait_methods)]
+impl<S: KvStore> KvStore for Parks<S> {
+    fn namespace(&self) -> &str {
+        self.inner.namespace()
+    }
+    fn all_keys(&self) -> graphrag_kv::Result<Vec<String>> {
+        self.inner.all_keys()
+    }
+    fn get_by_id(&self, id: &str) -> graphrag_kv::Result<Option<Value>> {
+        self.inner.get_by_id(id)
+    }
+    fn get_by_ids(
+        &self,
+        ids: &[String],
+        fields: Option<&[String]>,
+    ) -> graphrag_kv::Result<Vec<Option<Value>>> {
+        self.inner.get_by_ids(ids, fields)
+    }
+    fn filter_keys(&self, ids: &[String]) -> graphrag_kv::Result<Vec<String>> {
+        self.inner.filter_keys(ids)
+    }
+    fn upsert(&self, items: Vec<Item>) -> graphrag_kv::Result<()> {
+        self.inner.upsert(items)
+    }
+    fn upsert_refs(&self, items: &[(&str, &Value)]) -> graphrag_kv::Result<()> {
+        self.inner.upsert_refs(items)
+    }
+    fn delete_by_ids(&self, ids: &[String]) -> graphrag_kv::Result<()> {
+        self.inner.delete_by_ids(ids)
+    }
+    fn clear(&self) -> graphrag_kv::Result<()> {
+        self.inner.clear()
+    }
+    fn index_start_callback(&self) -> graphrag_kv::Result<()> {
+        self.inner.index_start_callback()
+    }
+    fn index_done_callback(&self) -> graphrag_kv::Result<()> {
+        self.inner.index_done_callback()
+    }
+    fn stats(&self) -> graphrag_kv::Result<NamespaceStats> {
+        self.inner.stats()
+    }
+    fn flush(&self) -> graphrag_kv::Result<()> {
+        self.inner.flush()
+    }
+    fn park(&self, writes: Vec<UnsentWrite>) -> graphrag_kv::Result<()> {
+        let mut parked = self.parked.lock().unwrap();
+        parked.extend(
+            writes
+                .into_iter()
+                .map(|w| (self.namespace().to_string(), w)),
+        );
         Ok(())
     }
 }
 
-/// With the backend down past the deadline, close hands the unsent writes to the sink, in the
-/// order accepted, and reports it.
+/// With the backend down past the deadline, close parks the unsent writes in the store below,
+/// in the order accepted, and reports it.
 #[test]
-fn close_with_backend_down_hands_unsent_writes_to_the_sink() {
+fn close_with_backend_down_parks_unsent_writes_in_the_store_below() {
     let mut server = RedisServer::start();
     let shared = redis_shared(&server, "sink");
-    let journal = Arc::new(Journal::default());
+    let journal = Parks::new(shared.namespace("ns").unwrap());
     let config = WriteBehindConfig::builder()
         .batch_items(2)
         .flush_timeout(Duration::from_millis(700))
         .build()
         .unwrap();
-    let wb =
-        WriteBehind::with_unsent_sink(shared.namespace("ns").unwrap(), config, journal.clone());
+    let wb = WriteBehind::new(journal.clone(), config);
     server.kill();
     wb.upsert(vec![("a".into(), json!(1)), ("b".into(), json!(2))])
         .unwrap();
     wb.delete_by_ids(&["a".into()]).unwrap();
     wb.upsert(vec![("c".into(), json!(3))]).unwrap();
     let e = wb.close().unwrap_err();
-    assert!(e.to_string().contains("fallback sink"), "{e}");
-    let got = journal.0.lock().unwrap().clone();
+    assert!(e.to_string().contains("parked in the store below"), "{e}");
+    let got = journal.parked.lock().unwrap().clone();
     assert_eq!(
         got,
         vec![
@@ -645,9 +704,9 @@ fn close_with_backend_down_hands_unsent_writes_to_the_sink() {
     );
 }
 
-/// Without a sink, close says how many writes are lost.
+/// Over a store that cannot park writes (the default), close says how many writes are lost.
 #[test]
-fn close_with_backend_down_and_no_sink_reports_the_loss() {
+fn close_with_backend_down_and_nowhere_to_park_reports_the_loss() {
     let mut server = RedisServer::start();
     let shared = redis_shared(&server, "lost");
     let config = WriteBehindConfig::builder()
@@ -1348,14 +1407,14 @@ fn hot_ids_are_never_in_two_batches_in_flight() {
 }
 
 /// Shutdown with the backend failing and several batches in flight: everything accepted and
-/// not stored reaches the sink, in the order accepted, and store plus sink replayed give the
-/// state the writers expected.
+/// not stored is parked in the store below, in the order accepted, and store plus parked
+/// writes replayed give the state the writers expected.
 #[test]
 fn close_with_batches_in_flight_hands_off_everything_unsent_in_order() {
     let inner = Arc::new(Scripted::default());
     // Batches writing "x" fail until the deadline; the others get through.
     *inner.fail.lock().unwrap() = Some(("x".into(), usize::MAX));
-    let journal = Arc::new(Journal::default());
+    let journal = Parks::new(inner.clone());
     let config = WriteBehindConfig::builder()
         .batch_items(2)
         .max_delay(Duration::ZERO)
@@ -1363,7 +1422,7 @@ fn close_with_batches_in_flight_hands_off_everything_unsent_in_order() {
         .flush_timeout(Duration::from_millis(500))
         .build()
         .unwrap();
-    let wb = WriteBehind::with_unsent_sink(inner.clone(), config, journal.clone());
+    let wb = WriteBehind::new(journal.clone(), config);
     let mut expected = BTreeMap::new();
     let mut accepted = Vec::new();
     for i in 0..30u64 {
@@ -1383,9 +1442,9 @@ fn close_with_batches_in_flight_hands_off_everything_unsent_in_order() {
         }
     }
     let e = wb.close().unwrap_err();
-    assert!(e.to_string().contains("fallback sink"), "{e}");
+    assert!(e.to_string().contains("parked in the store below"), "{e}");
     let unsent: Vec<(String, Option<Value>)> = journal
-        .0
+        .parked
         .lock()
         .unwrap()
         .iter()
@@ -1402,7 +1461,7 @@ fn close_with_batches_in_flight_hands_off_everything_unsent_in_order() {
     for w in &unsent {
         assert!(rest.any(|a| a == w), "{w:?} out of order in {unsent:?}");
     }
-    // Replaying the sink over the store gives what the writers expected.
+    // Replaying the parked writes over the store gives what the writers expected.
     let mut state = inner.data.lock().unwrap().clone();
     for (id, v) in unsent {
         match v {

@@ -62,7 +62,7 @@ pub use store::FallbackStore;
 pub use target::{JournalHeader, JournalTarget};
 
 use crate::error::{Error, Result};
-use crate::store::KvStore;
+use crate::store::{KvStore, UnsentWrite};
 
 /// Opens the inner store of a namespace (for replaying journals of any namespace).
 pub type OpenInner = dyn Fn(&str) -> Result<Arc<dyn KvStore>> + Send + Sync;
@@ -466,16 +466,12 @@ impl Fallback {
     }
 }
 
-/// Writes a write-behind queue could not send before its shutdown deadline: journaled like any
-/// offline write, and replayed when Redis answers (by this process, or by the next one to open
-/// the journal directory).
-impl crate::write_behind::UnsentSink for Fallback {
-    fn save_unsent(
-        &self,
-        namespace: &str,
-        writes: Vec<crate::write_behind::UnsentWrite>,
-    ) -> Result<()> {
-        use crate::write_behind::UnsentWrite;
+impl Fallback {
+    /// Keeps writes a layer above could not send (see [`KvStore::park`]): journaled like any
+    /// offline write whatever the mode (the layer above has been failing to send them until
+    /// its deadline), and replayed when Redis answers, by this process or the next one to open
+    /// the journal directory. Goes offline, so reads see them and the prober replays them.
+    fn park(&self, namespace: &str, writes: Vec<UnsentWrite>) -> Result<()> {
         let mut st = self.state.write().unwrap_or_else(|p| p.into_inner());
         if st.online {
             st.online = false;

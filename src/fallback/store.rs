@@ -10,6 +10,7 @@ use super::{Fallback, FallbackGuard};
 use crate::error::Result;
 use crate::store::{
     missing_in_order, project, validate_id, validate_ids, Item, KvStore, NamespaceStats,
+    UnsentWrite,
 };
 
 /// One namespace behind a [`Fallback`].
@@ -212,5 +213,23 @@ impl<S: KvStore> KvStore for FallbackStore<S> {
             return Ok(());
         }
         self.inner.flush()
+    }
+
+    /// Journals the writes (fsynced) and goes offline, whether Redis answered lately or not:
+    /// the layer above has been failing to send them until its deadline. They are replayed
+    /// when Redis answers, by this process or the next one to open the journal directory.
+    ///
+    /// # Errors
+    /// [`crate::Error::Io`] when the journal cannot be written (the writes are then lost, and
+    /// the caller says so).
+    fn park(&self, writes: Vec<UnsentWrite>) -> Result<()> {
+        validate_ids(self.namespace(), writes.iter().map(unsent_id))?;
+        self.fallback.park(self.namespace(), writes)
+    }
+}
+
+fn unsent_id(w: &UnsentWrite) -> &String {
+    match w {
+        UnsentWrite::Upsert { id, .. } | UnsentWrite::Delete { id } => id,
     }
 }

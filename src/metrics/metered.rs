@@ -7,7 +7,7 @@ use prometheus::{IntCounter, IntGauge};
 use serde_json::Value;
 
 use crate::error::Result;
-use crate::store::{Item, KvStore, NamespaceStats};
+use crate::store::{Item, KvStore, NamespaceStats, UnsentWrite};
 
 use super::{clamp_i64, error_kind, Metrics, Op};
 
@@ -212,5 +212,11 @@ impl<S: KvStore> KvStore for Metered<S> {
 
     fn flush(&self) -> Result<()> {
         self.inner.flush()
+    }
+
+    /// Forwarded, not counted: parked writes are a layer's hand-off at shutdown, not a
+    /// caller's call.
+    fn park(&self, writes: Vec<UnsentWrite>) -> Result<()> {
+        self.inner.park(writes)
     }
 }

@@ -23,7 +23,7 @@ use crate::error::Result;
 use crate::fallback::{Fallback, FallbackGuard, JournalTarget};
 #[cfg(feature = "metrics")]
 use crate::metrics::Metrics;
-use crate::store::{Item, KvStore, NamespaceStats};
+use crate::store::{Item, KvStore, NamespaceStats, UnsentWrite};
 use crate::write_behind::WriteBehindConfig;
 
 pub use locks::{LocalLocks, LockGuard, Locks, RedisLocks};
@@ -451,5 +451,8 @@ impl KvStore for Handle {
     }
     fn flush(&self) -> Result<()> {
         self.stack.top.flush()
+    }
+    fn park(&self, writes: Vec<UnsentWrite>) -> Result<()> {
+        self.stack.top.park(writes)
     }
 }

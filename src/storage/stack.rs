@@ -14,8 +14,8 @@
 //! [`crate::retry::RESUBMIT_INTERVAL`], each submission one operation under that policy).
 //!
 //! Why this order: the fallback must see an operation's final outcome (after retries) to decide
-//! that Redis is down; write-behind sits over the fallback so unsent writes at shutdown land in
-//! its journal and a queued batch that fails over is journaled, not lost; the metrics sit
+//! that Redis is down; write-behind sits over the fallback so a queued batch that fails over is
+//! journaled, not lost, and writes unsent at shutdown are parked in it ([`KvStore::park`]); the metrics sit
 //! outside everything so they count and time the calls callers make, not the queue's batches.
 //! [`build`] is the only code in the crate that composes these layers.
 
@@ -77,17 +77,12 @@ pub(super) fn build(
             Arc::new(dual)
         }
     };
-    // 3. Write-behind. With a fallback, writes the queue cannot send before its shutdown
-    // deadline go to the fallback's journal rather than being dropped.
+    // 3. Write-behind. Writes it cannot send before its shutdown deadline are parked in the
+    // store below (`KvStore::park`): the fallback journals them, other stores refuse them.
     let store: Arc<dyn KvStore> = match write_behind {
         None => store,
         Some(config) => {
-            let queue = Arc::new(match backend {
-                Backend::Redis {
-                    fallback: Some(fb), ..
-                } => WriteBehind::with_unsent_sink(store, config.clone(), fb.fallback.clone()),
-                _ => WriteBehind::new(store, config.clone()),
-            });
+            let queue = Arc::new(WriteBehind::new(store, config.clone()));
             // Observed from outside: the metrics read the depth at scrape time, weakly.
             #[cfg(feature = "metrics")]
             if let Some(m) = metrics {

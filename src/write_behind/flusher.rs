@@ -249,7 +249,8 @@ impl<S: KvStore> Flusher<S> {
     }
 
     /// The shutdown deadline passed: the other batches in flight finish (or give up too), and
-    /// everything not sent goes to the sink, or is counted in the error log. Returns the error
+    /// everything not sent is parked in the inner store ([`KvStore::park`]), or is
+    /// counted in the error log. Returns the error
     /// `close` reports.
     pub(super) fn give_up(mut self) -> Result<()> {
         while self.in_flight.iter().any(Option::is_none) {
@@ -297,32 +298,24 @@ impl<S: KvStore> Flusher<S> {
                 },
             })
             .collect();
-        let reason = match &self.shared.sink {
-            Some(sink) => match sink.save_unsent(&namespace, writes) {
-                Ok(()) => {
-                    log::warn!(
-                        "write-behind: {n} writes of namespace {namespace:?} could not be sent \
-                         within {timeout:?} at shutdown (last error: {last_error}); handed to \
-                         the fallback sink"
-                    );
-                    format!("{n} writes were handed to the fallback sink instead")
-                }
-                Err(e) => {
-                    log::error!(
-                        "write-behind: {n} accepted writes of namespace {namespace:?} are LOST: \
-                         not sent within {timeout:?} at shutdown (last error: {last_error}), \
-                         and the fallback sink refused them: {e}"
-                    );
-                    format!("{n} writes are lost (the fallback sink refused them: {e})")
-                }
-            },
-            None => {
+        // Through the layer below, never around it: a store that can keep writes while the
+        // backend is unreachable (the fallback's journal) takes them; others refuse.
+        let reason = match self.shared.inner.park(writes) {
+            Ok(()) => {
+                log::warn!(
+                    "write-behind: {n} writes of namespace {namespace:?} could not be sent \
+                     within {timeout:?} at shutdown (last error: {last_error}); parked in the \
+                     store below, which keeps them"
+                );
+                format!("{n} writes were parked in the store below instead")
+            }
+            Err(e) => {
                 log::error!(
                     "write-behind: {n} accepted writes of namespace {namespace:?} are LOST: not \
-                     sent within {timeout:?} at shutdown (last error: {last_error}) and no \
-                     fallback sink is configured"
+                     sent within {timeout:?} at shutdown (last error: {last_error}), and the \
+                     store below could not keep them: {e}"
                 );
-                format!("{n} writes are lost (no fallback sink is configured)")
+                format!("{n} writes are lost (the store below could not keep them: {e})")
             }
         };
         for batch in &sent {

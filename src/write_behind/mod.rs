@@ -63,10 +63,12 @@
 //! the `upsert` that queued it. `stats`, `clear` and `index_done_callback` flush first, so
 //! they cost one flush.
 //!
-//! There is one case where accepted writes are not persisted: at close or drop, the backend is
-//! still unreachable after [`WriteBehindConfig::flush_timeout`]. The unsent writes then go to
-//! the [`UnsentSink`] if one was given (the fallback journal's hook). Otherwise their number is
-//! logged at error level, and `close` returns an error.
+//! There is one case where accepted writes may not be persisted: at close or drop, the backend
+//! is still unreachable after [`WriteBehindConfig::flush_timeout`]. The unsent writes are then
+//! handed, in the order accepted, to the inner store's [`KvStore::park`]: the fallback keeps
+//! them in its journal, replayed when Redis answers. A store that cannot keep them refuses
+//! them (the default), and their number is logged at error level. Either way `close` returns
+//! an error that says which.
 //!
 //! # Where it goes in a stack
 //!
@@ -202,36 +204,9 @@ pub struct WriteBehindStats {
     pub total_flush_latency: Duration,
 }
 
-/// One write that was accepted but could not be sent, handed to an [`UnsentSink`].
-#[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
-pub enum UnsentWrite {
-    /// An upsert of one id.
-    Upsert {
-        /// The id.
-        id: String,
-        /// The value.
-        value: Value,
-    },
-    /// A delete of one id.
-    Delete {
-        /// The id.
-        id: String,
-    },
-}
-
-/// Where [`WriteBehind`] puts accepted writes that are still unsent when its final flush
-/// reaches [`WriteBehindConfig::flush_timeout`] at close or drop. The fallback journal
-/// implements this, so that an outage at shutdown loses nothing. Without a sink, their count is
-/// logged at error level.
-pub trait UnsentSink: Send + Sync {
-    /// Takes the unsent writes of `namespace`, in the order they were accepted (replaying them
-    /// in that order gives the state the caller expected).
-    ///
-    /// # Errors
-    /// When they cannot be kept. The writes are then lost, and their count is logged.
-    fn save_unsent(&self, namespace: &str, writes: Vec<UnsentWrite>) -> Result<()>;
-}
+/// One write that was accepted but could not be sent, handed to the inner store's
+/// [`KvStore::park`] at close (defined with the trait; re-exported here where it was first).
+pub use crate::store::UnsentWrite;
 
 pub use wrapper::WriteBehind;
 

@@ -166,7 +166,6 @@ impl Shutdown {
 pub(super) struct Shared<S> {
     pub(super) inner: S,
     pub(super) config: WriteBehindConfig,
-    pub(super) sink: Option<Arc<dyn UnsentSink>>,
     pub(super) state: Mutex<State>,
     /// Signalled when the flusher takes writes from the queue, or exits.
     pub(super) not_full: Condvar,

@@ -28,40 +28,20 @@ impl<S: KvStore + 'static> fmt::Debug for WriteBehind<S> {
 }
 
 impl<S: KvStore + 'static> WriteBehind<S> {
-    /// Wraps `inner` and starts the flusher thread. Unsent writes at a failed shutdown are
-    /// counted in the error log.
+    /// Wraps `inner` and starts the flusher thread. Writes still unsent when the final flush at
+    /// close or drop reaches its deadline are handed to `inner`'s [`KvStore::park`] (the
+    /// fallback keeps them in its journal; other stores refuse them, and they are counted in
+    /// the error log).
     ///
     /// # Panics
     /// When the operating system cannot start a thread.
     pub fn new(inner: S, config: WriteBehindConfig) -> WriteBehind<S> {
-        Self::start(inner, config, None)
-    }
-
-    /// As [`WriteBehind::new`], with a sink for writes still unsent when the final flush at
-    /// close or drop reaches its deadline (the fallback journal).
-    ///
-    /// # Panics
-    /// When the operating system cannot start a thread.
-    pub fn with_unsent_sink(
-        inner: S,
-        config: WriteBehindConfig,
-        sink: Arc<dyn UnsentSink>,
-    ) -> WriteBehind<S> {
-        Self::start(inner, config, Some(sink))
-    }
-
-    fn start(
-        inner: S,
-        config: WriteBehindConfig,
-        sink: Option<Arc<dyn UnsentSink>>,
-    ) -> WriteBehind<S> {
         let (tx, rx) = crossbeam_channel::unbounded();
         let shutdown = Arc::new(Shutdown::default());
         let timeout = config.flush_timeout;
         let shared = Arc::new(Shared {
             inner,
             config,
-            sink,
             state: Mutex::new(State {
                 overlay: HashMap::new(),
                 last_seq: 0,
@@ -165,8 +145,8 @@ impl<S: KvStore + 'static> WriteBehind<S> {
     /// the outcome.
     ///
     /// # Errors
-    /// [`Error::Unavailable`] when writes were still unsent at the deadline (handed to the
-    /// [`UnsentSink`], or lost and counted in the error log). Also [`Error::WritesRefused`] for
+    /// [`Error::Unavailable`] when writes were still unsent at the deadline (kept by the inner
+    /// store's [`KvStore::park`], or lost and counted in the error log). Also [`Error::WritesRefused`] for
     /// refused writes that no flush reported yet, whichever thread queued them.
     pub fn close(mut self) -> Result<()> {
         let stopped = self.flusher.stop();
@@ -384,5 +364,26 @@ impl<S: KvStore + 'static> KvStore for WriteBehind<S> {
     fn flush(&self) -> Result<()> {
         WriteBehind::flush(self)?;
         self.shared.inner.flush()
+    }
+
+    /// Queues the writes behind those already queued, as `upsert` and `delete_by_ids` would:
+    /// handing them straight to the inner store would put them before older writes of the same
+    /// ids. They are then sent, or parked in the inner store at close, in order.
+    ///
+    /// # Errors
+    /// As [`WriteBehind::upsert`](#method.upsert).
+    fn park(&self, writes: Vec<UnsentWrite>) -> Result<()> {
+        let writes: Vec<(String, Option<Arc<Value>>)> = writes
+            .into_iter()
+            .map(|w| match w {
+                UnsentWrite::Upsert { id, value } => (id, Some(Arc::new(value))),
+                UnsentWrite::Delete { id } => (id, None),
+            })
+            .collect();
+        validate_ids(self.namespace(), writes.iter().map(|(id, _)| id))?;
+        if writes.is_empty() {
+            return Ok(());
+        }
+        self.shared.enqueue(writes)
     }
 }
