@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use super::journal::{self, Contents, Entry};
 use super::target::JournalTarget;
-use super::OpenInner;
+use super::{OpenBackend, PROBE_NAMESPACE};
 use crate::error::{Error, Result};
 use crate::store::KvStore;
 
@@ -24,7 +24,7 @@ pub struct ReplayedJournal {
 }
 
 /// Replays every orphaned journal of `dir` (journals no live process holds) into `target`
-/// through `open_inner`, oldest first; after each journal, checkpoints Redis
+/// through `backend` (the backend's own stores, see [`OpenBackend`]), oldest first; after each journal, checkpoints Redis
 /// (`index_done_callback`) and removes the journal before releasing its lock.
 ///
 /// Every orphan is checked before anything is written: a journal written for another target
@@ -38,7 +38,7 @@ pub struct ReplayedJournal {
 pub fn replay_journals(
     dir: &Path,
     target: &JournalTarget,
-    open_inner: &OpenInner,
+    backend: &dyn OpenBackend,
     force: bool,
 ) -> Result<Vec<ReplayedJournal>> {
     if !dir.exists() {
@@ -74,7 +74,7 @@ pub fn replay_journals(
             let store = match stores.get(e.namespace()) {
                 Some(s) => s.clone(),
                 None => {
-                    let s = open_inner(e.namespace()).map_err(stopped)?;
+                    let s = backend.open(e.namespace()).map_err(stopped)?;
                     stores.insert(e.namespace().to_string(), s.clone());
                     s
                 }
@@ -88,7 +88,8 @@ pub fn replay_journals(
         }
         if total > 0 {
             // The journal goes only once Redis has its writes on disk.
-            open_inner("graphrag_kv_probe")
+            backend
+                .open(PROBE_NAMESPACE)
                 .and_then(|s| s.index_done_callback())
                 .map_err(|err| Error::Journal {
                     path: path.clone(),

@@ -64,8 +64,33 @@ pub use target::{JournalHeader, JournalTarget};
 use crate::error::{Error, Result};
 use crate::store::{KvStore, UnsentWrite};
 
-/// Opens the inner store of a namespace (for replaying journals of any namespace).
-pub type OpenInner = dyn Fn(&str) -> Result<Arc<dyn KvStore>> + Send + Sync;
+/// Opens the backend's own store of a namespace: the bottom of its stack, with no layer over
+/// it. The fallback probes Redis and replays journals (of any namespace) through it.
+///
+/// [`crate::Storage`] passes the one it builds the bottom of every stack with, so a replayed
+/// write takes the path any write to the backend takes (`storage::stack`); a closure
+/// `Fn(&str) -> Result<Arc<dyn KvStore>>` is one too (`graphrag-kv journal replay` passes a
+/// storage without layers).
+pub trait OpenBackend: Send + Sync {
+    /// The backend's store of `namespace`.
+    ///
+    /// # Errors
+    /// An invalid namespace; whatever opening a namespace of the backend can fail with.
+    fn open(&self, namespace: &str) -> Result<Arc<dyn KvStore>>;
+}
+
+impl<F> OpenBackend for F
+where
+    F: Fn(&str) -> Result<Arc<dyn KvStore>> + Send + Sync,
+{
+    fn open(&self, namespace: &str) -> Result<Arc<dyn KvStore>> {
+        self(namespace)
+    }
+}
+
+/// The namespace the fallback probes Redis through (`index_start_callback`, a PING) and
+/// checkpoints replayed writes through (`index_done_callback`); it writes nothing there.
+const PROBE_NAMESPACE: &str = "graphrag_kv_probe";
 
 /// How often an offline fallback asks Redis whether it is back.
 const PROBE_INTERVAL: Duration = Duration::from_millis(250);
@@ -119,7 +144,8 @@ pub struct Fallback {
     dir: PathBuf,
     /// Written in every journal's header; journals of another target are refused.
     target: JournalTarget,
-    open_inner: Box<OpenInner>,
+    /// The backend's stores, from the function that builds the bottom of every stack.
+    backend: Box<dyn OpenBackend>,
     state: RwLock<State>,
     /// Wakes the prober early (on shutdown, or when going offline).
     wake: (Mutex<bool>, Condvar),
@@ -169,7 +195,7 @@ impl Fallback {
     pub fn open(
         dir: impl Into<PathBuf>,
         target: JournalTarget,
-        open_inner: Box<OpenInner>,
+        backend: Box<dyn OpenBackend>,
     ) -> Result<(Arc<Fallback>, FallbackGuard)> {
         let dir = dir.into();
         journal::create_dir(&dir)?;
@@ -211,7 +237,7 @@ impl Fallback {
         let fallback = Arc::new(Fallback {
             dir,
             target,
-            open_inner,
+            backend,
             state: RwLock::new(state),
             wake: (Mutex::new(false), Condvar::new()),
         });
@@ -279,7 +305,10 @@ impl Fallback {
 
     /// Probes Redis; when it answers, replays the journal in order and goes online.
     fn try_recover(&self) {
-        let probe = (self.open_inner)("graphrag_kv_probe").and_then(|s| s.index_start_callback());
+        let probe = self
+            .backend
+            .open(PROBE_NAMESPACE)
+            .and_then(|s| s.index_start_callback());
         if probe.is_err() {
             return;
         }
@@ -294,7 +323,7 @@ impl Fallback {
             let ns = e.namespace().to_string();
             let store = match stores.get(&ns) {
                 Some(s) => s.clone(),
-                None => match (self.open_inner)(&ns) {
+                None => match self.backend.open(&ns) {
                     Ok(s) => {
                         stores.insert(ns.clone(), s.clone());
                         s
@@ -319,8 +348,10 @@ impl Fallback {
         if done == total {
             // The journal goes only once Redis has the replayed writes on its disk; until then
             // they stay pending and are replayed again (idempotent in order) at the next probe.
-            let durable =
-                (self.open_inner)("graphrag_kv_probe").and_then(|s| s.index_done_callback());
+            let durable = self
+                .backend
+                .open(PROBE_NAMESPACE)
+                .and_then(|s| s.index_done_callback());
             if let Err(err) = durable {
                 log::warn!(
                     "replayed {total} journaled writes but Redis could not make them durable \
@@ -382,7 +413,8 @@ impl Fallback {
 
     /// True when Redis answers a PING.
     fn redis_answers(&self) -> bool {
-        (self.open_inner)("graphrag_kv_probe")
+        self.backend
+            .open(PROBE_NAMESPACE)
             .and_then(|s| s.index_start_callback())
             .is_ok()
     }

@@ -201,11 +201,11 @@ fn open_backend(config: &StoreConfig) -> Result<Backend> {
         }
         Err(e) => return Err(e),
     };
-    let for_replay = redis.clone();
+    // Probes and replays go to the bottom of the stacks, built as `stack::build` builds it.
     let (fallback, guard) = Fallback::open(
         &fb.dir,
         JournalTarget::from_redis(&config.redis),
-        Box::new(move |ns: &str| Ok(Arc::new(for_replay.namespace(ns)?) as Arc<dyn KvStore>)),
+        Box::new(stack::RedisBackend(redis.clone())),
     )?;
     if let Some(e) = &down {
         // Redis just failed to answer: the first write goes to the journal at once rather

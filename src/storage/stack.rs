@@ -21,9 +21,12 @@
 
 use std::sync::Arc;
 
+use crate::backend::json_file::{JsonDir, JsonFileStore};
+use crate::backend::redis::{RedisShared, RedisStore};
 use crate::config::BackendKind;
 use crate::dual_write::DualWrite;
 use crate::error::Result;
+use crate::fallback::OpenBackend;
 #[cfg(feature = "metrics")]
 use crate::metrics::{Metered, Metrics};
 use crate::store::KvStore;
@@ -39,6 +42,30 @@ pub(super) struct Stack {
     pub(super) unmetered: Arc<dyn KvStore>,
 }
 
+/// The bottom of every JSON stack: the directory's store of `namespace`, nothing over it.
+fn json_bottom(dir: &Arc<JsonDir>, namespace: &str) -> Result<Arc<JsonFileStore>> {
+    dir.namespace(namespace)
+}
+
+/// The bottom of every Redis stack: the pool's store of `namespace`, nothing over it (the
+/// backend applies the retry policy itself). The one way to get "Redis for namespace N": the
+/// fallback probes and replays its journal through it too ([`RedisBackend`]).
+fn redis_bottom(redis: &Arc<RedisShared>, namespace: &str) -> Result<RedisStore> {
+    redis.namespace(namespace)
+}
+
+/// [`redis_bottom`] for the fallback of a Redis storage: journaled writes are replayed into
+/// the same store the bottom of the namespace's stack is, through the storage's own pool
+/// (TLS, cluster, Sentinel and ACL included), and never through the layers above it (the
+/// fallback itself, write-behind, metrics), which would journal, queue or count them again.
+pub(super) struct RedisBackend(pub(super) Arc<RedisShared>);
+
+impl OpenBackend for RedisBackend {
+    fn open(&self, namespace: &str) -> Result<Arc<dyn KvStore>> {
+        Ok(Arc::new(redis_bottom(&self.0, namespace)?))
+    }
+}
+
 /// Builds the stack of `namespace` over `backend`, bottom to top.
 pub(super) fn build(
     backend: &Backend,
@@ -49,9 +76,9 @@ pub(super) fn build(
     // 1 + 2. The backend (which retries, see the module docs), then the fallback journal or
     // the dual write that pairs two backends.
     let store: Arc<dyn KvStore> = match backend {
-        Backend::Json(dir) => dir.namespace(namespace)?,
+        Backend::Json(dir) => json_bottom(dir, namespace)?,
         Backend::Redis { redis, fallback } => {
-            let store = redis.namespace(namespace)?;
+            let store = redis_bottom(redis, namespace)?;
             match fallback {
                 None => Arc::new(store),
                 Some(fb) => Arc::new(fb.fallback.wrap(store, Some(fb.guard.clone()))),
@@ -62,8 +89,8 @@ pub(super) fn build(
             redis,
             primary,
         } => {
-            let j: Arc<dyn KvStore> = json.namespace(namespace)?;
-            let r: Arc<dyn KvStore> = Arc::new(redis.namespace(namespace)?);
+            let j: Arc<dyn KvStore> = json_bottom(json, namespace)?;
+            let r: Arc<dyn KvStore> = Arc::new(redis_bottom(redis, namespace)?);
             let (p, s, names) = match primary {
                 BackendKind::Json => (j, r, ("json", "redis")),
                 BackendKind::Redis => (r, j, ("redis", "json")),
