@@ -277,3 +277,70 @@ impl Collector for ObservedGauge {
         self.gauge.collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use prometheus::Registry;
+
+    use crate::metrics::{render, Metrics};
+
+    #[test]
+    fn pool_gauge_sums_sources_and_forgets_dropped_ones() {
+        let registry = Registry::new();
+        let m = Metrics::new(&registry).unwrap();
+        m.pool().watch(|| Some((5, 2)));
+        let alive = Arc::new(());
+        let weak = Arc::downgrade(&alive);
+        m.pool().watch(move || weak.upgrade().map(|_| (3, 3)));
+        let text = render(&registry);
+        assert!(
+            text.contains(r#"redis_connection_pool_size{status="active"} 3"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"redis_connection_pool_size{status="idle"} 5"#),
+            "{text}"
+        );
+        drop(alive);
+        let text = render(&registry);
+        assert!(
+            text.contains(r#"redis_connection_pool_size{status="idle"} 2"#),
+            "{text}"
+        );
+        assert_eq!(m.pool().sources.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn observed_counters_follow_their_sources_and_keep_what_retired_ones_counted() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let registry = Registry::new();
+        let m = Metrics::new(&registry).unwrap();
+        let a = Arc::new(AtomicU64::new(2));
+        let weak = Arc::downgrade(&a);
+        let read = move || weak.upgrade().map(|c| c.load(Ordering::Relaxed));
+        m.divergences.watch(&["ns"], Some(1), read.clone());
+        // The same source again: ignored, not counted twice.
+        m.divergences.watch(&["ns"], Some(1), read);
+        m.watch_divergences("ns", || Some(1));
+        let text = render(&registry);
+        assert!(
+            text.contains(r#"redis_dual_write_divergences_total{namespace="ns"} 3"#),
+            "{text}"
+        );
+        a.store(5, Ordering::Relaxed);
+        let text = render(&registry);
+        assert!(
+            text.contains(r#"redis_dual_write_divergences_total{namespace="ns"} 6"#),
+            "{text}"
+        );
+        drop(a);
+        let text = render(&registry);
+        assert!(
+            text.contains(r#"redis_dual_write_divergences_total{namespace="ns"} 6"#),
+            "{text}"
+        );
+        assert_eq!(m.divergences.source_count(), 1);
+    }
+}
