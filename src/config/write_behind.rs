@@ -86,6 +86,9 @@ pub struct WriteBehindConfig {
     /// Deadline of [`WriteBehind::flush`] (and of `index_done_callback`, `clear` and `stats`,
     /// which flush first), and of the final flush at [`WriteBehind::close`] and drop. Defaults
     /// to 30 s.
+    ///
+    /// [`WriteBehind::flush`]: crate::write_behind::WriteBehind::flush
+    /// [`WriteBehind::close`]: crate::write_behind::WriteBehind::close
     pub flush_timeout: Duration,
     /// Most batches taken from the queue and not yet acknowledged, each sent by its own sender
     /// thread (on its own pooled connection). Defaults to 4.

@@ -126,7 +126,7 @@ impl ServerInfo {
 /// Reads `INFO` through a Redis pool (every master of a cluster).
 ///
 /// # Errors
-/// Redis failures; [`Error::is_permission_denied`] when the ACL user may not run INFO.
+/// Redis failures; [`crate::Error::is_permission_denied`] when the ACL user may not run INFO.
 pub fn server_info(shared: &RedisShared) -> Result<ServerInfo> {
     let reply: redis::Value =
         shared.with_conn("server_info", "", |c| redis::cmd("INFO").query(c))?;

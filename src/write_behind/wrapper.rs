@@ -6,7 +6,7 @@ use super::*;
 // The wrapper
 
 /// A [`KvStore`] wrapper that queues `upsert` and `delete_by_ids` and sends them in batches
-/// from a background thread. Reads see the queued writes. See the [module docs](self) for
+/// from a background thread. Reads see the queued writes. See the [module docs](crate::write_behind) for
 /// what it guarantees and costs, and where it goes in a stack.
 ///
 /// The inner store sits behind an `Arc`, not in a plain `inner: S` field: the flusher thread

@@ -12,7 +12,7 @@
 //! - Sentinel: the master that `REDIS_SENTINEL_URLS` name for `REDIS_SENTINEL_MASTER`, followed
 //!   through failovers;
 //! - cluster: several `REDIS_URL`s, `REDIS_CLUSTER=true`, or a server that says
-//!   `cluster_enabled:1` (see [`cluster`] for how batches survive slot moves).
+//!   `cluster_enabled:1` (see its `cluster` module for how batches survive slot moves).
 
 mod batch;
 mod checkpoint;
