@@ -244,7 +244,7 @@ fn counters_move_with_operations_on_redis() {
 
 /// `redis_retries_total` counts the backend's own retries, read from the pool at scrape time:
 /// a pooled connection the server dropped fails once, the call is retried on a new one and
-/// succeeds.
+/// succeeds. The retry is counted under the namespace and operation that made it.
 #[test]
 fn retries_of_the_backend_are_counted() {
     let server = RedisServer::start();
@@ -283,6 +283,22 @@ fn retries_of_the_backend_are_counted() {
     );
     assert_eq!(retries(&registry), 1.0);
     assert_eq!(storage.redis().unwrap().retries_total(), 1);
+    let scraped = Scrape(graphrag_kv::metrics::render(&registry));
+    assert_eq!(
+        scraped.value(
+            "redis_retries_total",
+            &[("namespace", "full_docs"), ("operation", "get_by_id")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        scraped.get(
+            "redis_retries_total",
+            &[("namespace", "full_docs"), ("operation", "upsert")]
+        ),
+        None,
+        "a series per namespace and operation that retried, no other"
+    );
     // The pool gone, what it counted stays counted.
     drop(docs);
     drop(storage);

@@ -14,7 +14,7 @@
 //! | `redis_memory_usage_bytes` | gauge (sampled) | `namespace` | `stats` through [`Metered`], [`Metered::sample_memory`] |
 //! | `redis_namespace_keys` | gauge | `namespace` | as above |
 //! | `redis_connection_pool_size` | gauge | `status` = `active` / `idle` | [`PoolGauge`] sources, read at scrape time |
-//! | `redis_retries_total` | counter | | [`RedisShared::retries_total`], read at scrape time ([`Metrics::watch_retries`]) |
+//! | `redis_retries_total` | counter | `namespace`, `operation` | [`RedisShared::retries_by_operation`], read at scrape time ([`Metrics::watch_retries`]) |
 //! | `redis_evicted_keys_total` | counter | | [`Metrics::sample_server`] (`INFO stats`) |
 //! | `redis_server_used_memory_bytes`, `redis_server_maxmemory_bytes` | gauge | | [`Metrics::sample_server`] (`INFO memory`) |
 //! | `redis_write_behind_queue_depth` | gauge | `namespace` | the queues of a metered `Storage`, read at scrape time ([`Metrics::watch_write_behind_depth`]), or [`Metrics::set_write_behind_queue_depth`] |
@@ -151,8 +151,9 @@ impl Metrics {
         )?;
         let retries = ObservedCounter::new(
             "redis_retries_total",
-            "Commands the Redis backend retried after a connection error or timeout.",
-            &[],
+            "Commands the Redis backend retried after a connection error, a timeout or a \
+             passing server state, per namespace and operation.",
+            &["namespace", "operation"],
         )?;
         registry.register(Box::new(retries.clone()))?;
         let evicted = IntCounter::new(
@@ -222,12 +223,13 @@ impl Metrics {
         &self.pool
     }
 
-    /// Reads `redis_retries_total` from `shared`'s [`RedisShared::retries_total`] at scrape
-    /// time. Holds only a weak reference; attaching the same pool again changes nothing.
+    /// Reads `redis_retries_total{namespace,operation}` from `shared`'s
+    /// [`RedisShared::retries_by_operation`] at scrape time (a series appears with its first
+    /// retry). Holds only a weak reference; attaching the same pool again changes nothing.
     /// [`crate::StorageBuilder::metrics`] does this for its pool.
     pub fn watch_retries(&self, shared: &Arc<RedisShared>) {
         let (id, read) = observe::retries_of(shared);
-        self.retries.watch(&[], Some(id), read);
+        self.retries.watch_series(Some(id), read);
     }
 
     /// Reads `redis_write_behind_queue_depth{namespace}` from `source` (a queue's depth, `None`

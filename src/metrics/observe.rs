@@ -1,6 +1,7 @@
 //! What the metrics read from the layers at scrape time: pool sizes, retries, divergences.
 //! The layers expose plain counters; nothing here is called from a store's hot path.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, Weak};
 
@@ -107,13 +108,19 @@ pub(crate) struct ObservedCounter {
 }
 
 struct CounterSource {
+    /// The labels of a one-series source; empty for a source of several series (whose reads
+    /// carry their labels). With `id`, what tells a source attached again.
     labels: Vec<String>,
     /// The object read, when known: attaching it again is a no-op, not a double count.
     id: Option<usize>,
-    read: Box<dyn Fn() -> Option<u64> + Send + Sync>,
-    /// The total at the last scrape.
-    last: u64,
+    read: SeriesRead,
+    /// Each series' total at the last scrape.
+    last: HashMap<Vec<String>, u64>,
 }
+
+/// Reads a source's running totals, one per series (label values), or `None` once its layer
+/// is gone.
+type SeriesRead = Box<dyn Fn() -> Option<Vec<(Vec<String>, u64)>> + Send + Sync>;
 
 impl ObservedCounter {
     pub(crate) fn new(name: &str, help: &str, labels: &[&str]) -> prometheus::Result<Self> {
@@ -123,6 +130,7 @@ impl ObservedCounter {
         })
     }
 
+    /// Attaches a source of one series, `labels`.
     pub(crate) fn watch(
         &self,
         labels: &[&str],
@@ -130,19 +138,42 @@ impl ObservedCounter {
         read: impl Fn() -> Option<u64> + Send + Sync + 'static,
     ) {
         let labels: Vec<String> = labels.iter().map(|l| (*l).to_string()).collect();
+        let series = labels.clone();
+        let attached = self.attach(
+            labels.clone(),
+            id,
+            Box::new(move || read().map(|n| vec![(series.clone(), n)])),
+        );
+        if attached {
+            // Zero series from the start, so dashboards see 0 rather than no data.
+            let refs: Vec<&str> = labels.iter().map(String::as_str).collect();
+            self.counter.with_label_values(&refs);
+        }
+    }
+
+    /// Attaches a source of several series, each read with its label values; a series
+    /// appears with its first count.
+    pub(crate) fn watch_series(
+        &self,
+        id: Option<usize>,
+        read: impl Fn() -> Option<Vec<(Vec<String>, u64)>> + Send + Sync + 'static,
+    ) {
+        self.attach(Vec::new(), id, Box::new(read));
+    }
+
+    /// False when a source of this `id` and `labels` is attached already.
+    fn attach(&self, labels: Vec<String>, id: Option<usize>, read: SeriesRead) -> bool {
         let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
         if id.is_some() && sources.iter().any(|s| s.id == id && s.labels == labels) {
-            return;
+            return false;
         }
-        // Zero series from the start, so dashboards see 0 rather than no data.
-        let refs: Vec<&str> = labels.iter().map(String::as_str).collect();
-        self.counter.with_label_values(&refs);
         sources.push(CounterSource {
             labels,
             id,
-            read: Box::new(read),
-            last: 0,
+            read,
+            last: HashMap::new(),
         });
+        true
     }
 
     fn refresh(&self) {
@@ -151,11 +182,14 @@ impl ObservedCounter {
             let Some(now) = (s.read)() else {
                 return false;
             };
-            let added = now.saturating_sub(s.last);
-            s.last = s.last.max(now);
-            if added > 0 {
-                let refs: Vec<&str> = s.labels.iter().map(String::as_str).collect();
-                self.counter.with_label_values(&refs).inc_by(added);
+            for (labels, total) in now {
+                let last = s.last.get(&labels).copied().unwrap_or(0);
+                let added = total.saturating_sub(last);
+                if added > 0 {
+                    let refs: Vec<&str> = labels.iter().map(String::as_str).collect();
+                    self.counter.with_label_values(&refs).inc_by(added);
+                }
+                s.last.insert(labels, last.max(total));
             }
             true
         });
@@ -187,13 +221,23 @@ impl Collector for ObservedCounter {
     }
 }
 
-/// Reads the retries of a Redis pool, weakly: the metrics never keep a pool alive.
+/// Reads the retries of a Redis pool per namespace and operation, weakly: the metrics never
+/// keep a pool alive.
+#[allow(clippy::type_complexity)]
 pub(crate) fn retries_of(
     shared: &Arc<RedisShared>,
-) -> (usize, impl Fn() -> Option<u64> + Send + Sync + 'static) {
+) -> (
+    usize,
+    impl Fn() -> Option<Vec<(Vec<String>, u64)>> + Send + Sync + 'static,
+) {
     let weak: Weak<RedisShared> = Arc::downgrade(shared);
     (Arc::as_ptr(shared) as usize, move || {
-        weak.upgrade().map(|s| s.retries_total())
+        weak.upgrade().map(|s| {
+            s.retries_by_operation()
+                .into_iter()
+                .map(|r| (vec![r.namespace, r.operation.to_string()], r.count))
+                .collect()
+        })
     })
 }
 
@@ -342,5 +386,41 @@ mod tests {
             "{text}"
         );
         assert_eq!(m.divergences.source_count(), 1);
+    }
+
+    #[test]
+    fn observed_counters_of_several_series_count_each_and_keep_them_when_retired() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let registry = Registry::new();
+        let m = Metrics::new(&registry).unwrap();
+        let a = Arc::new(AtomicU64::new(1));
+        let weak = Arc::downgrade(&a);
+        let read = move || {
+            weak.upgrade().map(|c| {
+                let n = c.load(Ordering::Relaxed);
+                vec![
+                    (vec!["ns".to_string(), "upsert".to_string()], n),
+                    (vec!["".to_string(), "connect".to_string()], 2 * n),
+                ]
+            })
+        };
+        m.retries.watch_series(Some(7), read.clone());
+        m.retries.watch_series(Some(7), read);
+        let series = |text: &str, ns: &str, op: &str| {
+            let name = format!(r#"redis_retries_total{{namespace="{ns}",operation="{op}"}} "#);
+            text.lines()
+                .find_map(|l| l.strip_prefix(name.as_str()))
+                .map(|v| v.parse::<u64>().unwrap())
+        };
+        let text = render(&registry);
+        assert_eq!(series(&text, "ns", "upsert"), Some(1), "{text}");
+        assert_eq!(series(&text, "", "connect"), Some(2), "{text}");
+        a.store(4, Ordering::Relaxed);
+        drop(render(&registry));
+        drop(a);
+        let text = render(&registry);
+        assert_eq!(series(&text, "ns", "upsert"), Some(4), "{text}");
+        assert_eq!(series(&text, "", "connect"), Some(8), "{text}");
+        assert_eq!(m.retries.source_count(), 0);
     }
 }

@@ -145,6 +145,12 @@ impl RedisShared {
             |err| self.should_retry(err),
             |err, retry, pause| {
                 self.retries.fetch_add(1, Ordering::Relaxed);
+                *self
+                    .retries_by
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .entry((namespace.to_string(), operation))
+                    .or_default() += 1;
                 log::debug!(
                     "redis {operation} on {namespace:?} failed ({err}); retry {} in {pause:?}",
                     retry + 1
@@ -157,6 +163,20 @@ impl RedisShared {
     /// namespaces and operations together). Metrics read it at scrape time.
     pub fn retries_total(&self) -> u64 {
         self.retries.load(Ordering::Relaxed)
+    }
+
+    /// [`RedisShared::retries_total`] per namespace and operation (`namespace` is empty for
+    /// work outside the namespaces: connecting, server figures), for those that retried at
+    /// least once. Metrics read it at scrape time (`redis_retries_total{namespace,operation}`).
+    pub fn retries_by_operation(&self) -> Vec<OperationRetries> {
+        let by = self.retries_by.lock().unwrap_or_else(|p| p.into_inner());
+        by.iter()
+            .map(|((namespace, operation), count)| OperationRetries {
+                namespace: namespace.clone(),
+                operation,
+                count: *count,
+            })
+            .collect()
     }
 
     /// The retry policy of these connections (built from `REDIS_RETRIES`).
@@ -289,6 +309,18 @@ pub(crate) fn glob_escape(s: &str) -> String {
         out.push(c);
     }
     out
+}
+
+/// Retries of one namespace and operation, from [`RedisShared::retries_by_operation`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct OperationRetries {
+    /// The namespace; empty for work outside the namespaces (connecting, server figures).
+    pub namespace: String,
+    /// The operation, as errors and `redis_operations_total` name it (`get_by_ids`, `upsert`).
+    pub operation: &'static str,
+    /// Commands retried so far.
+    pub count: u64,
 }
 
 #[cfg(test)]

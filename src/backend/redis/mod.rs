@@ -31,6 +31,7 @@ use std::time::Duration;
 use redis::{Cmd, ConnectionLike, RedisError, RedisResult, Value};
 use serde_json::Value as Json;
 
+pub use conn::OperationRetries;
 pub use mode::RedisMode;
 pub use store::RedisStore;
 
@@ -92,6 +93,11 @@ pub struct RedisShared {
     /// Retries made so far, read at scrape time through [`RedisShared::retries_total`]: a plain
     /// counter, so the backend does not depend on who observes it.
     retries: AtomicU64,
+    /// The same retries per namespace and operation, read through
+    /// [`RedisShared::retries_by_operation`]. A `std::sync::Mutex` around a map: taken only
+    /// when a command is retried (already a failure path, before a backoff pause) and at
+    /// scrape time, never by a command that succeeds at once.
+    retries_by: std::sync::Mutex<std::collections::HashMap<(String, &'static str), u64>>,
 }
 
 impl std::fmt::Debug for RedisShared {
@@ -171,6 +177,7 @@ impl RedisShared {
             warned_no_durability: AtomicBool::new(false),
             policy: RetryPolicy::new(config.retries),
             retries: AtomicU64::new(0),
+            retries_by: std::sync::Mutex::default(),
         }))
     }
 
