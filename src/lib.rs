@@ -43,6 +43,8 @@
 //! - `llm_cache`: `LlmCache`, the shared response cache with single-flight across processes,
 //!   through the stack's locks.
 //! - `llm_hash`: nano-graphrag's id and LLM-cache key hashing, byte for byte.
+//! - `rate_limit`: a requests- and tokens-per-minute budget shared by a fleet (GCRA in one
+//!   Redis script, in-process on JSON) and `RateLimitedLlm`, the wrapper that waits for it.
 //! - `bin/graphrag-kv`: the command line.
 //!
 //! ## Example
@@ -101,6 +103,7 @@ pub mod llm_hash;
 #[cfg(feature = "metrics")]
 pub mod metrics;
 pub mod migrate;
+pub mod rate_limit;
 pub mod retry;
 pub mod storage;
 pub mod store;
