@@ -68,8 +68,7 @@ struct Mock {
 
 impl Mock {
     fn start(refuse_per_mille: usize, seed: u64) -> Mock {
-        let server =
-            Arc::new(tiny_http::Server::http("127.0.0.1:0").expect("binding 127.0.0.1:0"));
+        let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").expect("binding 127.0.0.1:0"));
         let addr = server.server_addr().to_ip().expect("an IP address");
         let arrivals = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
@@ -308,8 +307,15 @@ fn four_processes_stay_within_the_limit_use_it_and_lose_nothing_to_429s() {
     let summaries = run_fleet(&server, &mock, &prefix);
     let arrivals = mock.finish();
     let prompts = each_prompt_answered_once(&server, &prefix, &arrivals);
-    assert!(prompts >= 40, "want a run of several seconds: {prompts} prompts");
-    assert_eq!(arrivals.len(), prompts, "no refusals, one request per prompt");
+    assert!(
+        prompts >= 40,
+        "want a run of several seconds: {prompts} prompts"
+    );
+    assert_eq!(
+        arrivals.len(),
+        prompts,
+        "no refusals, one request per prompt"
+    );
     let (most, at) = busiest_window(&arrivals);
     let seconds = per_second(&arrivals);
     assert!(
@@ -340,7 +346,10 @@ fn four_processes_stay_within_the_limit_use_it_and_lose_nothing_to_429s() {
     let arrivals = mock.finish();
     let refused = arrivals.iter().filter(|a| a.status == 429).count();
     assert!(refused >= 3, "want refusals: {refused}");
-    assert_eq!(each_prompt_answered_once(&server, &prefix, &arrivals), prompts);
+    assert_eq!(
+        each_prompt_answered_once(&server, &prefix, &arrivals),
+        prompts
+    );
     let (most, at) = busiest_window(&arrivals);
     assert!(
         most <= bound,

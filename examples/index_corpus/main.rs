@@ -447,10 +447,16 @@ fn describe_limit(limit: &RateLimit) -> String {
     let period = limit.period.as_secs_f64();
     let mut parts = Vec::new();
     if let Some(n) = limit.requests {
-        parts.push(format!("{n} requests per {period} s, burst {}", limit.burst));
+        parts.push(format!(
+            "{n} requests per {period} s, burst {}",
+            limit.burst
+        ));
     }
     if let Some(n) = limit.tokens {
-        parts.push(format!("{n} tokens per {period} s, burst {}", limit.token_burst));
+        parts.push(format!(
+            "{n} tokens per {period} s, burst {}",
+            limit.token_burst
+        ));
     }
     parts.join("; ")
 }
