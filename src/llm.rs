@@ -565,7 +565,9 @@ mod openai {
         let ms = header("retry-after-ms")
             .and_then(|v| v.parse::<f64>().ok())
             .filter(|v| v.is_finite() && *v >= 0.0)
-            .map(|v| Duration::from_secs_f64(v.min(MAX_RETRY_AFTER.as_secs_f64()) / 1000.0));
+            .map(|ms| {
+                Duration::from_secs_f64(ms.min(MAX_RETRY_AFTER.as_secs_f64() * 1000.0) / 1000.0)
+            });
         ms.or_else(|| {
             header("retry-after")
                 .and_then(|v| v.parse::<u64>().ok())
