@@ -337,3 +337,34 @@ fn on_json_the_threads_of_a_process_share_the_budget() {
     assert_eq!(llm.stats().admitted, 40);
     assert_eq!(llm.inner().calls(), 40);
 }
+
+#[test]
+fn an_unreachable_limiter_lets_requests_through() {
+    let server = RedisServer::start();
+    let config = StoreConfig::builder()
+        .backend(BackendKind::Redis)
+        .redis_url(server.url())
+        .key_prefix(unique_prefix("down"))
+        .connection_timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let storage = Storage::open(&config).unwrap();
+    let limit = RateLimit::builder().requests(60).build().unwrap();
+    let llm = RateLimitedLlm::new(LocalLlm::new(), storage.rate_limiter(), limit);
+    llm.complete("m", &[Message::new("user", "before")])
+        .unwrap();
+    drop(server);
+    let started = Instant::now();
+    // The budget is spent (burst 1), but the limiter cannot be asked: the call goes through.
+    assert!(llm
+        .complete("m", &[Message::new("user", "during the outage")])
+        .unwrap()
+        .starts_with("SUMMARY: during the outage"));
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(llm.stats().admitted, 2);
+    assert_eq!(llm.inner().calls(), 2);
+}
