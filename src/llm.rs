@@ -293,8 +293,10 @@ mod openai {
     ///
     /// Works with OpenAI and with servers that speak its protocol (vLLM, llama.cpp's server,
     /// Ollama's `/v1`, LiteLLM, ...). Retries timeouts, connection failures, HTTP 408, 409, 429
-    /// and 5xx a few times with exponential backoff (honouring `Retry-After`), as nano-graphrag
-    /// retries rate limits and connection errors.
+    /// and 5xx a few times with exponential backoff (honouring `retry-after-ms` and
+    /// `Retry-After`), as nano-graphrag retries rate limits and connection errors.
+    /// [`LlmClient::complete_once`] sends one request without retries and reports the answer's
+    /// `usage`, for [`crate::rate_limit::RateLimitedLlm`].
     ///
     /// The API key is sent only in the `Authorization` header: `Debug` leaves it out and error
     /// messages never contain it (a server echoing it back is redacted).
