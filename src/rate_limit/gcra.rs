@@ -250,7 +250,7 @@ mod tests {
                 "limit {limit} burst {burst}"
             );
             // Steady state: the limit per period.
-            let last = times.iter().filter(|&&t| t >= 4e6 && t < 5e6).count() as u64;
+            let last = times.iter().filter(|&&t| (4e6..5e6).contains(&t)).count() as u64;
             assert!(last == limit || last == limit + 1, "{last}");
         }
     }
