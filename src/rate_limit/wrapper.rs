@@ -144,6 +144,7 @@ impl<C: LlmClient> RateLimitedLlm<C> {
         self.counters.snapshot()
     }
 
+    #[cfg(feature = "metrics")]
     pub(crate) fn counters(&self) -> &Arc<Counters> {
         &self.counters
     }
