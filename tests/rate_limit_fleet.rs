@@ -40,8 +40,9 @@ const WORKERS: &str = "4";
 /// Time the mock takes to answer: the 16 workers could send 16 / 20 ms = 800 requests per
 /// second, 160 times the limit.
 const LATENCY: Duration = Duration::from_millis(20);
-/// The wait a refusal asks for.
-const RETRY_AFTER_MS: u64 = 200;
+/// The wait a refusal asks for: longer than a request's share of the period (200 ms), so a
+/// cool-down honoured by one process only would show as arrivals from the others within it.
+const RETRY_AFTER_MS: u64 = 500;
 
 fn example_bin() -> PathBuf {
     support::example_bin("index_corpus", &["openai"])
@@ -362,6 +363,23 @@ fn four_processes_stay_within_the_limit_use_it_and_lose_nothing_to_429s() {
         "{most} requests in the window starting at {at:?} (bound {bound}); per second: {:?}",
         per_second(&arrivals)
     );
+    // Every process honours each cool-down: after a refusal at `t` (answered at t + 20 ms,
+    // the cool-down set then, ending at about t + 520 ms), no request arrives in
+    // (t + 100 ms, t + 400 ms), where without the shared cool-down the other processes would
+    // have sent one or two.
+    for r in arrivals.iter().filter(|a| a.status == 429) {
+        let inside: Vec<_> = arrivals
+            .iter()
+            .filter(|a| {
+                a.at > r.at + Duration::from_millis(100) && a.at < r.at + Duration::from_millis(400)
+            })
+            .map(|a| (a.at - r.at).as_millis())
+            .collect();
+        assert!(
+            inside.is_empty(),
+            "requests arrived {inside:?} ms after a refusal, during the cool-down"
+        );
+    }
     let seen: u64 = summaries.iter().map(|s| rate_line(s).2).sum();
     let cool_downs: u64 = summaries.iter().map(|s| rate_line(s).3).sum();
     assert_eq!(seen as usize, refused, "{summaries:?}");
