@@ -294,9 +294,9 @@ fn on_json_the_threads_of_a_process_share_the_budget() {
     )
     .unwrap();
     assert_eq!(storage.rate_limiter().key("x"), None, "in-process only");
-    // 20 per second, burst 1: 40 calls from 8 threads take at least 39 intervals (1.95 s).
+    // 10 per second, burst 1: 24 calls from 8 threads take at least 23 intervals (2.3 s).
     let limit = RateLimit::builder()
-        .requests(20)
+        .requests(10)
         .burst(1)
         .period(Duration::from_secs(1))
         .build()
@@ -310,7 +310,7 @@ fn on_json_the_threads_of_a_process_share_the_budget() {
             let llm = llm.clone();
             std::thread::spawn(move || {
                 let mut admitted = Vec::new();
-                for i in 0..5 {
+                for i in 0..3 {
                     llm.complete("m", &[Message::new("user", format!("{t}-{i}"))])
                         .unwrap();
                     admitted.push(Instant::now());
@@ -325,17 +325,18 @@ fn on_json_the_threads_of_a_process_share_the_budget() {
         .collect();
     times.sort();
     let elapsed = started.elapsed();
-    assert!(elapsed >= Duration::from_millis(1900), "{elapsed:?}");
-    // No window of one second holds more than limit + burst.
+    assert!(elapsed >= Duration::from_millis(2200), "{elapsed:?}");
+    // No window of one second holds more than limit + burst (the limiter admits at most
+    // limit + burst - 1; the one more tolerates 100 ms between admission and the time taken).
     for (i, t) in times.iter().enumerate() {
         let n = times[i..]
             .iter()
             .take_while(|u| **u < *t + Duration::from_secs(1))
             .count();
-        assert!(n <= 21, "{n} calls within a second");
+        assert!(n <= 11, "{n} calls within a second");
     }
-    assert_eq!(llm.stats().admitted, 40);
-    assert_eq!(llm.inner().calls(), 40);
+    assert_eq!(llm.stats().admitted, 24);
+    assert_eq!(llm.inner().calls(), 24);
 }
 
 #[test]

@@ -9,6 +9,9 @@ use crate::error::Result;
 use crate::llm::{Completion, LlmClient};
 use crate::llm_hash::Message;
 
+/// Longest sleep between two asks of the limiter.
+const MAX_SLEEP: Duration = Duration::from_secs(1);
+
 /// Counters of a [`RateLimitedLlm`], as [`RateLimitedLlm::stats`] returns them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 #[non_exhaustive]
@@ -160,7 +163,9 @@ impl<C: LlmClient> RateLimitedLlm<C> {
                     }
                     break Ok(());
                 }
-                Ok(Admission::Wait { wait, .. }) => std::thread::sleep(wait),
+                // At most a second at a time: a token refund by another caller, or a shorter
+                // cool-down after an expired one, may open the budget sooner than said.
+                Ok(Admission::Wait { wait, .. }) => std::thread::sleep(wait.min(MAX_SLEEP)),
                 Err(e) if e.is_connection() || e.is_timeout() => {
                     if !self.unreachable.swap(true, Ordering::Relaxed) {
                         log::warn!(
