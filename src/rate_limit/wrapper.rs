@@ -163,8 +163,8 @@ impl<C: LlmClient> RateLimitedLlm<C> {
                     }
                     break Ok(());
                 }
-                // At most a second at a time: a token refund by another caller, or a shorter
-                // cool-down after an expired one, may open the budget sooner than said.
+                // At most a second at a time: a token refund by another caller may open the
+                // budget sooner than said.
                 Ok(Admission::Wait { wait, .. }) => std::thread::sleep(wait.min(MAX_SLEEP)),
                 Err(e) if e.is_connection() || e.is_timeout() => {
                     if !self.unreachable.swap(true, Ordering::Relaxed) {
