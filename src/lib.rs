@@ -43,6 +43,8 @@
 //! - `llm_cache`: `LlmCache`, the shared response cache with single-flight across processes,
 //!   through the stack's locks.
 //! - `llm_hash`: nano-graphrag's id and LLM-cache key hashing, byte for byte.
+//! - `rate_limit`: a requests- and tokens-per-minute budget shared by a fleet (GCRA in one
+//!   Redis script, in-process on JSON) and `RateLimitedLlm`, the wrapper that waits for it.
 //! - `bin/graphrag-kv`: the command line.
 //!
 //! ## Example
@@ -74,14 +76,16 @@
 //! ## Feature flags
 //!
 //! The JSON and Redis backends, the wrappers (`FallbackStore`, `WriteBehind`, `DualWrite`),
-//! migration, `LlmCache`, the `LlmClient` trait and `LocalLlm` are always built: they need
-//! nothing beyond the core dependencies (redis, r2d2, serde_json, lz4_flex, log).
+//! migration, `LlmCache`, the `LlmClient` trait and `LocalLlm`, the rate limit are always
+//! built: they need nothing beyond the core dependencies (redis, r2d2, serde_json, lz4_flex,
+//! log).
 //!
 //! - `cli` (default): the `graphrag-kv` binary, with clap, indicatif, env_logger and ctrlc.
 //!   Enables `metrics`, which `graphrag-kv stats` reads server figures through. Library users
 //!   turn it off with `default-features = false`.
 //! - `metrics`: Prometheus metrics on `prometheus` (without its protobuf support): the
-//!   `metrics` module, `Metered`, `Metrics`, `StorageBuilder::metrics`.
+//!   `metrics` module, `Metered`, `Metrics`, `StorageBuilder::metrics`,
+//!   `rate_limit::RateLimitMetrics`.
 //! - `openai`: `llm::OpenAiClient`, an OpenAI-compatible chat-completions client on `ureq`
 //!   (synchronous, rustls). Off by default.
 //!
@@ -101,6 +105,7 @@ pub mod llm_hash;
 #[cfg(feature = "metrics")]
 pub mod metrics;
 pub mod migrate;
+pub mod rate_limit;
 pub mod retry;
 pub mod storage;
 pub mod store;

@@ -27,17 +27,90 @@ pub trait LlmClient: Send + Sync {
     /// [`crate::Error::Llm`] when the request fails; [`crate::Error::is_retryable`] says whether
     /// trying again later may help.
     fn complete(&self, model: &str, messages: &[Message]) -> Result<String>;
+
+    /// One request, without retries of the client's own, with the token usage the answer
+    /// reports: what [`crate::rate_limit::RateLimitedLlm`] calls, so that every request sent
+    /// (retries included) draws from the shared budget, a rate-limit refusal reaches the
+    /// limiter, and the token estimate is corrected with the real count.
+    ///
+    /// The default calls [`LlmClient::complete`] (with whatever retries it does) and reports no
+    /// usage, so existing clients keep working unchanged; a client that overrides it should
+    /// return [`crate::Error::LlmRateLimited`] for a rate-limit refusal (HTTP 429).
+    ///
+    /// # Errors
+    /// As [`LlmClient::complete`]; [`crate::Error::LlmRateLimited`] for a rate-limit refusal.
+    fn complete_once(&self, model: &str, messages: &[Message]) -> Result<Completion> {
+        Ok(Completion::new(self.complete(model, messages)?))
+    }
 }
 
 impl<T: LlmClient + ?Sized> LlmClient for std::sync::Arc<T> {
     fn complete(&self, model: &str, messages: &[Message]) -> Result<String> {
         (**self).complete(model, messages)
     }
+    fn complete_once(&self, model: &str, messages: &[Message]) -> Result<Completion> {
+        (**self).complete_once(model, messages)
+    }
 }
 
 impl<T: LlmClient + ?Sized> LlmClient for Box<T> {
     fn complete(&self, model: &str, messages: &[Message]) -> Result<String> {
         (**self).complete(model, messages)
+    }
+    fn complete_once(&self, model: &str, messages: &[Message]) -> Result<Completion> {
+        (**self).complete_once(model, messages)
+    }
+}
+
+/// An answer and the token usage the server reported for it, from
+/// [`LlmClient::complete_once`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Completion {
+    /// The model's answer.
+    pub text: String,
+    /// Tokens the request cost, when the server said (OpenAI's `usage`).
+    pub usage: Option<Usage>,
+}
+
+impl Completion {
+    /// An answer with no usage reported.
+    pub fn new(text: impl Into<String>) -> Completion {
+        Completion {
+            text: text.into(),
+            usage: None,
+        }
+    }
+
+    /// Adds the usage the server reported.
+    pub fn with_usage(mut self, usage: Usage) -> Completion {
+        self.usage = Some(usage);
+        self
+    }
+}
+
+/// Tokens one request cost, as OpenAI's `usage` object reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct Usage {
+    /// Tokens of the prompt.
+    pub prompt_tokens: u64,
+    /// Tokens of the answer.
+    pub completion_tokens: u64,
+}
+
+impl Usage {
+    /// Usage of `prompt_tokens` in and `completion_tokens` out.
+    pub fn new(prompt_tokens: u64, completion_tokens: u64) -> Usage {
+        Usage {
+            prompt_tokens,
+            completion_tokens,
+        }
+    }
+
+    /// Prompt and completion tokens together: what a tokens-per-minute limit counts.
+    pub fn total(&self) -> u64 {
+        self.prompt_tokens.saturating_add(self.completion_tokens)
     }
 }
 
@@ -144,6 +217,15 @@ impl LlmClient for LocalLlm {
         }
         Ok(LocalLlm::answer(model, messages))
     }
+
+    /// As `complete`, reporting as usage the crate's token estimate of the prompt and of the
+    /// answer ([`crate::rate_limit::estimate_tokens`]): there is no tokenizer to ask.
+    fn complete_once(&self, model: &str, messages: &[Message]) -> Result<Completion> {
+        let text = self.complete(model, messages)?;
+        let prompt = crate::rate_limit::estimate_tokens(messages);
+        let answer = crate::rate_limit::estimate_text_tokens(&text);
+        Ok(Completion::new(text).with_usage(Usage::new(prompt, answer)))
+    }
 }
 
 /// Whole sentences from the start of `text` up to about [`SUMMARY_WORDS`] words; a first
@@ -196,7 +278,7 @@ mod openai {
 
     use serde_json::{json, Value};
 
-    use super::LlmClient;
+    use super::{Completion, LlmClient, Usage};
     use crate::config::redact_url;
     use crate::error::{Error, Result};
     use crate::llm_hash::Message;
@@ -211,8 +293,10 @@ mod openai {
     ///
     /// Works with OpenAI and with servers that speak its protocol (vLLM, llama.cpp's server,
     /// Ollama's `/v1`, LiteLLM, ...). Retries timeouts, connection failures, HTTP 408, 409, 429
-    /// and 5xx a few times with exponential backoff (honouring `Retry-After`), as nano-graphrag
-    /// retries rate limits and connection errors.
+    /// and 5xx a few times with exponential backoff (honouring `retry-after-ms` and
+    /// `Retry-After`), as nano-graphrag retries rate limits and connection errors.
+    /// [`LlmClient::complete_once`] sends one request without retries and reports the answer's
+    /// `usage`, for [`crate::rate_limit::RateLimitedLlm`].
     ///
     /// The API key is sent only in the `Authorization` header: `Debug` leaves it out and error
     /// messages never contain it (a server echoing it back is redacted).
@@ -356,7 +440,7 @@ mod openai {
             url: &str,
             shown: &str,
             body: &Value,
-        ) -> std::result::Result<String, Failure> {
+        ) -> std::result::Result<Completion, Failure> {
             self.requests.fetch_add(1, Ordering::Relaxed);
             let mut request = self.agent.post(url);
             if !self.api_key.is_empty() {
@@ -366,6 +450,7 @@ mod openai {
                 reason: format!("POST {shown}: {}", describe_transport(&e)),
                 retryable: is_transient_transport(&e),
                 retry_after: None,
+                rate_limited: false,
             })?;
             let status = response.status().as_u16();
             let text = response
@@ -377,24 +462,21 @@ mod openai {
                     reason: format!("POST {shown}: reading the HTTP {status} response: {e}"),
                     retryable: is_transient_transport(&e),
                     retry_after: None,
+                    rate_limited: false,
                 })?;
             if !(200..300).contains(&status) {
-                let retry_after = response
-                    .headers()
-                    .get("retry-after")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .map(|s| Duration::from_secs(s).min(MAX_RETRY_AFTER));
                 return Err(Failure {
                     reason: format!("POST {shown}: HTTP {status}: {}", error_message(&text)),
                     retryable: matches!(status, 408 | 409 | 429 | 500..=599),
-                    retry_after,
+                    retry_after: retry_after(response.headers()),
+                    rate_limited: status == 429,
                 });
             }
             parse_answer(&text).map_err(|why| Failure {
                 reason: format!("POST {shown}: unexpected response ({why}): {}", clip(&text)),
                 retryable: false,
                 retry_after: None,
+                rate_limited: false,
             })
         }
 
@@ -415,7 +497,7 @@ mod openai {
             let mut attempt = 0u32;
             loop {
                 match self.attempt(&url, &shown, &body) {
-                    Ok(answer) => return Ok(answer),
+                    Ok(answer) => return Ok(answer.text),
                     Err(f) if f.retryable && attempt < self.retries => {
                         let pause = f
                             .retry_after
@@ -443,6 +525,25 @@ mod openai {
                 }
             }
         }
+
+        /// One request, no retry: a 429 is [`Error::LlmRateLimited`] with the wait the server
+        /// asked for, so a [`crate::rate_limit::RateLimitedLlm`] around this client turns it
+        /// into a cool-down shared by every process; the usage is the response's `usage`.
+        fn complete_once(&self, model: &str, messages: &[Message]) -> Result<Completion> {
+            let url = format!("{}/chat/completions", self.base_url);
+            let shown = redact_url(&url);
+            match self.attempt(&url, &shown, &self.body(model, messages)) {
+                Ok(answer) => Ok(answer),
+                Err(f) if f.rate_limited => Err(Error::LlmRateLimited {
+                    reason: self.redact(f.reason),
+                    retry_after: f.retry_after,
+                }),
+                Err(f) => Err(Error::Llm {
+                    reason: self.redact(f.reason),
+                    retryable: f.retryable,
+                }),
+            }
+        }
     }
 
     /// Why one request failed.
@@ -450,6 +551,31 @@ mod openai {
         reason: String,
         retryable: bool,
         retry_after: Option<Duration>,
+        /// HTTP 429.
+        rate_limited: bool,
+    }
+
+    /// The wait a refusal asks for: OpenAI's `retry-after-ms` (milliseconds) when present, else
+    /// `Retry-After` in whole seconds; at most [`MAX_RETRY_AFTER`].
+    fn retry_after(headers: &ureq::http::HeaderMap) -> Option<Duration> {
+        let header = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(|v| v.trim().to_string())
+        };
+        let ms = header("retry-after-ms")
+            .and_then(|v| v.parse::<f64>().ok())
+            .filter(|v| v.is_finite() && *v >= 0.0)
+            .map(|ms| {
+                Duration::from_secs_f64(ms.min(MAX_RETRY_AFTER.as_secs_f64() * 1000.0) / 1000.0)
+            });
+        ms.or_else(|| {
+            header("retry-after")
+                .and_then(|v| v.parse::<u64>().ok())
+                .map(Duration::from_secs)
+        })
+        .map(|d| d.min(MAX_RETRY_AFTER))
     }
 
     fn agent(timeout: Duration) -> ureq::Agent {
@@ -482,13 +608,20 @@ mod openai {
         }
     }
 
-    /// `choices[0].message.content` of a chat-completions response.
-    fn parse_answer(text: &str) -> std::result::Result<String, String> {
+    /// `choices[0].message.content` of a chat-completions response, and its `usage` when it
+    /// has one.
+    fn parse_answer(text: &str) -> std::result::Result<Completion, String> {
         let v: Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
-        v.pointer("/choices/0/message/content")
+        let answer = v
+            .pointer("/choices/0/message/content")
             .and_then(Value::as_str)
-            .map(str::to_string)
-            .ok_or_else(|| "no string at choices[0].message.content".to_string())
+            .ok_or_else(|| "no string at choices[0].message.content".to_string())?;
+        let mut completion = Completion::new(answer);
+        let tokens = |name: &str| v.pointer(&format!("/usage/{name}")).and_then(Value::as_u64);
+        if let (Some(p), Some(c)) = (tokens("prompt_tokens"), tokens("completion_tokens")) {
+            completion = completion.with_usage(Usage::new(p, c));
+        }
+        Ok(completion)
     }
 
     /// The `error.message` of an error body, or the body itself, shortened.

@@ -46,6 +46,13 @@
 //! costs no connection timeout per prompt.
 //!
 //! Without the fallback, an outage fails `get_or_compute` with the backend's error.
+//!
+//! # With a rate limit
+//!
+//! Pass a [`crate::rate_limit::RateLimitedLlm`] to [`LlmCache::complete`] (or call it in the
+//! `f` of [`LlmCache::get_or_compute`]): the limiter then sits inside the cache, so a hit never
+//! waits for budget and only the one caller that computes a prompt spends it, however many
+//! threads and processes asked.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -308,6 +315,7 @@ impl LlmCache {
     }
 
     /// [`LlmCache::get_or_compute`] with `llm.complete(model, messages)` as the computation.
+    /// With a [`crate::rate_limit::RateLimitedLlm`] as `llm`, only misses wait for budget.
     ///
     /// # Errors
     /// As [`LlmCache::get_or_compute`].

@@ -31,7 +31,7 @@ fn example_bin() -> PathBuf {
 fn example(env: &[(&str, &str)], args: &[&str]) -> Command {
     let mut cmd = Command::new(example_bin());
     for (k, _) in std::env::vars() {
-        if ["STORAGE_", "REDIS_", "KV_", "OPENAI_"]
+        if ["STORAGE_", "REDIS_", "KV_", "OPENAI_", "LLM_"]
             .iter()
             .any(|p| k.starts_with(p))
         {
@@ -326,4 +326,62 @@ fn ctrl_c_stops_cleanly_and_the_next_run_resumes() {
     assert_eq!(llm_calls(&rest), total - done, "{rest}");
     assert_eq!(read_kv(path, TEXT_CHUNKS).len() as u64, total);
     assert_eq!(read_kv(path, FULL_DOCS).len(), 5);
+}
+
+#[test]
+fn rate_limit_from_the_environment_is_used_and_reported() {
+    // JSON: the limiter is in-process. 1000 requests per second, burst 1: no visible delay.
+    let dir = tempfile::tempdir().unwrap();
+    let wd = dir.path().to_str().unwrap();
+    let out = stdout_of(
+        &example(
+            &[
+                ("STORAGE_WORKING_DIR", wd),
+                ("LLM_RATE_LIMIT_RPM", "1000"),
+                ("LLM_RATE_LIMIT_PERIOD_MS", "1000"),
+                ("LLM_RATE_LIMIT_BURST", "1"),
+            ],
+            &args(&["--llm-latency-ms", "0"]),
+        )
+        .output()
+        .unwrap(),
+    );
+    let calls = llm_calls(&out);
+    assert!(calls > 0, "{out}");
+    assert_eq!(
+        field(&out, "rate limit"),
+        calls,
+        "one admission per call:\n{out}"
+    );
+    assert!(out.contains("(1000 requests per 1 s, burst 1)"), "{out}");
+
+    // Unset: said so.
+    let again = stdout_of(
+        &example(
+            &[("STORAGE_WORKING_DIR", wd)],
+            &args(&["--llm-latency-ms", "0"]),
+        )
+        .output()
+        .unwrap(),
+    );
+    assert!(again.contains("rate limit: none"), "{again}");
+
+    // A bad value: an error naming the variable, nothing written.
+    let bad_dir = tempfile::tempdir().unwrap();
+    let out = example(
+        &[
+            ("STORAGE_WORKING_DIR", bad_dir.path().to_str().unwrap()),
+            ("LLM_RATE_LIMIT_RPM", "lots"),
+        ],
+        &args(&["--llm-latency-ms", "0"]),
+    )
+    .output()
+    .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("LLM_RATE_LIMIT_RPM") && stderr.contains("lots"),
+        "{stderr}"
+    );
+    assert!(!bad_dir.path().join("kv_store_text_chunks.json").exists());
 }

@@ -7,11 +7,12 @@
 
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use graphrag_kv::llm::{LlmClient, OpenAiClient};
+use graphrag_kv::llm::{LlmClient, OpenAiClient, Usage};
 use graphrag_kv::llm_cache::LlmCache;
 use graphrag_kv::llm_hash::Message;
+use graphrag_kv::rate_limit::{RateLimit, RateLimitedLlm};
 use graphrag_kv::{Error, Storage, StoreConfig};
 use serde_json::{json, Value};
 
@@ -337,4 +338,71 @@ fn from_env_requires_a_key() {
     assert_eq!(client.base_url(), "http://127.0.0.1:9/v1");
     std::env::remove_var("OPENAI_API_KEY");
     std::env::remove_var("OPENAI_BASE_URL");
+}
+
+#[test]
+fn complete_once_reports_usage_and_a_429_with_its_wait() {
+    let mut limited = Reply::json(429, json!({"error": {"message": "Rate limit reached"}}));
+    limited.headers.push(("retry-after-ms", "250".into()));
+    limited.headers.push(("Retry-After", "1".into()));
+    let mut seconds_only = Reply::json(429, json!({"error": {"message": "Rate limit reached"}}));
+    seconds_only.headers.push(("Retry-After", "2".into()));
+    let mock = Mock::start(vec![limited, seconds_only, completion("once")]);
+    let client = mock.client();
+    let err = client
+        .complete_once("gpt-4o-mini", &messages())
+        .unwrap_err();
+    assert!(err.is_rate_limited() && err.is_retryable(), "{err:?}");
+    assert_eq!(err.retry_after(), Some(Duration::from_millis(250)));
+    assert!(err.to_string().contains("HTTP 429"), "{err}");
+    let err = client
+        .complete_once("gpt-4o-mini", &messages())
+        .unwrap_err();
+    assert_eq!(err.retry_after(), Some(Duration::from_secs(2)));
+    let answer = client.complete_once("gpt-4o-mini", &messages()).unwrap();
+    assert_eq!(answer.text, "once");
+    assert_eq!(answer.usage, Some(Usage::new(10, 3)));
+    assert_eq!(client.requests(), 3, "no retries of its own");
+    mock.finish();
+}
+
+#[test]
+fn rate_limited_through_the_cache_a_429_pauses_then_the_prompt_is_sent_again_once() {
+    let mut limited = Reply::json(429, json!({"error": {"message": "Rate limit reached"}}));
+    limited.headers.push(("retry-after-ms", "400".into()));
+    let mock = Mock::start(vec![limited, completion("after the pause")]);
+    let dir = tempfile::tempdir().unwrap();
+    let storage = Storage::open(
+        &StoreConfig::builder()
+            .working_dir(dir.path())
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    let cache = LlmCache::open(&storage).unwrap();
+    let limit = RateLimit::builder().requests(600).build().unwrap();
+    let llm = RateLimitedLlm::new(mock.client(), storage.rate_limiter(), limit)
+        .with_endpoint(&mock.base_url);
+    let started = Instant::now();
+    for _ in 0..3 {
+        assert_eq!(
+            cache.complete(&llm, "gpt-4o-mini", &messages()).unwrap(),
+            "after the pause"
+        );
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "the cool-down was honoured: {:?}",
+        started.elapsed()
+    );
+    let s = llm.stats();
+    assert_eq!(
+        (s.admitted, s.rate_limited, s.cool_downs),
+        (2, 1, 1),
+        "hits do not wait: {s:?}"
+    );
+    assert_eq!(llm.inner().requests(), 2);
+    let seen = mock.finish();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[0].body, seen[1].body);
 }

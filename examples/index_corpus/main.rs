@@ -31,6 +31,11 @@
 //!
 //! Storage comes from the environment (`STORAGE_KV_BACKEND`, `STORAGE_WORKING_DIR`, `REDIS_URL`,
 //! `REDIS_KEY_PREFIX`, ...); `RUST_LOG` sets the log level (default `warn`).
+//!
+//! `LLM_RATE_LIMIT_RPM` / `LLM_RATE_LIMIT_TPM` (and `LLM_RATE_LIMIT_BURST`, ...; see
+//! `graphrag_kv::rate_limit::RateLimit::from_env`) put the LLM behind a rate limit shared by
+//! every process on the same Redis (in-process on JSON); the summary's `rate limit:` line says
+//! how many requests it admitted, how long the workers waited, and the 429s seen.
 mod corpus;
 mod job;
 mod report;
@@ -51,6 +56,7 @@ use graphrag_kv::config::redact_url;
 use graphrag_kv::llm::{LlmClient, LocalLlm};
 use graphrag_kv::llm_cache::LlmCache;
 use graphrag_kv::llm_hash::compute_mdhash_id;
+use graphrag_kv::rate_limit::{RateLimit, RateLimitedLlm};
 use graphrag_kv::{
     BackendKind, KvStore, Storage, StoreConfig, TextChunk, COMMUNITY_REPORTS, FULL_DOCS,
     TEXT_CHUNKS,
@@ -165,7 +171,8 @@ fn run(args: &Args) -> Result<ExitCode, BoxError> {
         })?;
     }
 
-    let (llm, model, llm_label) = make_llm(args)?;
+    let (llm, model, llm_label, endpoint) = make_llm(args)?;
+    let rate_limit = RateLimit::from_env()?;
     let config = StoreConfig::from_env()?;
     let backend_label = match config.backend {
         BackendKind::Json => format!(
@@ -185,6 +192,18 @@ fn run(args: &Args) -> Result<ExitCode, BoxError> {
     let text_chunks = storage.namespace(TEXT_CHUNKS)?;
     let reports = storage.namespace(COMMUNITY_REPORTS)?;
     let cache = LlmCache::open(&storage)?;
+    // The limiter sits inside the cache (the job calls it from the cache's computation): a
+    // cache hit never waits for budget.
+    let (llm, limited): (Box<dyn LlmClient>, _) = match &rate_limit {
+        Some(limit) => {
+            let limited = Arc::new(
+                RateLimitedLlm::new(llm, storage.rate_limiter(), limit.clone())
+                    .with_endpoint(&endpoint),
+            );
+            (Box::new(limited.clone()), Some(limited))
+        }
+        None => (llm, None),
+    };
     for ns in [&full_docs, &text_chunks, &reports, cache.store()] {
         ns.index_start_callback()?;
     }
@@ -382,6 +401,21 @@ fn run(args: &Args) -> Result<ExitCode, BoxError> {
     println!("LLM calls: {}", job.llm_calls.load(Ordering::SeqCst));
     println!("cache hits: {}", stats.hits);
     println!("cache waits: {}", stats.waits);
+    match (&limited, &rate_limit) {
+        (Some(l), Some(limit)) => {
+            let r = l.stats();
+            println!(
+                "rate limit: {} admitted, waited {:.2} s, {} rate-limited, {} cool-downs started \
+                 ({})",
+                r.admitted,
+                r.waited.as_secs_f64(),
+                r.rate_limited,
+                r.cool_downs,
+                describe_limit(limit)
+            );
+        }
+        _ => println!("rate limit: none (LLM_RATE_LIMIT_RPM and LLM_RATE_LIMIT_TPM unset)"),
+    }
     println!("time: {:.2} s", elapsed.as_secs_f64());
     println!(
         "chunks/s: {:.1}",
@@ -408,8 +442,28 @@ fn run(args: &Args) -> Result<ExitCode, BoxError> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The LLM client, the model name, and a label for the summary.
-fn make_llm(args: &Args) -> Result<(Box<dyn LlmClient>, String, String), BoxError> {
+/// The limits, as the summary shows them.
+fn describe_limit(limit: &RateLimit) -> String {
+    let period = limit.period.as_secs_f64();
+    let mut parts = Vec::new();
+    if let Some(n) = limit.requests {
+        parts.push(format!(
+            "{n} requests per {period} s, burst {}",
+            limit.burst
+        ));
+    }
+    if let Some(n) = limit.tokens {
+        parts.push(format!(
+            "{n} tokens per {period} s, burst {}",
+            limit.token_burst
+        ));
+    }
+    parts.join("; ")
+}
+
+/// The LLM client, the model name, a label for the summary, and the endpoint (the rate
+/// limit's budget is per endpoint and model).
+fn make_llm(args: &Args) -> Result<(Box<dyn LlmClient>, String, String, String), BoxError> {
     match args.llm {
         LlmKind::Local => {
             let latency = Duration::from_millis(args.llm_latency_ms);
@@ -422,6 +476,7 @@ fn make_llm(args: &Args) -> Result<(Box<dyn LlmClient>, String, String), BoxErro
                 Box::new(LocalLlm::new().with_latency(latency)),
                 model,
                 label,
+                "local".to_string(),
             ))
         }
         #[cfg(feature = "openai")]
@@ -432,7 +487,8 @@ fn make_llm(args: &Args) -> Result<(Box<dyn LlmClient>, String, String), BoxErro
                 "openai-compatible model {model} at {}",
                 redact_url(client.base_url())
             );
-            Ok((Box::new(client), model, label))
+            let endpoint = client.base_url().to_string();
+            Ok((Box::new(client), model, label, endpoint))
         }
         #[cfg(not(feature = "openai"))]
         LlmKind::Openai => Err(format!(

@@ -206,6 +206,18 @@ pub enum Error {
         retryable: bool,
     },
 
+    /// The LLM provider refused a request for its rate limit (HTTP 429), possibly saying how long
+    /// to wait. [`crate::rate_limit::RateLimitedLlm`] turns it into a cool-down every process
+    /// sharing the limiter honours; users' own clients return it from
+    /// [`crate::llm::LlmClient::complete_once`] to get the same.
+    #[error("LLM rate limit reached: {reason}")]
+    LlmRateLimited {
+        /// What the provider said. Never holds the API key.
+        reason: String,
+        /// How long the provider asked to wait (`retry-after-ms` or `Retry-After`), if it said.
+        retry_after: Option<std::time::Duration>,
+    },
+
     /// Fewer replicas than `REDIS_WAIT_REPLICAS` confirmed a write batch in time. The batch was
     /// written on the master, but a failover now could lose it.
     #[error(
@@ -297,11 +309,26 @@ impl Error {
             Error::Redis { source, .. } => is_retryable_redis(source),
             Error::Connect { cause, .. } => cause.may_heal(),
             Error::Llm { retryable, .. } => *retryable,
-            Error::Pool { .. }
+            Error::LlmRateLimited { .. }
+            | Error::Pool { .. }
             | Error::Unavailable { .. }
             | Error::Replication { .. }
             | Error::ClusterUnstable { .. } => true,
             _ => false,
+        }
+    }
+
+    /// True when an LLM provider refused a request for its rate limit (HTTP 429); see
+    /// [`Error::retry_after`] for how long it asked to wait.
+    pub fn is_rate_limited(&self) -> bool {
+        matches!(self, Error::LlmRateLimited { .. })
+    }
+
+    /// How long the LLM provider asked to wait before the next request, when it said.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            Error::LlmRateLimited { retry_after, .. } => *retry_after,
+            _ => None,
         }
     }
 

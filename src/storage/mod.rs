@@ -8,11 +8,12 @@
 //! exclude each other like two processes do). Every handle [`Storage::namespace`] returns keeps
 //! the storage alive, so the last handle dropped releases everything.
 
+mod limits;
 mod locks;
 mod stack;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use serde_json::Value;
 
@@ -59,6 +60,8 @@ struct Shared {
     metrics: Option<Metrics>,
     /// The cross-process lock capability of this backend.
     locks: Arc<dyn Locks>,
+    /// The LLM rate limiter of this backend, made on first use (`limits.rs`).
+    limiter: OnceLock<Arc<dyn crate::rate_limit::RateLimiter>>,
     /// The stack of each namespace, while a handle uses it. Weak, so a namespace no handle uses
     /// any more costs nothing (its queue was flushed when the last handle dropped); while one
     /// lives, every `namespace()` call returns the same stack: one write-behind queue (one
@@ -167,6 +170,7 @@ impl StorageBuilder<'_> {
                 #[cfg(feature = "metrics")]
                 metrics: self.metrics,
                 locks,
+                limiter: OnceLock::new(),
                 stacks: Mutex::new(HashMap::new()),
             }),
         })
