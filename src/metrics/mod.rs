@@ -70,6 +70,7 @@ pub struct Metrics {
     write_behind_depth: ObservedGauge,
     divergences: ObservedCounter,
     pool: PoolGauge,
+    rate_limit: crate::rate_limit::RateLimitMetrics,
     /// The server's `evicted_keys` at the last sample. The server reports a running total since
     /// its start; the counter is advanced by the difference so it stays a counter (a server
     /// restart, where the total drops, adds the new total). `None` before the first sample.
@@ -185,6 +186,7 @@ impl Metrics {
         registry.register(Box::new(divergences.clone()))?;
         let pool = PoolGauge::new()?;
         registry.register(Box::new(pool.clone()))?;
+        let rate_limit = crate::rate_limit::RateLimitMetrics::new(registry)?;
         Ok(Metrics {
             operations,
             duration,
@@ -200,6 +202,7 @@ impl Metrics {
             write_behind_depth,
             divergences,
             pool,
+            rate_limit,
             last_evicted: Arc::new(Mutex::new(None)),
         })
     }
@@ -252,6 +255,16 @@ impl Metrics {
         source: impl Fn() -> Option<u64> + Send + Sync + 'static,
     ) {
         self.divergences.watch(&[namespace], None, source);
+    }
+
+    /// Reads the `llm_rate_limit_*` counters of `llm` (time waited for budget, requests
+    /// admitted, 429s seen) at scrape time; see [`crate::rate_limit::RateLimitMetrics`]. Holds
+    /// only a weak reference; several wrappers are summed.
+    pub fn watch_rate_limit<C: crate::llm::LlmClient>(
+        &self,
+        llm: &crate::rate_limit::RateLimitedLlm<C>,
+    ) {
+        self.rate_limit.watch(llm);
     }
 
     /// Sets `redis_write_behind_queue_depth` for `namespace`: the writes accepted but not yet

@@ -21,6 +21,9 @@ use crate::llm::LlmClient;
 /// | `llm_rate_limited_total` | counter | 429s the provider answered |
 ///
 /// Several wrappers are summed; a wrapper that is dropped stays counted.
+///
+/// [`crate::metrics::Metrics`] registers these too ([`crate::metrics::Metrics::watch_rate_limit`]):
+/// create a `RateLimitMetrics` of its own only in a registry without `Metrics`.
 #[derive(Clone)]
 pub struct RateLimitMetrics {
     waited: Counter,
@@ -148,5 +151,22 @@ mod tests {
         assert!(text.contains("llm_rate_limit_admitted_total 1"), "{text}");
         assert!(text.contains("llm_rate_limited_total 0"), "{text}");
         assert!(text.contains("llm_rate_limit_wait_seconds_total"), "{text}");
+    }
+
+    #[test]
+    fn metrics_registers_and_reads_them_too() {
+        let registry = Registry::new();
+        let metrics = crate::metrics::Metrics::new(&registry).unwrap();
+        let limit = RateLimit::builder().requests(60).build().unwrap();
+        let llm = RateLimitedLlm::new(
+            LocalLlm::new(),
+            Arc::new(LocalRateLimiter::default()),
+            limit,
+        );
+        metrics.watch_rate_limit(&llm);
+        llm.complete("m", &[Message::new("user", "one")]).unwrap();
+        llm.complete("m", &[Message::new("user", "two")]).unwrap();
+        let text = crate::metrics::render(&registry);
+        assert!(text.contains("llm_rate_limit_admitted_total 2"), "{text}");
     }
 }
