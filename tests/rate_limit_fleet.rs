@@ -9,7 +9,6 @@
 //! with random 429s nothing is lost.
 //!
 //! Run with `cargo test --features openai --test rate_limit_fleet`.
-#![cfg(all(feature = "openai", feature = "cli"))]
 
 mod support;
 
