@@ -166,7 +166,8 @@ impl RedisShared {
         Ok(Arc::new(RedisShared {
             config: config.clone(),
             conns,
-            codec: Codec::new(config.compression, config.compression_min_bytes),
+            codec: Codec::new(config.compression, config.compression_min_bytes)
+                .with_level(config.compression_level),
             checkpoints: Coalescer::default(),
             warned_no_durability: AtomicBool::new(false),
             policy: RetryPolicy::new(config.retries),
