@@ -882,3 +882,42 @@ fn import_from_stdin() {
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert_eq!(ok(b.run(&["export", "full_docs"])), FIXTURE);
 }
+
+/// A kv_store file holding Python's `NaN`/`Infinity` (written by python3's `json.dump`) is read,
+/// with those numbers as null and one warning naming the file, the namespace and the keys, and
+/// saying what the next save does.
+#[test]
+fn python_nan_reads_as_null_with_a_warning() {
+    let b = Backend::json();
+    std::fs::create_dir_all(b.store_dir()).unwrap();
+    let path = b.store_dir().join("kv_store_text_chunks.json");
+    let script = r#"
+import json, sys
+data = {"chunk-1": {"score": float("nan")}, "chunk-2": {"vec": [float("inf"), 2.5]}, "ok": {"n": 1}}
+with open(sys.argv[1], "w", encoding="utf-8") as f:
+    json.dump(data, f, indent=2, ensure_ascii=False)
+"#;
+    let status = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(&path)
+        .status()
+        .expect("python3 runs");
+    assert!(status.success());
+    let out = b.run(&["get", "text_chunks", "chunk-2"]);
+    assert_eq!(out.code, 0, "{out:#?}");
+    let value: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(value, json!({"vec": [null, 2.5]}));
+    assert_eq!(out.stderr.lines().count(), 1, "one warning: {out:#?}");
+    for needle in [
+        "kv_store_text_chunks.json",
+        "namespace \"text_chunks\"",
+        "\"chunk-1\" (NaN at line 3",
+        "\"chunk-2\" (Infinity at line 7",
+        "2 NaN/Infinity numbers",
+        "the next save of this namespace writes null",
+    ] {
+        assert!(out.stderr.contains(needle), "{needle:?} in {out:#?}");
+    }
+    assert!(!out.stderr.contains("\"ok\""), "{out:#?}");
+}

@@ -25,12 +25,15 @@
 //! - `json_write`: values to JSON text, byte for byte serde_json's.
 //! - `json_read`: JSON text to serde_json's `Value`, faster, giving up to serde_json on
 //!   anything it does not read exactly as serde_json does.
+//! - `non_finite`: Python's `NaN`/`Infinity` in a kv_store file, read as null (used by the
+//!   JSON-file backend).
 
 mod error;
 mod escape;
 mod frame;
 mod json_read;
 mod json_write;
+pub(crate) mod non_finite;
 
 use std::cell::RefCell;
 
