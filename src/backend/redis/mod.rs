@@ -20,6 +20,7 @@ pub(crate) mod cluster;
 mod conn;
 mod mode;
 mod pool;
+mod recompress;
 mod resp;
 mod store;
 
@@ -32,6 +33,7 @@ use redis::{Cmd, ConnectionLike, RedisError, RedisResult, Value};
 use serde_json::Value as Json;
 
 pub use mode::RedisMode;
+pub use recompress::Recompressed;
 pub use store::RedisStore;
 
 use crate::codec::Codec;
