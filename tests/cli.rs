@@ -985,7 +985,7 @@ fn recompress_rewrites_to_the_configured_codec_keeping_values_and_ttls() {
 
     let out = output(b.cmd().env("REDIS_COMPRESSION", "zstd").args(["recompress", "text_chunks"]));
     assert_eq!(out.code, 0, "{out:#?}");
-    assert!(out.stdout.starts_with("recompress text_chunks to zstd level 3: "), "{out:#?}");
+    assert!(out.stdout.starts_with("recompress text_chunks to zstd level 1: "), "{out:#?}");
     assert_eq!(summary(&out.stdout), (41, 1, 0, 0), "{out:#?}");
     assert!(magics(&mut conn, &b.prefix, &ids).iter().all(|m| m[..] == graphrag_kv::codec::ZSTD_FRAME_MAGIC));
     let ttl: i64 = redis::cmd("PTTL").arg(key("c-007")).query(&mut conn).unwrap();
@@ -1170,13 +1170,13 @@ fn recompress_on_a_cluster() {
                 .env("REDIS_URL", cluster.url_list())
                 .env("REDIS_KEY_PREFIX", &prefix)
                 .env("REDIS_COMPRESSION", "zstd")
-                .env("REDIS_COMPRESSION_LEVEL", "1")
+                .env("REDIS_COMPRESSION_LEVEL", "3")
                 .args(["recompress", "text_chunks", "--batch", "25"]),
         )
     };
     let out = run();
     assert_eq!(out.code, 0, "{out:#?}");
-    assert!(out.stdout.contains("to zstd level 1"), "{out:#?}");
+    assert!(out.stdout.contains("to zstd level 3"), "{out:#?}");
     assert_eq!(summary(&out.stdout), (60, 0, 0, 0), "{out:#?}");
     // Every key, on whichever master holds it, is a zstd frame now.
     let mut masters = std::collections::HashSet::new();

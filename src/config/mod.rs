@@ -17,7 +17,7 @@
 //! | `REDIS_HEALTH_CHECK_INTERVAL` | 30 | PING a pooled connection idle longer than this (s) |
 //! | `REDIS_KEY_PREFIX` | `nano_graphrag` | keys are `{prefix}:{namespace}:{id}` |
 //! | `REDIS_COMPRESSION` | `lz4` | `lz4`, `zstd` or `none` (values of any of them stay readable) |
-//! | `REDIS_COMPRESSION_LEVEL` | 3 | zstd level, 1 to 19 (unused by lz4) |
+//! | `REDIS_COMPRESSION_LEVEL` | 1 | zstd level, 1 to 19 (unused by lz4) |
 //! | `REDIS_COMPRESSION_MIN_BYTES` | 1024 | compress JSON values at least this long |
 //! | `REDIS_TTL_LLM_CACHE` | 43200 | TTL of `llm_response_cache` (s, 0 = none) |
 //! | `REDIS_TTL_COMMUNITY_REPORTS` | 0 | TTL of `community_reports` |
@@ -157,8 +157,9 @@ pub enum Compression {
     /// lz4 for values of at least `compression_min_bytes`, behind a header no JSON text starts
     /// with. Values that do not shrink are stored as plain JSON.
     Lz4,
-    /// zstd at `compression_level`, the same way: about 1.6 times smaller than lz4 on prose
-    /// (2.1x against 1.35x on 4.6 KB chunks) for about 3 times its compression time.
+    /// zstd at `compression_level`, the same way: a third less Redis memory than lz4 on prose
+    /// (`memory_ratio` 0.58 against 0.86) for slower writes and batch reads (docs/BENCHMARKS.md).
+    /// Readers of a version without zstd cannot read its values: upgrade them first.
     Zstd,
     /// Plain JSON always, for clients that read the values themselves.
     None,
@@ -211,7 +212,7 @@ pub struct RedisConfig {
     /// Value compression. Defaults to [`Compression::Lz4`].
     pub compression: Compression,
     /// The zstd level, from 1 (fastest) to 19 (smallest); other compressions have no levels.
-    /// Defaults to 3 ([`crate::codec::DEFAULT_ZSTD_LEVEL`], see docs/BENCHMARKS.md).
+    /// Defaults to 1 ([`crate::codec::DEFAULT_ZSTD_LEVEL`], see docs/BENCHMARKS.md).
     pub compression_level: i32,
     /// Values whose JSON is shorter than this are never compressed. Defaults to 1024.
     pub compression_min_bytes: usize,
