@@ -501,8 +501,16 @@ fn corrupt_stored_values_are_decode_errors_and_nothing_is_lost() {
             zstd_with_claim(511 << 20),
             "frame claims 535822336 bytes from only",
         ),
-        ("zstd-header-only", zstd[..8].to_vec(), "from only 0 compressed"),
-        ("zstd-cut-in-its-header", zstd[..10].to_vec(), "its body says nothing"),
+        (
+            "zstd-header-only",
+            zstd[..8].to_vec(),
+            "from only 0 compressed",
+        ),
+        (
+            "zstd-cut-in-its-header",
+            zstd[..10].to_vec(),
+            "its body says nothing",
+        ),
         ("empty", Vec::new(), "line 1, column 0"),
         ("nul-bytes", vec![0, 0, 0], "line 1, column 1"),
         ("half-json", br#"{"content": "abc"#.to_vec(), "line 1"),

@@ -927,14 +927,27 @@ with open(sys.argv[1], "w", encoding="utf-8") as f:
 
 /// A chunk of prose long enough to be compressed, different per `i`.
 fn chunk_text(i: usize) -> Value {
-    let words = ["graph", "community", "report", "entity", "the", "of", "chunk", "river"];
-    let content: Vec<&str> = (0..700).map(|w| words[(w * 7 + i + w / 5) % words.len()]).collect();
+    let words = [
+        "graph",
+        "community",
+        "report",
+        "entity",
+        "the",
+        "of",
+        "chunk",
+        "river",
+    ];
+    let content: Vec<&str> = (0..700)
+        .map(|w| words[(w * 7 + i + w / 5) % words.len()])
+        .collect();
     json!({"content": content.join(" "), "tokens": 700, "chunk_order_index": i})
 }
 
 /// `n` chunks `c-000`.. written through the library with `config` (lz4 by default).
 fn seed_chunks(config: &StoreConfig, n: usize) -> Vec<(String, Value)> {
-    let items: Vec<(String, Value)> = (0..n).map(|i| (format!("c-{i:03}"), chunk_text(i))).collect();
+    let items: Vec<(String, Value)> = (0..n)
+        .map(|i| (format!("c-{i:03}"), chunk_text(i)))
+        .collect();
     let storage = Storage::open(config).unwrap();
     let store = storage.namespace("text_chunks").unwrap();
     store.upsert(items.clone()).unwrap();
@@ -958,7 +971,12 @@ fn magics(conn: &mut redis::Connection, prefix: &str, ids: &[&str]) -> Vec<Vec<u
 fn summary(stdout: &str) -> (u64, u64, u64, u64) {
     let n = |what: &str| -> u64 {
         let before = stdout.split(what).next().unwrap();
-        before.rsplit([' ', ',']).find(|w| !w.is_empty()).unwrap().parse().unwrap()
+        before
+            .rsplit([' ', ','])
+            .find(|w| !w.is_empty())
+            .unwrap()
+            .parse()
+            .unwrap()
     };
     (
         n(" rewritten"),
@@ -976,21 +994,51 @@ fn recompress_rewrites_to_the_configured_codec_keeping_values_and_ttls() {
     let key = |id: &str| format!("{}:text_chunks:{id}", b.prefix);
     // A TTL to keep, a small value that stays plain, and a value another client wrote as
     // spaced JSON (its text must survive byte for byte).
-    let _: () = redis::cmd("PEXPIRE").arg(key("c-007")).arg(600_000).query(&mut conn).unwrap();
-    let _: () = redis::cmd("SET").arg(key("small")).arg(r#"{"a": 1}"#).query(&mut conn).unwrap();
+    let _: () = redis::cmd("PEXPIRE")
+        .arg(key("c-007"))
+        .arg(600_000)
+        .query(&mut conn)
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(key("small"))
+        .arg(r#"{"a": 1}"#)
+        .query(&mut conn)
+        .unwrap();
     let spaced = serde_json::to_string_pretty(&chunk_text(99)).unwrap();
-    let _: () = redis::cmd("SET").arg(key("python")).arg(&spaced).query(&mut conn).unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(key("python"))
+        .arg(&spaced)
+        .query(&mut conn)
+        .unwrap();
     let ids = ["c-000", "c-007", "c-039"];
-    assert!(magics(&mut conn, &b.prefix, &ids).iter().all(|m| m[..] == graphrag_kv::codec::FRAME_MAGIC));
+    assert!(magics(&mut conn, &b.prefix, &ids)
+        .iter()
+        .all(|m| m[..] == graphrag_kv::codec::FRAME_MAGIC));
 
-    let out = output(b.cmd().env("REDIS_COMPRESSION", "zstd").args(["recompress", "text_chunks"]));
+    let out = output(
+        b.cmd()
+            .env("REDIS_COMPRESSION", "zstd")
+            .args(["recompress", "text_chunks"]),
+    );
     assert_eq!(out.code, 0, "{out:#?}");
-    assert!(out.stdout.starts_with("recompress text_chunks to zstd level 1: "), "{out:#?}");
+    assert!(
+        out.stdout
+            .starts_with("recompress text_chunks to zstd level 1: "),
+        "{out:#?}"
+    );
     assert_eq!(summary(&out.stdout), (41, 1, 0, 0), "{out:#?}");
-    assert!(magics(&mut conn, &b.prefix, &ids).iter().all(|m| m[..] == graphrag_kv::codec::ZSTD_FRAME_MAGIC));
-    let ttl: i64 = redis::cmd("PTTL").arg(key("c-007")).query(&mut conn).unwrap();
+    assert!(magics(&mut conn, &b.prefix, &ids)
+        .iter()
+        .all(|m| m[..] == graphrag_kv::codec::ZSTD_FRAME_MAGIC));
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(key("c-007"))
+        .query(&mut conn)
+        .unwrap();
     assert!(ttl > 500_000 && ttl <= 600_000, "TTL kept: {ttl}");
-    let ttl: i64 = redis::cmd("PTTL").arg(key("c-000")).query(&mut conn).unwrap();
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(key("c-000"))
+        .query(&mut conn)
+        .unwrap();
     assert_eq!(ttl, -1, "no TTL added");
     // Read back through an lz4-configured store: every value as it was.
     let storage = Storage::open(&b.config()).unwrap();
@@ -998,18 +1046,32 @@ fn recompress_rewrites_to_the_configured_codec_keeping_values_and_ttls() {
     for (id, v) in &items {
         assert_eq!(store.get_by_id(id).unwrap().as_ref(), Some(v), "{id}");
     }
-    let small: Vec<u8> = redis::cmd("GET").arg(key("small")).query(&mut conn).unwrap();
+    let small: Vec<u8> = redis::cmd("GET")
+        .arg(key("small"))
+        .query(&mut conn)
+        .unwrap();
     assert_eq!(small, br#"{"a": 1}"#);
 
     // Again: nothing left to do.
-    let out = output(b.cmd().env("REDIS_COMPRESSION", "zstd").args(["recompress", "text_chunks"]));
+    let out = output(
+        b.cmd()
+            .env("REDIS_COMPRESSION", "zstd")
+            .args(["recompress", "text_chunks"]),
+    );
     assert_eq!(summary(&out.stdout), (0, 42, 0, 0), "{out:#?}");
 
     // Back to plain JSON: the spaced text comes back exactly as it was written.
-    let out = output(b.cmd().env("REDIS_COMPRESSION", "none").args(["recompress", "text_chunks"]));
+    let out = output(
+        b.cmd()
+            .env("REDIS_COMPRESSION", "none")
+            .args(["recompress", "text_chunks"]),
+    );
     assert_eq!(out.code, 0, "{out:#?}");
     assert_eq!(summary(&out.stdout), (41, 1, 0, 0), "{out:#?}");
-    let python: Vec<u8> = redis::cmd("GET").arg(key("python")).query(&mut conn).unwrap();
+    let python: Vec<u8> = redis::cmd("GET")
+        .arg(key("python"))
+        .query(&mut conn)
+        .unwrap();
     assert_eq!(python, spaced.as_bytes());
     assert_eq!(magics(&mut conn, &b.prefix, &["c-000"])[0][0], b'{');
     for (id, v) in &items {
@@ -1023,8 +1085,16 @@ fn recompress_leaves_unreadable_values_and_refuses_json() {
     seed_chunks(&b.config(), 3);
     let mut conn = b.server().conn();
     let bad = format!("{}:text_chunks:bad", b.prefix);
-    let _: () = redis::cmd("SET").arg(&bad).arg(b"\xFFGK1garbage".as_slice()).query(&mut conn).unwrap();
-    let out = output(b.cmd().env("REDIS_COMPRESSION", "zstd").args(["recompress", "text_chunks"]));
+    let _: () = redis::cmd("SET")
+        .arg(&bad)
+        .arg(b"\xFFGK1garbage".as_slice())
+        .query(&mut conn)
+        .unwrap();
+    let out = output(
+        b.cmd()
+            .env("REDIS_COMPRESSION", "zstd")
+            .args(["recompress", "text_chunks"]),
+    );
     assert_eq!(out.code, 1, "{out:#?}");
     assert_eq!(summary(&out.stdout), (3, 0, 0, 1), "{out:#?}");
     assert!(out.stderr.contains(&format!("{bad:?}")), "{out:#?}");
@@ -1032,10 +1102,21 @@ fn recompress_leaves_unreadable_values_and_refuses_json() {
     assert_eq!(still, b"\xFFGK1garbage");
 
     let j = Backend::json();
-    fails(j.run(&["recompress", "text_chunks"]), &["STORAGE_KV_BACKEND", "redis"]);
-    fails(b.run(&["recompress", "text_chunks", "--batch", "0"]), &["--batch"]);
     fails(
-        output(b.cmd().env("REDIS_COMPRESSION", "zstd").env("REDIS_COMPRESSION_LEVEL", "40").args(["recompress", "text_chunks"])),
+        j.run(&["recompress", "text_chunks"]),
+        &["STORAGE_KV_BACKEND", "redis"],
+    );
+    fails(
+        b.run(&["recompress", "text_chunks", "--batch", "0"]),
+        &["--batch"],
+    );
+    fails(
+        output(
+            b.cmd()
+                .env("REDIS_COMPRESSION", "zstd")
+                .env("REDIS_COMPRESSION_LEVEL", "40")
+                .args(["recompress", "text_chunks"]),
+        ),
         &["REDIS_COMPRESSION_LEVEL", "40", "from 1 to 19"],
     );
 }
@@ -1056,7 +1137,10 @@ fn wait_blocked(conn: &mut redis::Connection, n: usize) {
         if blocked >= n {
             return;
         }
-        assert!(std::time::Instant::now() < deadline, "{n} blocked clients never came: {info}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{n} blocked clients never came: {info}"
+        );
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
@@ -1074,11 +1158,20 @@ fn recompress_never_overwrites_a_concurrent_write() {
     let newer = graphrag_kv::codec::Codec::new(graphrag_kv::Compression::Lz4, 1024)
         .encode(&json!({"content": "written meanwhile ".repeat(100)}))
         .unwrap();
-    let _: () = redis::cmd("CLIENT").arg("PAUSE").arg(120_000).arg("WRITE").query(&mut admin).unwrap();
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(120_000)
+        .arg("WRITE")
+        .query(&mut admin)
+        .unwrap();
     let writer = {
         let (mut conn, key, newer) = (b.server().conn(), key.clone(), newer.clone());
         std::thread::spawn(move || {
-            let _: () = redis::cmd("SET").arg(&key).arg(newer).query(&mut conn).unwrap();
+            let _: () = redis::cmd("SET")
+                .arg(&key)
+                .arg(newer)
+                .query(&mut conn)
+                .unwrap();
         })
     };
     wait_blocked(&mut admin, 1);
@@ -1091,16 +1184,28 @@ fn recompress_never_overwrites_a_concurrent_write() {
         .spawn()
         .unwrap();
     wait_blocked(&mut admin, 2);
-    let _: () = redis::cmd("CLIENT").arg("UNPAUSE").query(&mut admin).unwrap();
+    let _: () = redis::cmd("CLIENT")
+        .arg("UNPAUSE")
+        .query(&mut admin)
+        .unwrap();
     writer.join().unwrap();
     let out = child.wait_with_output().unwrap();
     let stdout = String::from_utf8(out.stdout).unwrap();
-    assert_eq!(out.status.code(), Some(0), "{stdout} {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(summary(&stdout), (9, 0, 1, 0), "{stdout}");
     let now: Vec<u8> = redis::cmd("GET").arg(&key).query(&mut admin).unwrap();
     assert_eq!(now, newer, "the concurrent write was overwritten");
     // A second run brings that one to zstd too.
-    let out = output(b.cmd().env("REDIS_COMPRESSION", "zstd").args(["recompress", "text_chunks"]));
+    let out = output(
+        b.cmd()
+            .env("REDIS_COMPRESSION", "zstd")
+            .args(["recompress", "text_chunks"]),
+    );
     assert_eq!(summary(&out.stdout), (1, 9, 0, 0), "{out:#?}");
 }
 
@@ -1111,7 +1216,12 @@ fn recompress_interrupted_then_rerun_finishes() {
     let b = Backend::redis();
     let items = seed_chunks(&b.config(), 30);
     let mut admin = b.server().conn();
-    let _: () = redis::cmd("CLIENT").arg("PAUSE").arg(120_000).arg("WRITE").query(&mut admin).unwrap();
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(120_000)
+        .arg("WRITE")
+        .query(&mut admin)
+        .unwrap();
     let child = b
         .cmd()
         .env("REDIS_COMPRESSION", "zstd")
@@ -1121,19 +1231,33 @@ fn recompress_interrupted_then_rerun_finishes() {
         .spawn()
         .unwrap();
     wait_blocked(&mut admin, 1);
-    let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
     // The signal is handled on its own thread; give it a moment to land before the batch
     // completes (if it lands later, the run stops one batch later, which the asserts allow).
     std::thread::sleep(std::time::Duration::from_millis(200));
-    let _: () = redis::cmd("CLIENT").arg("UNPAUSE").query(&mut admin).unwrap();
+    let _: () = redis::cmd("CLIENT")
+        .arg("UNPAUSE")
+        .query(&mut admin)
+        .unwrap();
     let out = child.wait_with_output().unwrap();
-    let (stdout, stderr) = (String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap());
+    let (stdout, stderr) = (
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    );
     assert_eq!(out.status.code(), Some(130), "{stdout} {stderr}");
     let (rewritten, current, changed, unreadable) = summary(&stdout);
     assert!(rewritten == 10 || rewritten == 20, "{stdout}");
     assert_eq!((current, changed, unreadable), (0, 0, 0), "{stdout}");
-    assert!(stderr.contains(&format!("interrupted after {rewritten} of 30 ids; run the same command again")), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "interrupted after {rewritten} of 30 ids; run the same command again"
+        )),
+        "{stderr}"
+    );
     let ids: Vec<&str> = items.iter().map(|(id, _)| id.as_str()).collect();
     let zstd = magics(&mut admin, &b.prefix, &ids)
         .iter()
@@ -1141,10 +1265,21 @@ fn recompress_interrupted_then_rerun_finishes() {
         .count() as u64;
     assert_eq!(zstd, rewritten);
 
-    let out = output(b.cmd().env("REDIS_COMPRESSION", "zstd").args(["recompress", "text_chunks", "--batch", "10"]));
+    let out = output(b.cmd().env("REDIS_COMPRESSION", "zstd").args([
+        "recompress",
+        "text_chunks",
+        "--batch",
+        "10",
+    ]));
     assert_eq!(out.code, 0, "{out:#?}");
-    assert_eq!(summary(&out.stdout), (30 - rewritten, rewritten, 0, 0), "{out:#?}");
-    assert!(magics(&mut admin, &b.prefix, &ids).iter().all(|m| m[..] == graphrag_kv::codec::ZSTD_FRAME_MAGIC));
+    assert_eq!(
+        summary(&out.stdout),
+        (30 - rewritten, rewritten, 0, 0),
+        "{out:#?}"
+    );
+    assert!(magics(&mut admin, &b.prefix, &ids)
+        .iter()
+        .all(|m| m[..] == graphrag_kv::codec::ZSTD_FRAME_MAGIC));
     let storage = Storage::open(&b.config()).unwrap();
     let store = storage.namespace("text_chunks").unwrap();
     for (id, v) in &items {
@@ -1184,7 +1319,10 @@ fn recompress_on_a_cluster() {
         let key = format!("{prefix}:text_chunks:{id}");
         let port = cluster.master_for_key(key.as_bytes());
         masters.insert(port);
-        let v: Vec<u8> = redis::cmd("GET").arg(&key).query(&mut cluster.conn(port)).unwrap();
+        let v: Vec<u8> = redis::cmd("GET")
+            .arg(&key)
+            .query(&mut cluster.conn(port))
+            .unwrap();
         assert_eq!(v[..4], graphrag_kv::codec::ZSTD_FRAME_MAGIC, "{key}");
     }
     assert!(masters.len() > 1, "the keys spread over several masters");

@@ -537,10 +537,25 @@ fn zstd_frames_claiming_huge_sizes_fail_fast_without_allocating() {
     // A genuine zstd frame of 1 MiB of one byte: a few dozen bytes that honestly expand
     // 30,000 times. Any other claim than its content size is refused before allocating.
     let json = [b"\"", &[b'a'; 1 << 20][..], b"\""].concat();
-    let honest = Codec::new(Compression::Zstd, 0).encode_json(json.clone()).unwrap();
-    assert!(honest.starts_with(&ZSTD_FRAME_MAGIC) && honest.len() < 256, "{}", honest.len());
-    assert_eq!(Codec::decode(&honest).unwrap().as_str().unwrap().len(), 1 << 20);
-    for claim in [u32::MAX, MAX_VALUE_BYTES as u32, 100 << 20, json.len() as u32 + 1, 1] {
+    let honest = Codec::new(Compression::Zstd, 0)
+        .encode_json(json.clone())
+        .unwrap();
+    assert!(
+        honest.starts_with(&ZSTD_FRAME_MAGIC) && honest.len() < 256,
+        "{}",
+        honest.len()
+    );
+    assert_eq!(
+        Codec::decode(&honest).unwrap().as_str().unwrap().len(),
+        1 << 20
+    );
+    for claim in [
+        u32::MAX,
+        MAX_VALUE_BYTES as u32,
+        100 << 20,
+        json.len() as u32 + 1,
+        1,
+    ] {
         let mut bytes = honest.clone();
         bytes[4..8].copy_from_slice(&claim.to_le_bytes());
         let (out, largest) = largest_allocation(|| Codec::decode(&bytes));

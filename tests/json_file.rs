@@ -321,7 +321,10 @@ with open(sys.argv[1], "w", encoding="utf-8") as f:
         .expect("python3 runs");
     assert!(status.success());
     let written = std::fs::read_to_string(&path).unwrap();
-    assert!(written.contains(": NaN") && written.contains("-Infinity"), "{written}");
+    assert!(
+        written.contains(": NaN") && written.contains("-Infinity"),
+        "{written}"
+    );
     {
         let d = JsonDir::open(dir.path()).unwrap();
         let s = d.namespace("text_chunks").unwrap();
@@ -335,11 +338,15 @@ with open(sys.argv[1], "w", encoding="utf-8") as f:
         );
         assert_eq!(s.get_by_id("NaN").unwrap(), Some(json!(null)));
         assert_eq!(s.get_by_id("chunk-3").unwrap(), Some(json!({"tokens": 3})));
-        s.upsert(vec![("chunk-4".into(), json!({"tokens": 4}))]).unwrap();
+        s.upsert(vec![("chunk-4".into(), json!({"tokens": 4}))])
+            .unwrap();
         s.index_done_callback().unwrap();
     }
     let saved = std::fs::read_to_string(&path).unwrap();
-    assert!(!saved.contains(": NaN") && !saved.contains("Infinity,"), "{saved}");
+    assert!(
+        !saved.contains(": NaN") && !saved.contains("Infinity,"),
+        "{saved}"
+    );
     let reread: serde_json::Value = serde_json::from_str(&saved).unwrap();
     assert_eq!(reread["chunk-2"]["vec"], json!([1.5, null, null]));
     assert_eq!(

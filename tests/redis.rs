@@ -182,8 +182,14 @@ fn every_compression_reads_what_every_other_wrote() {
     let raw = |conn: &mut redis::Connection, id: &str| -> Vec<u8> {
         conn.get(format!("mixed:text_chunks:{id}")).unwrap()
     };
-    assert_eq!(raw(&mut conn, "big-Lz4")[..4], graphrag_kv::codec::FRAME_MAGIC);
-    assert_eq!(raw(&mut conn, "big-Zstd")[..4], graphrag_kv::codec::ZSTD_FRAME_MAGIC);
+    assert_eq!(
+        raw(&mut conn, "big-Lz4")[..4],
+        graphrag_kv::codec::FRAME_MAGIC
+    );
+    assert_eq!(
+        raw(&mut conn, "big-Zstd")[..4],
+        graphrag_kv::codec::ZSTD_FRAME_MAGIC
+    );
     assert_eq!(raw(&mut conn, "big-None")[0], b'{');
     assert!(raw(&mut conn, "big-Zstd").len() < raw(&mut conn, "big-Lz4").len());
     assert_eq!(raw(&mut conn, "small-Zstd")[0], b'{');
@@ -192,7 +198,11 @@ fn every_compression_reads_what_every_other_wrote() {
     for c in compressions {
         let reader = open(c);
         for (id, v) in &expected {
-            assert_eq!(reader.get_by_id(id).unwrap().as_ref(), Some(v), "{c:?} reads {id}");
+            assert_eq!(
+                reader.get_by_id(id).unwrap().as_ref(),
+                Some(v),
+                "{c:?} reads {id}"
+            );
         }
         assert_eq!(reader.get_by_ids(&ids, None).unwrap(), values, "{c:?}");
     }

@@ -140,7 +140,10 @@ pub fn measure_all(args: &Args, t: &Target) -> Vec<Row> {
     if !args.no_zstd {
         progress(
             args,
-            &format!("loading the same values with zstd level {}", args.zstd_level),
+            &format!(
+                "loading the same values with zstd level {}",
+                args.zstd_level
+            ),
         );
         let grown =
             load(&sides_zstd.chunks, &chunks, &mut c) + load(&sides_zstd.cache, &cache, &mut c);

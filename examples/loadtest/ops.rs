@@ -25,7 +25,13 @@ impl Rng {
 }
 
 pub fn open_store(t: &Target, prefix: &str, compression: Compression, pool: u32) -> Storage {
-    open_store_at(t, prefix, compression, graphrag_kv::codec::DEFAULT_ZSTD_LEVEL, pool)
+    open_store_at(
+        t,
+        prefix,
+        compression,
+        graphrag_kv::codec::DEFAULT_ZSTD_LEVEL,
+        pool,
+    )
 }
 
 /// [`open_store`] with a zstd level.

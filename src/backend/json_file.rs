@@ -432,7 +432,10 @@ fn warn_non_finite(path: &Path, found: &[crate::codec::non_finite::NonFinite]) {
             Some(k) => crate::error::display_id(k),
             None => "the top-level value".to_string(),
         };
-        let entry = format!("{key} ({} at line {}, column {})", f.token, f.line, f.column);
+        let entry = format!(
+            "{key} ({} at line {}, column {})",
+            f.token, f.line, f.column
+        );
         if !keys.iter().any(|k| k.starts_with(&key)) {
             keys.push(entry);
         }
@@ -447,7 +450,11 @@ fn warn_non_finite(path: &Path, found: &[crate::codec::non_finite::NonFinite]) {
         if found.len() == 1 { "" } else { "s" },
         if keys.len() + more == 1 { "" } else { "s" },
         keys.join(", "),
-        if more > 0 { format!(" and {more} more") } else { String::new() },
+        if more > 0 {
+            format!(" and {more} more")
+        } else {
+            String::new()
+        },
     );
 }
 

@@ -78,7 +78,10 @@ pub(super) fn append_lz4(json: &[u8], out: &mut Vec<u8>) {
 /// the JSON itself.
 pub(super) fn append_zstd(json: &[u8], level: i32, out: &mut Vec<u8>) {
     let start = out.len();
-    out.resize(start + HEADER_LEN + zstd_safe::compress_bound(json.len()), 0);
+    out.resize(
+        start + HEADER_LEN + zstd_safe::compress_bound(json.len()),
+        0,
+    );
     header(ZSTD, json.len(), &mut out[start..]);
     let written = with_context(&ZSTD_CCTX, zstd_safe::CCtx::try_create, |cctx| {
         // One-shot compression writes the content size into the zstd frame header, which the

@@ -335,7 +335,9 @@ mod tests {
             assert_eq!(Codec::decode(&c.encode(&v).unwrap()).unwrap(), v);
         }
         // Small values stay plain JSON.
-        let small = Codec::new(Compression::Zstd, 1024).encode(&json!({"a": 1})).unwrap();
+        let small = Codec::new(Compression::Zstd, 1024)
+            .encode(&json!({"a": 1}))
+            .unwrap();
         assert_eq!(small, br#"{"a":1}"#);
     }
 
@@ -366,7 +368,10 @@ mod tests {
         assert_eq!(zstd.recode(&fresh).unwrap(), None, "already current");
         assert_eq!(lz4.recode(&stored).unwrap(), None);
         // Back to plain JSON, and plain JSON (any spacing) is left alone by `none`.
-        assert_eq!(none.recode(&fresh).unwrap().unwrap(), none.encode(&v).unwrap());
+        assert_eq!(
+            none.recode(&fresh).unwrap().unwrap(),
+            none.encode(&v).unwrap()
+        );
         let spaced = b"{\"content\": \"a b\"}".to_vec();
         assert_eq!(none.recode(&spaced).unwrap(), None);
         assert_eq!(zstd.recode(&spaced).unwrap(), None, "too small to compress");
@@ -404,7 +409,10 @@ mod tests {
         let mut huge = good.clone();
         huge[4..8].copy_from_slice(&(200u32 << 20).to_le_bytes());
         assert!(
-            matches!(Codec::decode(&huge).unwrap_err(), CodecError::ClaimTooLarge { .. }),
+            matches!(
+                Codec::decode(&huge).unwrap_err(),
+                CodecError::ClaimTooLarge { .. }
+            ),
             "{:?}",
             Codec::decode(&huge)
         );
@@ -422,7 +430,10 @@ mod tests {
         assert!(
             matches!(
                 Codec::decode(&streamed).unwrap_err(),
-                CodecError::ContentSizeMismatch { content_size: None, .. }
+                CodecError::ContentSizeMismatch {
+                    content_size: None,
+                    ..
+                }
             ),
             "{:?}",
             Codec::decode(&streamed)
@@ -431,7 +442,10 @@ mod tests {
         let mut unknown = good.clone();
         unknown[3] = b'9';
         let e = Codec::decode(&unknown).unwrap_err();
-        assert!(matches!(e, CodecError::UnknownCodec { byte: b'9' }), "{e:?}");
+        assert!(
+            matches!(e, CodecError::UnknownCodec { byte: b'9' }),
+            "{e:?}"
+        );
         assert!(e.to_string().contains("0x39"), "{e}");
         for i in 0..good.len() {
             let _ = Codec::decode(&good[..i]);

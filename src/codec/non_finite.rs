@@ -92,7 +92,11 @@ mod tests {
             .collect();
         assert_eq!(
             summary,
-            [("a", "NaN", 2, 8), ("b", "-Infinity", 3, 12), ("b", "Infinity", 3, 29)]
+            [
+                ("a", "NaN", 2, 8),
+                ("b", "-Infinity", 3, 12),
+                ("b", "Infinity", 3, 29)
+            ]
         );
         assert_eq!(replace_non_finite(b"{\"a\": 1.5}"), None);
         assert_eq!(replace_non_finite(b"\"NaN\""), None);

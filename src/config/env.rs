@@ -4,8 +4,8 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use super::parse::{config_error, parse_bool, parse_seconds, parse_ttl, parse_u64};
 use super::builder::level_expected;
+use super::parse::{config_error, parse_bool, parse_seconds, parse_ttl, parse_u64};
 use super::redact::split_urls;
 use super::ttl::{is_reserved_ttl_name, TTL_VARIABLES};
 use super::{

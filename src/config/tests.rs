@@ -100,7 +100,13 @@ fn zstd_and_its_level() {
     ])
     .unwrap();
     assert_eq!(c.redis.compression_level, 19);
-    assert_eq!(build(&[("REDIS_COMPRESSION", "none")]).unwrap().redis.compression, Compression::None);
+    assert_eq!(
+        build(&[("REDIS_COMPRESSION", "none")])
+            .unwrap()
+            .redis
+            .compression,
+        Compression::None
+    );
     // The builder's setter is held to the same range, at build(), naming the variable.
     let e = StoreConfig::builder()
         .compression(Compression::Zstd)
@@ -108,7 +114,10 @@ fn zstd_and_its_level() {
         .build()
         .unwrap_err()
         .to_string();
-    assert!(e.contains("REDIS_COMPRESSION_LEVEL") && e.contains("23"), "{e}");
+    assert!(
+        e.contains("REDIS_COMPRESSION_LEVEL") && e.contains("23"),
+        "{e}"
+    );
     assert_eq!(Compression::Zstd.to_string(), "zstd");
 }
 

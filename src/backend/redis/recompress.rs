@@ -112,7 +112,8 @@ impl RedisStore {
             // bytes and answers 2.
             let replies = self.shared.batch(OPERATION, &self.namespace, cmds)?;
             for (id, reply) in cas_ids.into_iter().zip(replies) {
-                match reply.and_then(|v| redis::from_redis_value::<i64>(v).map_err(RedisError::from))
+                match reply
+                    .and_then(|v| redis::from_redis_value::<i64>(v).map_err(RedisError::from))
                 {
                     Ok(1) | Ok(2) => out.rewritten += 1,
                     Ok(_) => out.changed += 1,
