@@ -1027,6 +1027,14 @@ fn recompress_rewrites_to_the_configured_codec_keeping_values_and_ttls() {
         "{out:#?}"
     );
     assert_eq!(summary(&out.stdout), (41, 1, 0, 0), "{out:#?}");
+    // Progress on stderr (a line per step when stderr is not a terminal).
+    assert!(
+        out.stderr.contains("recompress text_chunks: 42 ids")
+            && out
+                .stderr
+                .contains("recompress text_chunks: 42/42 ids, done"),
+        "{out:#?}"
+    );
     assert!(magics(&mut conn, &b.prefix, &ids)
         .iter()
         .all(|m| m[..] == graphrag_kv::codec::ZSTD_FRAME_MAGIC));
@@ -1106,6 +1114,8 @@ fn recompress_leaves_unreadable_values_and_refuses_json() {
         j.run(&["recompress", "text_chunks"]),
         &["STORAGE_KV_BACKEND", "redis"],
     );
+    let help = ok(output(bare_cmd().arg("--help")));
+    assert!(help.contains("recompress"), "{help}");
     fails(
         b.run(&["recompress", "text_chunks", "--batch", "0"]),
         &["--batch"],
