@@ -52,7 +52,12 @@ pub(crate) fn run_recompress(
         let stop = stop.clone();
         // Only this command installs a handler; if one cannot be set, Ctrl-C simply ends the
         // process, which is just as safe (each key is rewritten atomically or not at all).
-        let _ = ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst));
+        // ctrlc runs this on a thread of its own, not in the signal handler: printing is safe.
+        let _ = ctrlc::set_handler(move || {
+            if !stop.swap(true, Ordering::SeqCst) {
+                report("interrupted: stopping after the batch in flight");
+            }
+        });
     }
     let mut ids = store.all_keys()?;
     ids.sort_unstable();
