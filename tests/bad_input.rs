@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use graphrag_kv::codec::{Codec, FRAME_MAGIC, MAX_VALUE_BYTES};
+use graphrag_kv::codec::{Codec, FRAME_MAGIC, MAX_VALUE_BYTES, ZSTD_FRAME_MAGIC};
 use graphrag_kv::{
     BackendKind, Compression, Error, KvStore, Storage, StoreConfig, StoreConfigBuilder,
 };
@@ -134,7 +134,8 @@ fn invalid_env_values_name_the_variable() {
         ("REDIS_KEY_PREFIX", "a:b", "ambiguous"),
         ("REDIS_KEY_PREFIX", "a*", "A-Z a-z 0-9"),
         ("REDIS_KEY_PREFIX", "nano graphrag", "A-Z a-z 0-9"),
-        ("REDIS_COMPRESSION", "gzip", "lz4 or none"),
+        ("REDIS_COMPRESSION", "gzip", "lz4, zstd or none"),
+        ("REDIS_COMPRESSION_LEVEL", "99", "from 1 to 19"),
         ("REDIS_COMPRESSION_MIN_BYTES", "-1", "an integer"),
         ("REDIS_CLUSTER", "maybe", "auto, or true/false"),
         ("REDIS_READ_FROM_REPLICAS", "2", "yes/no"),
@@ -445,21 +446,31 @@ fn corrupt_stored_values_are_decode_errors_and_nothing_is_lost() {
     let mut random = noise(4096, 42);
     random[0] = b'#'; // neither '{' nor 0xFF: certainly not a value
     let mut wrong_header = frame.clone();
-    wrong_header[3] = b'2';
+    wrong_header[3] = b'9';
+    let zstd = Codec::new(Compression::Zstd, 0)
+        .encode(&json!({"content": "community graph report ".repeat(400)}))
+        .unwrap();
+    assert_eq!(zstd[..4], ZSTD_FRAME_MAGIC);
+    let zstd_with_claim = |claim: u32| -> Vec<u8> {
+        let mut f = zstd.clone();
+        f[4..8].copy_from_slice(&claim.to_le_bytes());
+        f
+    };
+    let zstd_true_len = u32::from_le_bytes(zstd[4..8].try_into().unwrap());
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         ("random-bytes", random, "not valid JSON"),
         (
             "truncated-frame",
             frame[..frame.len() / 2].to_vec(),
-            "lz4 frame",
+            "header said",
         ),
-        ("header-only", frame[..8].to_vec(), "lz4 frame"),
+        ("header-only", frame[..8].to_vec(), "frame"),
         (
             "short-header",
             frame[..5].to_vec(),
-            "not a graphrag-kv lz4 frame",
+            "not a graphrag-kv frame",
         ),
-        ("wrong-header", wrong_header, "not a graphrag-kv lz4 frame"),
+        ("wrong-header", wrong_header, "unknown codec byte 0x39"),
         (
             "absurd-size",
             with_claim(u32::MAX, usize::MAX),
@@ -468,12 +479,37 @@ fn corrupt_stored_values_are_decode_errors_and_nothing_is_lost() {
         (
             "claims-511-mib",
             with_claim(511 << 20, 100),
-            "lz4 frame claims 535822336 bytes from only",
+            "frame claims 535822336 bytes from only",
         ),
         (
             "claims-one-more",
             with_claim(true_len + 1, usize::MAX),
             "header said",
+        ),
+        (
+            "zstd-truncated",
+            zstd[..zstd.len() - 4].to_vec(),
+            "corrupt frame: zstd",
+        ),
+        (
+            "zstd-claims-one-more",
+            zstd_with_claim(zstd_true_len + 1),
+            "its body says",
+        ),
+        (
+            "zstd-claims-511-mib",
+            zstd_with_claim(511 << 20),
+            "frame claims 535822336 bytes from only",
+        ),
+        (
+            "zstd-header-only",
+            zstd[..8].to_vec(),
+            "from only 0 compressed",
+        ),
+        (
+            "zstd-cut-in-its-header",
+            zstd[..10].to_vec(),
+            "its body says nothing",
         ),
         ("empty", Vec::new(), "line 1, column 0"),
         ("nul-bytes", vec![0, 0, 0], "line 1, column 1"),

@@ -882,3 +882,475 @@ fn import_from_stdin() {
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert_eq!(ok(b.run(&["export", "full_docs"])), FIXTURE);
 }
+
+/// A kv_store file holding Python's `NaN`/`Infinity` (written by python3's `json.dump`) is read,
+/// with those numbers as null and one warning naming the file, the namespace and the keys, and
+/// saying what the next save does.
+#[test]
+fn python_nan_reads_as_null_with_a_warning() {
+    let b = Backend::json();
+    std::fs::create_dir_all(b.store_dir()).unwrap();
+    let path = b.store_dir().join("kv_store_text_chunks.json");
+    let script = r#"
+import json, sys
+data = {"chunk-1": {"score": float("nan")}, "chunk-2": {"vec": [float("inf"), 2.5]}, "ok": {"n": 1}}
+with open(sys.argv[1], "w", encoding="utf-8") as f:
+    json.dump(data, f, indent=2, ensure_ascii=False)
+"#;
+    let status = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(&path)
+        .status()
+        .expect("python3 runs");
+    assert!(status.success());
+    let out = b.run(&["get", "text_chunks", "chunk-2"]);
+    assert_eq!(out.code, 0, "{out:#?}");
+    let value: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(value, json!({"vec": [null, 2.5]}));
+    assert_eq!(out.stderr.lines().count(), 1, "one warning: {out:#?}");
+    for needle in [
+        "kv_store_text_chunks.json",
+        "namespace \"text_chunks\"",
+        "\"chunk-1\" (NaN at line 3",
+        "\"chunk-2\" (Infinity at line 7",
+        "2 NaN/Infinity numbers",
+        "the next save of this namespace writes null",
+    ] {
+        assert!(out.stderr.contains(needle), "{needle:?} in {out:#?}");
+    }
+    assert!(!out.stderr.contains("\"ok\""), "{out:#?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// recompress
+
+/// A chunk of prose long enough to be compressed, different per `i`.
+fn chunk_text(i: usize) -> Value {
+    let words = [
+        "graph",
+        "community",
+        "report",
+        "entity",
+        "the",
+        "of",
+        "chunk",
+        "river",
+    ];
+    let content: Vec<&str> = (0..700)
+        .map(|w| words[(w * 7 + i + w / 5) % words.len()])
+        .collect();
+    json!({"content": content.join(" "), "tokens": 700, "chunk_order_index": i})
+}
+
+/// `n` chunks `c-000`.. written through the library with `config` (lz4 by default).
+fn seed_chunks(config: &StoreConfig, n: usize) -> Vec<(String, Value)> {
+    let items: Vec<(String, Value)> = (0..n)
+        .map(|i| (format!("c-{i:03}"), chunk_text(i)))
+        .collect();
+    let storage = Storage::open(config).unwrap();
+    let store = storage.namespace("text_chunks").unwrap();
+    store.upsert(items.clone()).unwrap();
+    items
+}
+
+/// The first four bytes of each stored value of `ids`.
+fn magics(conn: &mut redis::Connection, prefix: &str, ids: &[&str]) -> Vec<Vec<u8>> {
+    ids.iter()
+        .map(|id| {
+            let v: Vec<u8> = redis::cmd("GET")
+                .arg(format!("{prefix}:text_chunks:{id}"))
+                .query(conn)
+                .unwrap();
+            v[..4].to_vec()
+        })
+        .collect()
+}
+
+/// The summary line's counts: rewritten, already current, changed meanwhile, unreadable.
+fn summary(stdout: &str) -> (u64, u64, u64, u64) {
+    let n = |what: &str| -> u64 {
+        let before = stdout.split(what).next().unwrap();
+        before
+            .rsplit([' ', ','])
+            .find(|w| !w.is_empty())
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    (
+        n(" rewritten"),
+        n(" already current"),
+        n(" changed meanwhile"),
+        n(" unreadable"),
+    )
+}
+
+#[test]
+fn recompress_rewrites_to_the_configured_codec_keeping_values_and_ttls() {
+    let b = Backend::redis();
+    let items = seed_chunks(&b.config(), 40);
+    let mut conn = b.server().conn();
+    let key = |id: &str| format!("{}:text_chunks:{id}", b.prefix);
+    // A TTL to keep, a small value that stays plain, and a value another client wrote as
+    // spaced JSON (its text must survive byte for byte).
+    let _: () = redis::cmd("PEXPIRE")
+        .arg(key("c-007"))
+        .arg(600_000)
+        .query(&mut conn)
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(key("small"))
+        .arg(r#"{"a": 1}"#)
+        .query(&mut conn)
+        .unwrap();
+    let spaced = serde_json::to_string_pretty(&chunk_text(99)).unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(key("python"))
+        .arg(&spaced)
+        .query(&mut conn)
+        .unwrap();
+    let ids = ["c-000", "c-007", "c-039"];
+    assert!(magics(&mut conn, &b.prefix, &ids)
+        .iter()
+        .all(|m| m[..] == graphrag_kv::codec::FRAME_MAGIC));
+
+    let out = output(
+        b.cmd()
+            .env("REDIS_COMPRESSION", "zstd")
+            .args(["recompress", "text_chunks"]),
+    );
+    assert_eq!(out.code, 0, "{out:#?}");
+    assert!(
+        out.stdout
+            .starts_with("recompress text_chunks to zstd level 1: "),
+        "{out:#?}"
+    );
+    assert_eq!(summary(&out.stdout), (41, 1, 0, 0), "{out:#?}");
+    // Progress on stderr (a line per step when stderr is not a terminal).
+    assert!(
+        out.stderr.contains("recompress text_chunks: 42 ids")
+            && out
+                .stderr
+                .contains("recompress text_chunks: 42/42 ids, done"),
+        "{out:#?}"
+    );
+    assert!(magics(&mut conn, &b.prefix, &ids)
+        .iter()
+        .all(|m| m[..] == graphrag_kv::codec::ZSTD_FRAME_MAGIC));
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(key("c-007"))
+        .query(&mut conn)
+        .unwrap();
+    assert!(ttl > 500_000 && ttl <= 600_000, "TTL kept: {ttl}");
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(key("c-000"))
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(ttl, -1, "no TTL added");
+    // Read back through an lz4-configured store: every value as it was.
+    let storage = Storage::open(&b.config()).unwrap();
+    let store = storage.namespace("text_chunks").unwrap();
+    for (id, v) in &items {
+        assert_eq!(store.get_by_id(id).unwrap().as_ref(), Some(v), "{id}");
+    }
+    let small: Vec<u8> = redis::cmd("GET")
+        .arg(key("small"))
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(small, br#"{"a": 1}"#);
+
+    // Again: nothing left to do.
+    let out = output(
+        b.cmd()
+            .env("REDIS_COMPRESSION", "zstd")
+            .args(["recompress", "text_chunks"]),
+    );
+    assert_eq!(summary(&out.stdout), (0, 42, 0, 0), "{out:#?}");
+
+    // Back to plain JSON: the spaced text comes back exactly as it was written.
+    let out = output(
+        b.cmd()
+            .env("REDIS_COMPRESSION", "none")
+            .args(["recompress", "text_chunks"]),
+    );
+    assert_eq!(out.code, 0, "{out:#?}");
+    assert_eq!(summary(&out.stdout), (41, 1, 0, 0), "{out:#?}");
+    let python: Vec<u8> = redis::cmd("GET")
+        .arg(key("python"))
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(python, spaced.as_bytes());
+    assert_eq!(magics(&mut conn, &b.prefix, &["c-000"])[0][0], b'{');
+    for (id, v) in &items {
+        assert_eq!(store.get_by_id(id).unwrap().as_ref(), Some(v), "{id}");
+    }
+}
+
+#[test]
+fn recompress_leaves_unreadable_values_and_refuses_json() {
+    let b = Backend::redis();
+    seed_chunks(&b.config(), 3);
+    let mut conn = b.server().conn();
+    let bad = format!("{}:text_chunks:bad", b.prefix);
+    let _: () = redis::cmd("SET")
+        .arg(&bad)
+        .arg(b"\xFFGK1garbage".as_slice())
+        .query(&mut conn)
+        .unwrap();
+    let out = output(
+        b.cmd()
+            .env("REDIS_COMPRESSION", "zstd")
+            .args(["recompress", "text_chunks"]),
+    );
+    assert_eq!(out.code, 1, "{out:#?}");
+    assert_eq!(summary(&out.stdout), (3, 0, 0, 1), "{out:#?}");
+    assert!(out.stderr.contains(&format!("{bad:?}")), "{out:#?}");
+    let still: Vec<u8> = redis::cmd("GET").arg(&bad).query(&mut conn).unwrap();
+    assert_eq!(still, b"\xFFGK1garbage");
+
+    let j = Backend::json();
+    fails(
+        j.run(&["recompress", "text_chunks"]),
+        &["STORAGE_KV_BACKEND", "redis"],
+    );
+    let help = ok(output(bare_cmd().arg("--help")));
+    assert!(help.contains("recompress"), "{help}");
+    fails(
+        b.run(&["recompress", "text_chunks", "--batch", "0"]),
+        &["--batch"],
+    );
+    fails(
+        output(
+            b.cmd()
+                .env("REDIS_COMPRESSION", "zstd")
+                .env("REDIS_COMPRESSION_LEVEL", "40")
+                .args(["recompress", "text_chunks"]),
+        ),
+        &["REDIS_COMPRESSION_LEVEL", "40", "from 1 to 19"],
+    );
+}
+
+/// Waits until the server holds `n` clients blocked (a `CLIENT PAUSE WRITE` postpones a
+/// client's write command this way).
+fn wait_blocked(conn: &mut redis::Connection, n: usize) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let info: String = redis::cmd("INFO").arg("clients").query(conn).unwrap();
+        let blocked: usize = info
+            .lines()
+            .find_map(|l| l.strip_prefix("blocked_clients:"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        if blocked >= n {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{n} blocked clients never came: {info}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// A write made between recompress's read and its rewrite is kept: the server is paused for
+/// writes, another client's SET of `c-005` is queued, recompress reads the old bytes and
+/// queues its rewrites behind that SET; on unpause the SET runs first and the rewrite of
+/// `c-005` must see the new bytes and leave them.
+#[test]
+fn recompress_never_overwrites_a_concurrent_write() {
+    let b = Backend::redis();
+    seed_chunks(&b.config(), 10);
+    let mut admin = b.server().conn();
+    let key = format!("{}:text_chunks:c-005", b.prefix);
+    let newer = graphrag_kv::codec::Codec::new(graphrag_kv::Compression::Lz4, 1024)
+        .encode(&json!({"content": "written meanwhile ".repeat(100)}))
+        .unwrap();
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(120_000)
+        .arg("WRITE")
+        .query(&mut admin)
+        .unwrap();
+    let writer = {
+        let (mut conn, key, newer) = (b.server().conn(), key.clone(), newer.clone());
+        std::thread::spawn(move || {
+            let _: () = redis::cmd("SET")
+                .arg(&key)
+                .arg(newer)
+                .query(&mut conn)
+                .unwrap();
+        })
+    };
+    wait_blocked(&mut admin, 1);
+    let child = b
+        .cmd()
+        .env("REDIS_COMPRESSION", "zstd")
+        .args(["recompress", "text_chunks"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_blocked(&mut admin, 2);
+    let _: () = redis::cmd("CLIENT")
+        .arg("UNPAUSE")
+        .query(&mut admin)
+        .unwrap();
+    writer.join().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(summary(&stdout), (9, 0, 1, 0), "{stdout}");
+    let now: Vec<u8> = redis::cmd("GET").arg(&key).query(&mut admin).unwrap();
+    assert_eq!(now, newer, "the concurrent write was overwritten");
+    // A second run brings that one to zstd too.
+    let out = output(
+        b.cmd()
+            .env("REDIS_COMPRESSION", "zstd")
+            .args(["recompress", "text_chunks"]),
+    );
+    assert_eq!(summary(&out.stdout), (1, 9, 0, 0), "{out:#?}");
+}
+
+/// Ctrl-C stops recompress after the batch in flight, and running it again finishes: the
+/// first batch is held at its rewrite by a write pause while the interrupt arrives.
+#[test]
+fn recompress_interrupted_then_rerun_finishes() {
+    let b = Backend::redis();
+    let items = seed_chunks(&b.config(), 30);
+    let mut admin = b.server().conn();
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(120_000)
+        .arg("WRITE")
+        .query(&mut admin)
+        .unwrap();
+    let mut child = b
+        .cmd()
+        .env("REDIS_COMPRESSION", "zstd")
+        .args(["recompress", "text_chunks", "--batch", "10"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_blocked(&mut admin, 1);
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // Unpause only once the command says it took the interrupt: the first batch, held at its
+    // rewrite, is then the last.
+    let mut stderr_lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut stderr = String::new();
+    for line in stderr_lines.by_ref() {
+        let line = line.unwrap();
+        stderr.push_str(&line);
+        stderr.push('\n');
+        if line.contains("interrupted: stopping after the batch in flight") {
+            break;
+        }
+    }
+    let _: () = redis::cmd("CLIENT")
+        .arg("UNPAUSE")
+        .query(&mut admin)
+        .unwrap();
+    for line in stderr_lines {
+        stderr.push_str(&line.unwrap());
+        stderr.push('\n');
+    }
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(130), "{stdout} {stderr}");
+    let (rewritten, current, changed, unreadable) = summary(&stdout);
+    assert_eq!(rewritten, 10, "{stdout}");
+    assert_eq!((current, changed, unreadable), (0, 0, 0), "{stdout}");
+    assert!(
+        stderr.contains(&format!(
+            "interrupted after {rewritten} of 30 ids; run the same command again"
+        )),
+        "{stderr}"
+    );
+    let ids: Vec<&str> = items.iter().map(|(id, _)| id.as_str()).collect();
+    let zstd = magics(&mut admin, &b.prefix, &ids)
+        .iter()
+        .filter(|m| m[..] == graphrag_kv::codec::ZSTD_FRAME_MAGIC)
+        .count() as u64;
+    assert_eq!(zstd, rewritten);
+
+    let out = output(b.cmd().env("REDIS_COMPRESSION", "zstd").args([
+        "recompress",
+        "text_chunks",
+        "--batch",
+        "10",
+    ]));
+    assert_eq!(out.code, 0, "{out:#?}");
+    assert_eq!(
+        summary(&out.stdout),
+        (30 - rewritten, rewritten, 0, 0),
+        "{out:#?}"
+    );
+    assert!(magics(&mut admin, &b.prefix, &ids)
+        .iter()
+        .all(|m| m[..] == graphrag_kv::codec::ZSTD_FRAME_MAGIC));
+    let storage = Storage::open(&b.config()).unwrap();
+    let store = storage.namespace("text_chunks").unwrap();
+    for (id, v) in &items {
+        assert_eq!(store.get_by_id(id).unwrap().as_ref(), Some(v), "{id}");
+    }
+}
+
+#[test]
+fn recompress_on_a_cluster() {
+    let cluster = support::cluster::RedisCluster::start();
+    let prefix = support::unique_prefix("rc");
+    let config = StoreConfig::builder()
+        .backend(graphrag_kv::BackendKind::Redis)
+        .redis_url(cluster.url_list())
+        .key_prefix(&prefix)
+        .build()
+        .unwrap();
+    let items = seed_chunks(&config, 60);
+    let run = || {
+        output(
+            bare_cmd()
+                .env("STORAGE_KV_BACKEND", "redis")
+                .env("REDIS_URL", cluster.url_list())
+                .env("REDIS_KEY_PREFIX", &prefix)
+                .env("REDIS_COMPRESSION", "zstd")
+                .env("REDIS_COMPRESSION_LEVEL", "3")
+                .args(["recompress", "text_chunks", "--batch", "25"]),
+        )
+    };
+    let out = run();
+    assert_eq!(out.code, 0, "{out:#?}");
+    assert!(out.stdout.contains("to zstd level 3"), "{out:#?}");
+    assert_eq!(summary(&out.stdout), (60, 0, 0, 0), "{out:#?}");
+    // Every key, on whichever master holds it, is a zstd frame now.
+    let mut masters = std::collections::HashSet::new();
+    for (id, _) in &items {
+        let key = format!("{prefix}:text_chunks:{id}");
+        let port = cluster.master_for_key(key.as_bytes());
+        masters.insert(port);
+        let v: Vec<u8> = redis::cmd("GET")
+            .arg(&key)
+            .query(&mut cluster.conn(port))
+            .unwrap();
+        assert_eq!(v[..4], graphrag_kv::codec::ZSTD_FRAME_MAGIC, "{key}");
+    }
+    assert!(masters.len() > 1, "the keys spread over several masters");
+    let out = run();
+    assert_eq!(summary(&out.stdout), (0, 60, 0, 0), "{out:#?}");
+    let storage = Storage::open(&config).unwrap();
+    let store = storage.namespace("text_chunks").unwrap();
+    for (id, v) in &items {
+        assert_eq!(store.get_by_id(id).unwrap().as_ref(), Some(v), "{id}");
+    }
+}

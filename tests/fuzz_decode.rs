@@ -5,7 +5,9 @@
 //! - Arbitrary bytes and mutated valid inputs never panic, and every error says where or what.
 //! - Decoding never allocates more than the input can justify: a counting global allocator
 //!   records the largest single allocation made while decoding, which must stay within
-//!   `min(512 MiB, 255 × input + 16)` plus a small constant (lz4 cannot expand more than ~255×).
+//!   `min(512 MiB, 255 × input + 16)` plus a small constant for lz4 frames and plain JSON (lz4
+//!   cannot expand more than ~255×), `min(512 MiB, 32,768 × input)` for zstd frames (a 128 KiB
+//!   block takes at least 4 bytes).
 //! - What is encoded decodes to the same value, compressed or not.
 //! - Decoding JSON gives exactly what `serde_json::from_slice` gives (the codec reads JSON with
 //!   its own reader): the same value, key order and kind of number included, or the same error
@@ -19,7 +21,7 @@ use std::cell::Cell;
 use std::path::Path;
 
 use graphrag_kv::backend::json_file::{parse_kv_file, to_python_json};
-use graphrag_kv::codec::{Codec, FRAME_MAGIC, MAX_VALUE_BYTES};
+use graphrag_kv::codec::{Codec, FRAME_MAGIC, MAX_VALUE_BYTES, ZSTD_FRAME_MAGIC};
 use graphrag_kv::{Compression, Error};
 use proptest::prelude::*;
 use serde_json::{Map, Number, Value};
@@ -82,6 +84,18 @@ fn largest_allocation<T>(f: impl FnOnce() -> T) -> (T, usize) {
 fn allocation_bound(len: usize) -> usize {
     (len.saturating_mul(255) + 16).min(MAX_VALUE_BYTES) + 4 * len + 64 * 1024
 }
+
+/// The same for `bytes` when it is a zstd frame, which may honestly expand 32,768×.
+fn allocation_bound_of(bytes: &[u8]) -> usize {
+    if bytes.starts_with(&ZSTD_FRAME_MAGIC) {
+        bytes.len().saturating_mul(32 * 1024).min(MAX_VALUE_BYTES) + 64 * 1024
+    } else {
+        allocation_bound(bytes.len())
+    }
+}
+
+/// The compressions, drawn by index.
+const COMPRESSIONS: [Compression; 3] = [Compression::Lz4, Compression::Zstd, Compression::None];
 
 // ---------------------------------------------------------------------------------------------
 // Strategies
@@ -182,7 +196,7 @@ fn apply(bytes: &mut Vec<u8>, m: &Mutation) {
 fn check_decode(bytes: &[u8]) -> Result<(), TestCaseError> {
     let (out, largest) = largest_allocation(|| Codec::decode(bytes));
     prop_assert!(
-        largest <= allocation_bound(bytes.len()),
+        largest <= allocation_bound_of(bytes),
         "decoding {} bytes allocated {largest} bytes at once",
         bytes.len()
     );
@@ -225,6 +239,25 @@ proptest! {
             prop_assert!(Codec::decode(&bytes).is_err());
         }
     }
+
+    #[test]
+    fn decode_arbitrary_bytes_behind_the_zstd_frame_magic(
+        claim in any::<u32>(),
+        body in prop::collection::vec(any::<u8>(), 0..1024),
+        zstd_magic in any::<bool>(),
+    ) {
+        let mut bytes = ZSTD_FRAME_MAGIC.to_vec();
+        bytes.extend_from_slice(&claim.to_le_bytes());
+        if zstd_magic {
+            // zstd's own magic number, so the body gets as far as its frame header.
+            bytes.extend_from_slice(&[0x28, 0xB5, 0x2F, 0xFD]);
+        }
+        bytes.extend_from_slice(&body);
+        check_decode(&bytes)?;
+        if claim as usize > (bytes.len() - 8) * 32 * 1024 {
+            prop_assert!(Codec::decode(&bytes).is_err());
+        }
+    }
 }
 
 proptest! {
@@ -234,9 +267,11 @@ proptest! {
     fn decode_mutated_frames(
         value in json_value(),
         min_bytes in 0usize..256,
+        zstd in any::<bool>(),
         mutations in prop::collection::vec(mutation(), 1..4),
     ) {
-        let mut bytes = Codec::new(Compression::Lz4, min_bytes).encode(&value).unwrap();
+        let compression = if zstd { Compression::Zstd } else { Compression::Lz4 };
+        let mut bytes = Codec::new(compression, min_bytes).encode(&value).unwrap();
         for m in &mutations {
             apply(&mut bytes, m);
         }
@@ -246,12 +281,13 @@ proptest! {
     #[test]
     fn encode_decode_round_trip(
         value in json_value(),
-        lz4 in any::<bool>(),
+        compression in 0usize..3,
+        level in 1i32..=19,
         min_bytes in 0usize..2048,
     ) {
-        let compression = if lz4 { Compression::Lz4 } else { Compression::None };
-        let bytes = Codec::new(compression, min_bytes).encode(&value).unwrap();
-        if !lz4 {
+        let compression = COMPRESSIONS[compression];
+        let bytes = Codec::new(compression, min_bytes).with_level(level).encode(&value).unwrap();
+        if compression == Compression::None {
             prop_assert_eq!(bytes.first().copied(), serde_json::to_vec(&value).unwrap().first().copied());
         }
         // The codec adds nothing to serde_json's own round trip (see the float note in
@@ -432,13 +468,18 @@ proptest! {
     }
 
     #[test]
-    fn compressed_json_is_read_exactly_as_serde_json(value in json_value(), pretty in any::<bool>()) {
+    fn compressed_json_is_read_exactly_as_serde_json(
+        value in json_value(),
+        pretty in any::<bool>(),
+        zstd in any::<bool>(),
+    ) {
         let json = if pretty {
             serde_json::to_vec_pretty(&value).unwrap()
         } else {
             serde_json::to_vec(&value).unwrap()
         };
-        let frame = Codec::new(Compression::Lz4, 0).encode_json(json.clone()).unwrap();
+        let compression = if zstd { Compression::Zstd } else { Compression::Lz4 };
+        let frame = Codec::new(compression, 0).encode_json(json.clone()).unwrap();
         let theirs: Value = serde_json::from_slice(&json).unwrap();
         let ours = Codec::decode(&frame).unwrap();
         prop_assert!(same(&ours, &theirs), "{} != {}", ours, theirs);
@@ -487,6 +528,47 @@ fn frames_claiming_huge_sizes_fail_fast_without_allocating() {
         assert!(
             largest < 64 * 1024,
             "a frame claiming {claim} bytes allocated {largest} bytes"
+        );
+    }
+}
+
+#[test]
+fn zstd_frames_claiming_huge_sizes_fail_fast_without_allocating() {
+    // A genuine zstd frame of 1 MiB of one byte: a few dozen bytes that honestly expand
+    // 30,000 times. Any other claim than its content size is refused before allocating.
+    let json = [b"\"", &[b'a'; 1 << 20][..], b"\""].concat();
+    let honest = Codec::new(Compression::Zstd, 0)
+        .encode_json(json.clone())
+        .unwrap();
+    assert!(
+        honest.starts_with(&ZSTD_FRAME_MAGIC) && honest.len() < 256,
+        "{}",
+        honest.len()
+    );
+    assert_eq!(
+        Codec::decode(&honest).unwrap().as_str().unwrap().len(),
+        1 << 20
+    );
+    for claim in [
+        u32::MAX,
+        MAX_VALUE_BYTES as u32,
+        100 << 20,
+        json.len() as u32 + 1,
+        1,
+    ] {
+        let mut bytes = honest.clone();
+        bytes[4..8].copy_from_slice(&claim.to_le_bytes());
+        let (out, largest) = largest_allocation(|| Codec::decode(&bytes));
+        let reason = out.unwrap_err().to_string();
+        assert!(
+            reason.contains("above the limit")
+                || reason.contains("from only")
+                || reason.contains("its body says"),
+            "{claim}: {reason}"
+        );
+        assert!(
+            largest < 64 * 1024,
+            "a zstd frame claiming {claim} bytes allocated {largest} bytes"
         );
     }
 }

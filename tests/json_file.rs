@@ -293,3 +293,64 @@ fn save_keeps_the_file_mode_and_new_files_get_file_create_mode() {
         assert_eq!(std::fs::metadata(&group_path).unwrap().gid(), 4242);
     }
 }
+
+/// Python's `json.dump` writes `NaN`, `Infinity` and `-Infinity` for non-finite floats (its
+/// default `allow_nan=True`). Such a file, written here by python3 itself, loads: each of those
+/// numbers reads as null (the text of strings holding the same words is untouched), and the
+/// next save writes null, which Python and serde_json both read.
+#[test]
+fn python_nan_and_infinity_read_as_null() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(file_name("text_chunks"));
+    let script = r#"
+import json, sys
+data = {
+    "chunk-1": {"score": float("nan"), "content": "NaN and Infinity in text, -Infinity"},
+    "chunk-2": {"vec": [1.5, float("inf"), float("-inf")], "nested": {"x": [float("nan")]}},
+    "chunk-3": {"tokens": 3},
+    "NaN": float("inf"),
+}
+with open(sys.argv[1], "w", encoding="utf-8") as f:
+    json.dump(data, f, indent=2, ensure_ascii=False)
+"#;
+    let status = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(&path)
+        .status()
+        .expect("python3 runs");
+    assert!(status.success());
+    let written = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        written.contains(": NaN") && written.contains("-Infinity"),
+        "{written}"
+    );
+    {
+        let d = JsonDir::open(dir.path()).unwrap();
+        let s = d.namespace("text_chunks").unwrap();
+        assert_eq!(
+            s.get_by_id("chunk-1").unwrap(),
+            Some(json!({"score": null, "content": "NaN and Infinity in text, -Infinity"}))
+        );
+        assert_eq!(
+            s.get_by_id("chunk-2").unwrap(),
+            Some(json!({"vec": [1.5, null, null], "nested": {"x": [null]}}))
+        );
+        assert_eq!(s.get_by_id("NaN").unwrap(), Some(json!(null)));
+        assert_eq!(s.get_by_id("chunk-3").unwrap(), Some(json!({"tokens": 3})));
+        s.upsert(vec![("chunk-4".into(), json!({"tokens": 4}))])
+            .unwrap();
+        s.index_done_callback().unwrap();
+    }
+    let saved = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        !saved.contains(": NaN") && !saved.contains("Infinity,"),
+        "{saved}"
+    );
+    let reread: serde_json::Value = serde_json::from_str(&saved).unwrap();
+    assert_eq!(reread["chunk-2"]["vec"], json!([1.5, null, null]));
+    assert_eq!(
+        reread["chunk-1"]["content"],
+        "NaN and Infinity in text, -Infinity"
+    );
+}

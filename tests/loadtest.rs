@@ -77,13 +77,27 @@ fn quick_run_reports_every_measure_against_redis_benchmark() {
             assert!(reference.is_some(), "{measure}: no redis-benchmark figure");
         }
     }
+    // What the codec changes, with zstd too.
+    for measure in [
+        "get_p50_zstd",
+        "get_p99_zstd",
+        "get_by_ids_100_zstd",
+        "upsert_100_zstd",
+    ] {
+        let (ours, reference) = figure(&m, measure);
+        assert!(ours > 0.0, "{measure}: ours = {ours}");
+        assert!(reference.is_some(), "{measure}: no redis-benchmark figure");
+    }
     // Reported without a reference.
     for measure in [
         "all_keys_100k",
         "memory_ratio",
         "memory_ratio_nocompress",
+        "memory_ratio_zstd",
         "lz4_ratio_chunk",
         "lz4_ratio_cache",
+        "zstd_ratio_chunk",
+        "zstd_ratio_cache",
         "alloc_bytes_per_get_by_ids_item",
         "pool_size",
     ] {
@@ -101,6 +115,47 @@ fn quick_run_reports_every_measure_against_redis_benchmark() {
         compressed < plain,
         "memory ratio with lz4 {compressed} not below {plain} without"
     );
+    let (zstd, _) = figure(&m, "memory_ratio_zstd");
+    assert!(
+        zstd < compressed,
+        "memory ratio with zstd {zstd} not below lz4's {compressed}"
+    );
+    let (zstd_chunk, _) = figure(&m, "zstd_ratio_chunk");
+    assert!(
+        zstd_chunk > lz4,
+        "zstd ratio {zstd_chunk} not above lz4's {lz4}"
+    );
+}
+
+/// `--only-zstd` runs the zstd variants alone, at `--zstd-level` (3, not the default), on the
+/// text of `--corpus`.
+#[test]
+fn only_zstd_at_a_level_on_a_corpus() {
+    let corpus = concat!(env!("CARGO_MANIFEST_DIR"), "/corpus");
+    let m = run(&[
+        "--quick",
+        "--only-zstd",
+        "--zstd-level",
+        "3",
+        "--corpus",
+        corpus,
+        "--only",
+        "upsert",
+    ]);
+    let (ours, reference) = figure(&m, "upsert_100_zstd");
+    assert!(ours > 0.0 && reference.is_some(), "{m:?}");
+    figure(&m, "memory_ratio_zstd");
+    for absent in [
+        "upsert_100",
+        "upsert_100_nocompress",
+        "memory_ratio_nocompress",
+        "get_p50_zstd",
+    ] {
+        assert!(!m.contains_key(absent), "{absent} in {m:?}");
+    }
+    let (z3, _) = figure(&m, "zstd_ratio_chunk");
+    let (lz4, _) = figure(&m, "lz4_ratio_chunk");
+    assert!(z3 > lz4, "zstd level 3 {z3} vs lz4 {lz4}");
 }
 
 #[test]

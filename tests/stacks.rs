@@ -328,6 +328,15 @@ enum Stack {
 /// `Storage` of the variables for `stack` over a fresh redis-server (none for JSON) and fresh
 /// directories, with metrics when `metered`.
 fn from_vars(stack: Stack, metered: bool) -> (Guard, impl Fn(&str) -> Arc<dyn KvStore>) {
+    from_vars_with(stack, metered, &[])
+}
+
+/// [`from_vars`] with more variables (e.g. `REDIS_COMPRESSION`).
+fn from_vars_with(
+    stack: Stack,
+    metered: bool,
+    extra: &[(&'static str, &str)],
+) -> (Guard, impl Fn(&str) -> Arc<dyn KvStore>) {
     let json = matches!(stack, Stack::Json | Stack::JsonWriteBehind);
     let server = (!json).then(RedisServer::start);
     let work = tempfile::tempdir().unwrap();
@@ -366,6 +375,7 @@ fn from_vars(stack: Stack, metered: bool) -> (Guard, impl Fn(&str) -> Arc<dyn Kv
             vars.push(("KV_DUAL_PRIMARY", "redis".into()));
         }
     }
+    vars.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
     let vars: HashMap<String, String> = vars.into_iter().map(|(k, v)| (k.into(), v)).collect();
     let config = StoreConfigBuilder::from_vars(&vars)
         .unwrap()
@@ -538,6 +548,40 @@ support::conformance::conformance_tests!(env_dual_redis_primary, || from_vars(
 support::conformance::conformance_tests!(env_dual_redis_primary_metered, || from_vars(
     Stack::DualRedisPrimary,
     true
+));
+
+/// zstd frames through every Redis stack (values of any size compressed when they shrink).
+const ZSTD: &[(&str, &str)] = &[
+    ("REDIS_COMPRESSION", "zstd"),
+    ("REDIS_COMPRESSION_MIN_BYTES", "0"),
+];
+support::conformance::conformance_tests!(env_redis_zstd, || from_vars_with(
+    Stack::Redis,
+    true,
+    ZSTD
+));
+support::conformance::conformance_tests!(env_write_behind_zstd, || from_vars_with(
+    Stack::WriteBehind,
+    true,
+    ZSTD
+));
+support::conformance::conformance_tests!(env_fallback_zstd, || from_vars_with(
+    Stack::Fallback,
+    true,
+    ZSTD
+));
+support::conformance::conformance_tests!(env_write_behind_and_fallback_zstd, || {
+    from_vars_with(Stack::WriteBehindAndFallback, true, ZSTD)
+});
+support::conformance::conformance_tests!(env_dual_json_primary_zstd, || from_vars_with(
+    Stack::DualJsonPrimary,
+    true,
+    ZSTD
+));
+support::conformance::conformance_tests!(env_dual_redis_primary_zstd, || from_vars_with(
+    Stack::DualRedisPrimary,
+    true,
+    ZSTD
 ));
 
 /// Offline, `stats` is documented to be `Error::Unavailable` (the journal cannot count what

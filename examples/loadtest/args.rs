@@ -30,6 +30,16 @@ pub struct Args {
     /// Run only the `_nocompress` variants of the measures that have one.
     #[arg(long)]
     pub only_nocompress: bool,
+    /// Skip the `_zstd` measures (memory, get latency, get_by_ids, upsert with
+    /// `REDIS_COMPRESSION=zstd`).
+    #[arg(long)]
+    pub no_zstd: bool,
+    /// Run only the `_zstd` variants of the measures that have one.
+    #[arg(long)]
+    pub only_zstd: bool,
+    /// The zstd level of the `_zstd` measures (`REDIS_COMPRESSION_LEVEL`).
+    #[arg(long, default_value_t = graphrag_kv::codec::DEFAULT_ZSTD_LEVEL)]
+    pub zstd_level: i32,
     /// Instead of the measures: hold this many connections and read over all of them.
     #[arg(long)]
     pub connections: Option<usize>,

@@ -19,7 +19,10 @@
 //! ~2 KB LLM cache entries. Single gets, concurrent gets and write-behind use cache entries (an
 //! indexer's single reads and writes are cache lookups and stores); batches use chunks. The
 //! store runs with the default configuration (lz4 on, pool of 50); `_nocompress` rows repeat a
-//! measure with `REDIS_COMPRESSION=none`.
+//! measure with `REDIS_COMPRESSION=none`, `_zstd` rows with `REDIS_COMPRESSION=zstd` at
+//! `--zstd-level` (memory, single get latency, `get_by_ids`, `upsert`: what the codec changes;
+//! `--no-zstd` and `--only-zstd` as for `_nocompress`). `--corpus DIR` takes the values' text
+//! from the files of DIR instead of `corpus/`.
 //!
 //! Each measure runs `--rounds` times (ours then the reference, alternately, ~`--seconds` each)
 //! and the median of each side is reported. The reference's `-n` is sized from its previous run

@@ -10,8 +10,8 @@ use crate::alloc::{ALLOC_BYTES, ALLOC_CALLS, COUNTING};
 use crate::args::Args;
 use crate::data::{self, Corpus};
 use crate::ops::{
-    batches, concurrent_gets, load, load_reference, open_store, redis_store, single_gets,
-    write_behind, Rng,
+    batches, concurrent_gets, load, load_reference, open_store, open_store_at, redis_store,
+    single_gets, write_behind, Rng,
 };
 use crate::reference::{RefRun, Target};
 use crate::report::{median, percentile, row, versus, Better, Row};
@@ -61,6 +61,20 @@ pub fn measure_all(args: &Args, t: &Target) -> Vec<Row> {
         None,
         None,
     ));
+    rows.push(row(
+        "zstd_ratio_chunk",
+        "x",
+        zstd_ratio(&chunks, args.zstd_level),
+        None,
+        None,
+    ));
+    rows.push(row(
+        "zstd_ratio_cache",
+        "x",
+        zstd_ratio(&cache, args.zstd_level),
+        None,
+        None,
+    ));
 
     // --- load, memory
     progress(
@@ -100,7 +114,7 @@ pub fn measure_all(args: &Args, t: &Target) -> Vec<Row> {
         chunks: redis_store(&plain, TEXT_CHUNKS),
         cache: redis_store(&plain, LLM_RESPONSE_CACHE),
     };
-    if !args.no_nocompress {
+    if !args.no_nocompress && !args.only_zstd {
         progress(args, "loading the same values uncompressed");
         let grown =
             load(&sides_plain.chunks, &chunks, &mut c) + load(&sides_plain.cache, &cache, &mut c);
@@ -110,6 +124,35 @@ pub fn measure_all(args: &Args, t: &Target) -> Vec<Row> {
             grown / (chunk_bytes + cache_bytes) as f64,
             None,
             None,
+        ));
+    }
+    let zstd = open_store_at(
+        t,
+        &format!("{prefix}-zstd"),
+        Compression::Zstd,
+        args.zstd_level,
+        args.pool_size,
+    );
+    let sides_zstd = Side {
+        chunks: redis_store(&zstd, TEXT_CHUNKS),
+        cache: redis_store(&zstd, LLM_RESPONSE_CACHE),
+    };
+    if !args.no_zstd {
+        progress(
+            args,
+            &format!(
+                "loading the same values with zstd level {}",
+                args.zstd_level
+            ),
+        );
+        let grown =
+            load(&sides_zstd.chunks, &chunks, &mut c) + load(&sides_zstd.cache, &cache, &mut c);
+        rows.push(row(
+            "memory_ratio_zstd",
+            "x",
+            grown / (chunk_bytes + cache_bytes) as f64,
+            None,
+            Some((Better::Lower, 0.6)),
         ));
     }
     progress(args, "loading reference keys for redis-benchmark");
@@ -122,12 +165,24 @@ pub fn measure_all(args: &Args, t: &Target) -> Vec<Row> {
     let secs = args.seconds;
     let rounds = args.rounds.max(1);
     // The stores a measure with a `_nocompress` variant runs on, with the suffix of its name.
-    let sides: Vec<(&Side, &str)> = [(&sides_lz4, ""), (&sides_plain, "_nocompress")]
-        .into_iter()
-        .filter(|(_, suffix)| match suffix.is_empty() {
-            true => !args.only_nocompress,
-            false => !args.no_nocompress,
-        })
+    let sides: Vec<(&Side, &str)> = [
+        (&sides_lz4, ""),
+        (&sides_plain, "_nocompress"),
+        (&sides_zstd, "_zstd"),
+    ]
+    .into_iter()
+    .filter(|(_, suffix)| match *suffix {
+        "" => !args.only_nocompress && !args.only_zstd,
+        "_nocompress" => !args.no_nocompress && !args.only_zstd,
+        _ => !args.no_zstd && !args.only_nocompress,
+    })
+    .collect();
+    // Concurrent gets and write-behind measure the pool and the queue more than the codec:
+    // lz4 and none only, which keeps the run as long as it was.
+    let pool_sides: Vec<(&Side, &str)> = sides
+        .iter()
+        .copied()
+        .filter(|(_, suffix)| *suffix != "_zstd")
         .collect();
 
     // Sanity: what the measures read is there.
@@ -363,7 +418,7 @@ pub fn measure_all(args: &Args, t: &Target) -> Vec<Row> {
         rest: vec!["-r".into(), r.clone(), "GET".into(), rand(&ref2k)],
         rate_guess: 30_000.0,
     };
-    for &(side, suffix) in &sides {
+    for &(side, suffix) in &pool_sides {
         if !want("concurrent_get") {
             continue;
         }
@@ -395,7 +450,7 @@ pub fn measure_all(args: &Args, t: &Target) -> Vec<Row> {
         rate_guess: 140_000.0,
     };
     let cache_arc = Arc::new(cache.clone());
-    for &(side, suffix) in &sides {
+    for &(side, suffix) in &pool_sides {
         if !want("write_behind") {
             continue;
         }
@@ -431,7 +486,7 @@ pub fn measure_all(args: &Args, t: &Target) -> Vec<Row> {
     }
 
     // --- clean up what we wrote (matters with --redis-url)
-    for s in [&sides_lz4, &sides_plain] {
+    for s in [&sides_lz4, &sides_plain, &sides_zstd] {
         let _ = s.chunks.clear();
         let _ = s.cache.clear();
     }
@@ -455,4 +510,15 @@ pub fn measure_all(args: &Args, t: &Target) -> Vec<Row> {
     }
     rows.push(row("pool_size", "", pool_size as f64, None, None));
     rows
+}
+
+/// zstd ratio of the values' JSON at `level` (raw bytes / compressed bytes, one zstd frame per
+/// value as the codec writes it, without the codec's 8-byte header, as `lz4_ratio`).
+fn zstd_ratio(items: &[graphrag_kv::Item], level: i32) -> f64 {
+    let (raw, packed) = items.iter().fold((0usize, 0usize), |(r, p), (_, v)| {
+        let json = serde_json::to_vec(v).expect("a Value serializes");
+        let frame = zstd::bulk::compress(&json, level).expect("zstd compresses in memory");
+        (r + json.len(), p + frame.len())
+    });
+    raw as f64 / packed as f64
 }

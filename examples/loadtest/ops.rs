@@ -25,11 +25,29 @@ impl Rng {
 }
 
 pub fn open_store(t: &Target, prefix: &str, compression: Compression, pool: u32) -> Storage {
+    open_store_at(
+        t,
+        prefix,
+        compression,
+        graphrag_kv::codec::DEFAULT_ZSTD_LEVEL,
+        pool,
+    )
+}
+
+/// [`open_store`] with a zstd level.
+pub fn open_store_at(
+    t: &Target,
+    prefix: &str,
+    compression: Compression,
+    level: i32,
+    pool: u32,
+) -> Storage {
     let config = StoreConfig::builder()
         .backend(BackendKind::Redis)
         .redis_url(t.url.as_str())
         .key_prefix(prefix)
         .compression(compression)
+        .compression_level(level)
         .max_connections(pool)
         .pool_timeout(Duration::from_secs(60))
         .build()

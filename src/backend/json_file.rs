@@ -381,7 +381,22 @@ fn load(path: &Path) -> Result<Map<String, Value>> {
 pub fn parse_kv_file(path: &Path, bytes: &[u8]) -> Result<Map<String, Value>> {
     // A UTF-8 byte order mark, as some editors add, is not part of the JSON.
     let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
-    match serde_json::from_slice::<Value>(bytes) {
+    let parsed = serde_json::from_slice::<Value>(bytes).or_else(|e| {
+        // Python's json.dump writes NaN/Infinity/-Infinity by default: read them as null
+        // rather than refusing a file nano-graphrag wrote. Only tried once serde_json refused
+        // the text, so a valid file costs nothing more; if the text still does not parse,
+        // the error is the original one, with positions in the file as it is.
+        let (fixed, found) = crate::codec::non_finite::replace_non_finite(bytes).ok_or(e)?;
+        let e = match serde_json::from_slice::<Value>(&fixed) {
+            Ok(value) => {
+                warn_non_finite(path, &found);
+                return Ok(value);
+            }
+            Err(_) => serde_json::from_slice::<Value>(bytes).unwrap_err(),
+        };
+        Err(e)
+    });
+    match parsed {
         Ok(Value::Object(map)) => Ok(map),
         Ok(other) => Err(Error::CorruptFile {
             path: path.to_path_buf(),
@@ -399,6 +414,48 @@ pub fn parse_kv_file(path: &Path, bytes: &[u8]) -> Result<Map<String, Value>> {
             message: e.to_string(),
         }),
     }
+}
+
+/// Warns once per file that its non-finite numbers were read as null, naming the file, the
+/// namespace (from the file's name) and the keys holding them, and that the next save
+/// writes null.
+fn warn_non_finite(path: &Path, found: &[crate::codec::non_finite::NonFinite]) {
+    const SHOWN: usize = 5;
+    let namespace = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("kv_store_")?.strip_suffix(".json"))
+        .map_or_else(String::new, |ns| format!(" (namespace {ns:?})"));
+    let mut keys: Vec<String> = Vec::new();
+    for f in found {
+        let key = match &f.key {
+            Some(k) => crate::error::display_id(k),
+            None => "the top-level value".to_string(),
+        };
+        let entry = format!(
+            "{key} ({} at line {}, column {})",
+            f.token, f.line, f.column
+        );
+        if !keys.iter().any(|k| k.starts_with(&key)) {
+            keys.push(entry);
+        }
+    }
+    let more = keys.len().saturating_sub(SHOWN);
+    keys.truncate(SHOWN);
+    log::warn!(
+        "{}{namespace}: {} NaN/Infinity number{} (written by Python's json.dump) read as null, \
+         in key{} {}{}; the next save of this namespace writes null",
+        path.display(),
+        found.len(),
+        if found.len() == 1 { "" } else { "s" },
+        if keys.len() + more == 1 { "" } else { "s" },
+        keys.join(", "),
+        if more > 0 {
+            format!(" and {more} more")
+        } else {
+            String::new()
+        },
+    );
 }
 
 fn json_kind(v: &Value) -> &'static str {

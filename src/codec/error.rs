@@ -20,20 +20,30 @@ pub enum CodecError {
 
     /// The bytes start with `0xFF` (which no JSON text does) but not with a frame header this
     /// version reads.
-    #[error("starts with 0xFF but is not a graphrag-kv lz4 frame")]
+    #[error("starts with 0xFF but is not a graphrag-kv frame")]
     NotAFrame,
+
+    /// A graphrag-kv frame whose codec byte this version does not know (written by a newer
+    /// version, or corrupt).
+    #[error(
+        "graphrag-kv frame of unknown codec byte 0x{byte:02x} (this version reads lz4 and zstd frames)"
+    )]
+    UnknownCodec {
+        /// The frame's fourth byte.
+        byte: u8,
+    },
 
     /// A frame whose header claims more than [`MAX_VALUE_BYTES`] of JSON; refused before
     /// anything is allocated.
-    #[error("lz4 frame claims {claimed} bytes, above the limit of {MAX_VALUE_BYTES}")]
+    #[error("frame claims {claimed} bytes, above the limit of {MAX_VALUE_BYTES}")]
     ClaimAboveLimit {
         /// The length the header claims.
         claimed: usize,
     },
 
     /// A frame whose header claims far more JSON than its body could hold (lz4 expands at most
-    /// ~255 times); refused before anything is allocated.
-    #[error("lz4 frame claims {claimed} bytes from only {compressed} compressed bytes")]
+    /// ~255 times, zstd 32,768 times); refused before anything is allocated.
+    #[error("frame claims {claimed} bytes from only {compressed} compressed bytes")]
     ClaimTooLarge {
         /// The length the header claims.
         claimed: usize,
@@ -42,7 +52,7 @@ pub enum CodecError {
     },
 
     /// A frame that decompressed to another length than its header says.
-    #[error("lz4 frame decompressed to {actual} bytes, header said {claimed}")]
+    #[error("frame decompressed to {actual} bytes, header said {claimed}")]
     LengthMismatch {
         /// The length the header claims.
         claimed: usize,
@@ -50,10 +60,23 @@ pub enum CodecError {
         actual: usize,
     },
 
-    /// A frame whose body is not a valid lz4 block.
-    #[error("corrupt lz4 frame: {reason}")]
+    /// A zstd frame whose own content size is missing or differs from the header's claim;
+    /// refused before anything is allocated.
+    #[error(
+        "zstd frame claims {claimed} bytes but its body says {}",
+        match .content_size { Some(n) => format!("{n}"), None => "nothing".to_string() }
+    )]
+    ContentSizeMismatch {
+        /// The length the header claims.
+        claimed: usize,
+        /// The content size in the zstd frame's header, if it has a readable one.
+        content_size: Option<u64>,
+    },
+
+    /// A frame whose body is not valid for its codec.
+    #[error("corrupt frame: {reason}")]
     CorruptFrame {
-        /// The decompressor's message.
+        /// The codec and the decompressor's message (`lz4: ...`, `zstd: ...`).
         reason: String,
     },
 

@@ -6,7 +6,12 @@
 //!
 //! ```text
 //! 0xFF 'G' 'K' '1' | u32 LE: length of the JSON | lz4 block
+//! 0xFF 'G' 'K' '2' | u32 LE: length of the JSON | zstd frame
 //! ```
+//!
+//! The reader goes by the fourth byte, never by the configured compression: a store switched
+//! from lz4 to zstd or to none reads every value written before (`graphrag-kv recompress`
+//! rewrites them when wanted).
 //!
 //! `0xFF` never occurs in UTF-8, so no JSON text (and no value a Python worker wrote) can be
 //! mistaken for a frame. The length is checked against [`MAX_VALUE_BYTES`] before anything is
@@ -15,17 +20,20 @@
 //! The parts, each used only by the ones above it (no module uses this one):
 //!
 //! - `error`: [`CodecError`] and [`MAX_VALUE_BYTES`].
-//! - `frame`: the frame's header, lz4 compression and decompression.
+//! - `frame`: the frame's header, lz4 and zstd compression and decompression.
 //! - `escape`: finding the bytes a JSON string must escape, many at a time.
 //! - `json_write`: values to JSON text, byte for byte serde_json's.
 //! - `json_read`: JSON text to serde_json's `Value`, faster, giving up to serde_json on
 //!   anything it does not read exactly as serde_json does.
+//! - `non_finite`: Python's `NaN`/`Infinity` in a kv_store file, read as null (used by the
+//!   JSON-file backend).
 
 mod error;
 mod escape;
 mod frame;
 mod json_read;
 mod json_write;
+pub(crate) mod non_finite;
 
 use std::cell::RefCell;
 
@@ -34,7 +42,13 @@ use serde_json::Value;
 use crate::config::Compression;
 
 pub use error::{CodecError, MAX_VALUE_BYTES};
-pub use frame::FRAME_MAGIC;
+pub use frame::{FRAME_MAGIC, ZSTD_FRAME_MAGIC, ZSTD_LEVELS};
+
+/// The zstd level used unless one is configured (`REDIS_COMPRESSION_LEVEL`). Measured with the
+/// load tool on 5 KB chunks of prose (docs/BENCHMARKS.md): level 3 holds 1.7% less Redis memory
+/// than level 1 (`memory_ratio` 0.574 against 0.584) but writes a third slower (`upsert_100`
+/// 0.17x against 0.31x of redis-benchmark), so the fastest level is the default.
+pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
 use json_write::write_json;
 
 /// Encodes values as configured.
@@ -42,15 +56,31 @@ use json_write::write_json;
 pub struct Codec {
     compression: Compression,
     min_bytes: usize,
+    /// The zstd level; unused by the other compressions.
+    level: i32,
 }
 
 impl Codec {
-    /// A codec compressing with `compression` values of at least `min_bytes` bytes of JSON.
+    /// A codec compressing with `compression` values of at least `min_bytes` bytes of JSON
+    /// (zstd at [`DEFAULT_ZSTD_LEVEL`]).
     pub fn new(compression: Compression, min_bytes: usize) -> Self {
         Codec {
             compression,
             min_bytes,
+            level: DEFAULT_ZSTD_LEVEL,
         }
+    }
+
+    /// The same codec compressing at zstd `level` (clamped to [`ZSTD_LEVELS`]; the
+    /// configuration refuses levels outside it). Other compressions have no levels.
+    pub fn with_level(mut self, level: i32) -> Self {
+        self.level = level.clamp(*ZSTD_LEVELS.start(), *ZSTD_LEVELS.end());
+        self
+    }
+
+    /// The compression new values are written with.
+    pub fn compression(&self) -> Compression {
+        self.compression
     }
 
     /// The bytes to store for `value`.
@@ -97,11 +127,15 @@ impl Codec {
     /// Appends `json` to `out` as a frame when compression is on, the JSON is long enough and
     /// the frame is smaller; else the JSON itself.
     fn compress_or_copy(&self, json: &[u8], out: &mut Vec<u8>) {
-        if self.compression == Compression::None || json.len() < self.min_bytes {
+        if json.len() < self.min_bytes {
             out.extend_from_slice(json);
             return;
         }
-        frame::append_lz4(json, out);
+        match self.compression {
+            Compression::Lz4 => frame::append_lz4(json, out),
+            Compression::Zstd => frame::append_zstd(json, self.level, out),
+            Compression::None => out.extend_from_slice(json),
+        }
     }
 
     /// The bytes to store for an already serialized JSON text.
@@ -135,6 +169,34 @@ impl Codec {
             });
         }
         parse(bytes, false)
+    }
+}
+
+impl Codec {
+    /// The bytes this codec would store for a value stored as `stored` (written by any
+    /// version or configuration), or `None` when `stored` is already what it writes.
+    ///
+    /// The JSON text is kept byte for byte (only its compression changes), so a value written
+    /// by another client comes back exactly as it was. Plain JSON that this codec would also
+    /// store plain is left alone whatever its spacing.
+    ///
+    /// # Errors
+    /// A [`CodecError`] when `stored` does not decode (a corrupt frame, invalid JSON): such a
+    /// value is never rewritten.
+    pub fn recode(&self, stored: &[u8]) -> Result<Option<Vec<u8>>, CodecError> {
+        let json = if stored.first() == Some(&FRAME_MAGIC[0]) {
+            let mut buf = Vec::new();
+            let len = frame::decompress_into(stored, &mut buf)?;
+            buf.truncate(len);
+            buf
+        } else {
+            stored.to_vec()
+        };
+        // Checked, so a value that cannot be read is reported rather than compressed.
+        parse(&json, stored.first() == Some(&FRAME_MAGIC[0]))?;
+        let fresh = self.encode_json(json)?;
+        let unchanged = fresh == stored || (!frame::is_frame(stored) && !frame::is_frame(&fresh));
+        Ok((!unchanged).then_some(fresh))
     }
 }
 
@@ -256,6 +318,140 @@ mod tests {
         for n in [3000, 200, 5000, 50, 3000] {
             let v = json!({"content": prose(n)});
             assert_eq!(Codec::decode(&c.encode(&v).unwrap()).unwrap(), v);
+        }
+    }
+
+    #[test]
+    fn zstd_round_trips_smaller_than_lz4() {
+        let v = json!({"content": prose(2000), "tokens": 2000});
+        let zstd = Codec::new(Compression::Zstd, 1024).encode(&v).unwrap();
+        let lz4 = Codec::new(Compression::Lz4, 1024).encode(&v).unwrap();
+        assert_eq!(zstd[..4], ZSTD_FRAME_MAGIC);
+        assert!(zstd.len() < lz4.len(), "{} vs {}", zstd.len(), lz4.len());
+        assert_eq!(Codec::decode(&zstd).unwrap(), v);
+        // Levels change the bytes, never what they decode to.
+        for level in [1, 19] {
+            let c = Codec::new(Compression::Zstd, 0).with_level(level);
+            assert_eq!(Codec::decode(&c.encode(&v).unwrap()).unwrap(), v);
+        }
+        // Small values stay plain JSON.
+        let small = Codec::new(Compression::Zstd, 1024)
+            .encode(&json!({"a": 1}))
+            .unwrap();
+        assert_eq!(small, br#"{"a":1}"#);
+    }
+
+    #[test]
+    fn every_codec_reads_every_frame() {
+        let v = json!({"content": prose(3000)});
+        let written: Vec<Vec<u8>> = [Compression::Lz4, Compression::Zstd, Compression::None]
+            .into_iter()
+            .map(|c| Codec::new(c, 0).encode(&v).unwrap())
+            .collect();
+        assert_eq!(written[0][..4], FRAME_MAGIC);
+        assert_eq!(written[1][..4], ZSTD_FRAME_MAGIC);
+        assert_eq!(written[2][0], b'{');
+        for bytes in &written {
+            assert_eq!(Codec::decode(bytes).unwrap(), v);
+        }
+    }
+
+    #[test]
+    fn recode_changes_only_the_compression() {
+        let v = json!({"content": prose(3000)});
+        let lz4 = Codec::new(Compression::Lz4, 1024);
+        let zstd = Codec::new(Compression::Zstd, 1024);
+        let none = Codec::new(Compression::None, 1024);
+        let stored = lz4.encode(&v).unwrap();
+        let fresh = zstd.recode(&stored).unwrap().expect("lz4 becomes zstd");
+        assert_eq!(fresh, zstd.encode(&v).unwrap());
+        assert_eq!(zstd.recode(&fresh).unwrap(), None, "already current");
+        assert_eq!(lz4.recode(&stored).unwrap(), None);
+        // Back to plain JSON, and plain JSON (any spacing) is left alone by `none`.
+        assert_eq!(
+            none.recode(&fresh).unwrap().unwrap(),
+            none.encode(&v).unwrap()
+        );
+        let spaced = b"{\"content\": \"a b\"}".to_vec();
+        assert_eq!(none.recode(&spaced).unwrap(), None);
+        assert_eq!(zstd.recode(&spaced).unwrap(), None, "too small to compress");
+        // Text another client wrote keeps its exact bytes inside the new frame.
+        let python = serde_json::to_string_pretty(&v).unwrap().into_bytes();
+        let framed = zstd.recode(&python).unwrap().unwrap();
+        let mut buf = Vec::new();
+        let n = frame::decompress_into(&framed, &mut buf).unwrap();
+        assert_eq!(buf[..n], python[..]);
+        // A level change rewrites; garbage is an error, never rewritten.
+        assert!(zstd.with_level(19).recode(&fresh).unwrap().is_some());
+        assert!(zstd.recode(b"{not json").is_err());
+        assert!(zstd.recode(&fresh[..fresh.len() - 3]).is_err());
+    }
+
+    #[test]
+    fn zstd_size_claims_are_checked_before_allocating() {
+        let c = Codec::new(Compression::Zstd, 0);
+        let good = c.encode(&json!({"content": prose(500)})).unwrap();
+        // A header claim that disagrees with the zstd frame's own content size, either way.
+        let true_len = u32::from_le_bytes(good[4..8].try_into().unwrap());
+        for claim in [1u32, true_len - 1, true_len + 1] {
+            let mut bad = good.clone();
+            bad[4..8].copy_from_slice(&claim.to_le_bytes());
+            assert!(
+                matches!(
+                    Codec::decode(&bad).unwrap_err(),
+                    CodecError::ContentSizeMismatch { claimed, content_size: Some(_) }
+                        if claimed == claim as usize
+                ),
+                "{claim}"
+            );
+        }
+        // A claim beyond what the body could expand to, before its content size is looked at.
+        let mut huge = good.clone();
+        huge[4..8].copy_from_slice(&(200u32 << 20).to_le_bytes());
+        assert!(
+            matches!(
+                Codec::decode(&huge).unwrap_err(),
+                CodecError::ClaimTooLarge { .. }
+            ),
+            "{:?}",
+            Codec::decode(&huge)
+        );
+        // A zstd frame without a content size (streamed) is refused before decompression.
+        let streamed = {
+            let json = serde_json::to_vec(&json!({"content": prose(500)})).unwrap();
+            let mut enc = zstd::stream::Encoder::new(Vec::new(), 3).unwrap();
+            std::io::Write::write_all(&mut enc, &json).unwrap();
+            let body = enc.finish().unwrap();
+            let mut f = ZSTD_FRAME_MAGIC.to_vec();
+            f.extend_from_slice(&(json.len() as u32).to_le_bytes());
+            f.extend_from_slice(&body);
+            f
+        };
+        assert!(
+            matches!(
+                Codec::decode(&streamed).unwrap_err(),
+                CodecError::ContentSizeMismatch {
+                    content_size: None,
+                    ..
+                }
+            ),
+            "{:?}",
+            Codec::decode(&streamed)
+        );
+        // An unknown codec byte names itself.
+        let mut unknown = good.clone();
+        unknown[3] = b'9';
+        let e = Codec::decode(&unknown).unwrap_err();
+        assert!(
+            matches!(e, CodecError::UnknownCodec { byte: b'9' }),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("0x39"), "{e}");
+        for i in 0..good.len() {
+            let _ = Codec::decode(&good[..i]);
+            let mut flipped = good.clone();
+            flipped[i] ^= 0x5A;
+            let _ = Codec::decode(&flipped);
         }
     }
 

@@ -89,6 +89,12 @@ impl StoreConfigBuilder {
         self.config.redis.compression = c;
         self
     }
+    /// Sets the zstd level (`REDIS_COMPRESSION_LEVEL`); `build()` refuses one outside
+    /// [`ZSTD_LEVELS`](crate::codec::ZSTD_LEVELS).
+    pub fn compression_level(mut self, level: i32) -> Self {
+        self.config.redis.compression_level = level;
+        self
+    }
     /// Sets the size from which values are compressed.
     pub fn compression_min_bytes(mut self, n: usize) -> Self {
         self.config.redis.compression_min_bytes = n;
@@ -191,6 +197,13 @@ impl StoreConfigBuilder {
                 ),
             ));
         }
+        if !crate::codec::ZSTD_LEVELS.contains(&r.compression_level) {
+            return Err(config_error(
+                "REDIS_COMPRESSION_LEVEL",
+                &r.compression_level.to_string(),
+                &level_expected(),
+            ));
+        }
         if r.key_prefix.is_empty() || !r.key_prefix.chars().all(is_name_char) {
             return Err(config_error(
                 "REDIS_KEY_PREFIX",
@@ -247,6 +260,17 @@ impl StoreConfigBuilder {
         }
         Ok(self.config)
     }
+}
+
+/// What `REDIS_COMPRESSION_LEVEL` accepts.
+pub(super) fn level_expected() -> String {
+    let levels = crate::codec::ZSTD_LEVELS;
+    format!(
+        "an integer from {} to {} (the zstd level; default {})",
+        levels.start(),
+        levels.end(),
+        crate::codec::DEFAULT_ZSTD_LEVEL
+    )
 }
 
 /// Small extension so a URL parse error can be described without its (possibly secret) detail.

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+use super::builder::level_expected;
 use super::parse::{config_error, parse_bool, parse_seconds, parse_ttl, parse_u64};
 use super::redact::split_urls;
 use super::ttl::{is_reserved_ttl_name, TTL_VARIABLES};
@@ -110,11 +111,14 @@ impl StoreConfigBuilder {
             r.key_prefix = v.trim().to_string();
         }
         if let Some(v) = get("REDIS_COMPRESSION") {
-            r.compression = match v.trim().to_ascii_lowercase().as_str() {
-                "lz4" => Compression::Lz4,
-                "none" => Compression::None,
-                _ => return Err(config_error("REDIS_COMPRESSION", v, "lz4 or none")),
-            };
+            r.compression = Compression::parse("REDIS_COMPRESSION", v)?;
+        }
+        if let Some(v) = get("REDIS_COMPRESSION_LEVEL") {
+            // Range-checked by `build()`, which names the variable, as for the builder's setter.
+            r.compression_level = v
+                .trim()
+                .parse::<i32>()
+                .map_err(|_| config_error("REDIS_COMPRESSION_LEVEL", v, &level_expected()))?;
         }
         if let Some(v) = get("REDIS_COMPRESSION_MIN_BYTES") {
             r.compression_min_bytes =

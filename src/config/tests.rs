@@ -77,12 +77,48 @@ fn bad_values_name_the_variable() {
         ("REDIS_RETRY_ON_TIMEOUT", "maybe", "yes/no"),
         ("REDIS_SOCKET_TIMEOUT", "0", "above 0"),
         ("REDIS_CONNECTION_TIMEOUT", "nan", "above 0"),
-        ("REDIS_COMPRESSION", "zstd", "lz4 or none"),
+        ("REDIS_COMPRESSION", "brotli", "lz4, zstd or none"),
+        ("REDIS_COMPRESSION_LEVEL", "0", "from 1 to 19"),
+        ("REDIS_COMPRESSION_LEVEL", "20", "from 1 to 19"),
+        ("REDIS_COMPRESSION_LEVEL", "-3", "from 1 to 19"),
+        ("REDIS_COMPRESSION_LEVEL", "fast", "from 1 to 19"),
         ("REDIS_KEY_PREFIX", "a:b", "ambiguous"),
     ] {
         let e = build(&[(k, v)]).unwrap_err().to_string();
         assert!(e.contains(k) && e.contains(needle), "{k}={v}: {e}");
     }
+}
+
+#[test]
+fn zstd_and_its_level() {
+    let c = build(&[("REDIS_COMPRESSION", " ZSTD ")]).unwrap();
+    assert_eq!(c.redis.compression, Compression::Zstd);
+    assert_eq!(c.redis.compression_level, crate::codec::DEFAULT_ZSTD_LEVEL);
+    let c = build(&[
+        ("REDIS_COMPRESSION", "zstd"),
+        ("REDIS_COMPRESSION_LEVEL", "19"),
+    ])
+    .unwrap();
+    assert_eq!(c.redis.compression_level, 19);
+    assert_eq!(
+        build(&[("REDIS_COMPRESSION", "none")])
+            .unwrap()
+            .redis
+            .compression,
+        Compression::None
+    );
+    // The builder's setter is held to the same range, at build(), naming the variable.
+    let e = StoreConfig::builder()
+        .compression(Compression::Zstd)
+        .compression_level(23)
+        .build()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("REDIS_COMPRESSION_LEVEL") && e.contains("23"),
+        "{e}"
+    );
+    assert_eq!(Compression::Zstd.to_string(), "zstd");
 }
 
 #[test]

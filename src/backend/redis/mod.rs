@@ -20,6 +20,7 @@ pub(crate) mod cluster;
 mod conn;
 mod mode;
 mod pool;
+mod recompress;
 mod resp;
 mod store;
 
@@ -33,6 +34,7 @@ use serde_json::Value as Json;
 
 pub use conn::OperationRetries;
 pub use mode::RedisMode;
+pub use recompress::Recompressed;
 pub use store::RedisStore;
 
 use crate::codec::Codec;
@@ -172,7 +174,8 @@ impl RedisShared {
         Ok(Arc::new(RedisShared {
             config: config.clone(),
             conns,
-            codec: Codec::new(config.compression, config.compression_min_bytes),
+            codec: Codec::new(config.compression, config.compression_min_bytes)
+                .with_level(config.compression_level),
             checkpoints: Coalescer::default(),
             warned_no_durability: AtomicBool::new(false),
             policy: RetryPolicy::new(config.retries),

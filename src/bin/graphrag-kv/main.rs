@@ -13,8 +13,12 @@
 //! `--dir`, `KV_FALLBACK_DIR` or `STORAGE_WORKING_DIR/journal`. Read-only commands on Redis warn
 //! on stderr when journals hold writes of the namespace that are not in Redis yet.
 //!
-//! Exit status: 0 on success, 1 when `get` finds no value or `verify` finds differences, 2 on
-//! any error (one line on stderr, `graphrag-kv: <error>`).
+//! `recompress NAMESPACE` rewrites a Redis namespace to the configured compression, one
+//! compare-and-set per key (see `RedisStore::recompress`).
+//!
+//! Exit status: 0 on success, 1 when `get` finds no value, `verify` finds differences or
+//! `recompress` finds unreadable values, 2 on any error (one line on stderr,
+//! `graphrag-kv: <error>`), 130 when `recompress` is interrupted.
 //!
 //! This file holds the command line and the dispatch; `files` has `import`/`export`, `journal`
 //! the `journal` commands, `migrate` `migrate`/`verify`, `stats` the `stats` table, and
@@ -26,6 +30,7 @@ mod files;
 mod journal;
 mod migrate;
 mod output;
+mod recompress;
 mod stats;
 
 use std::io::{self, Write};
@@ -42,6 +47,7 @@ use files::{export, import, sorted_keys};
 use journal::{run_journal, warn_journaled, JournalAction};
 use migrate::{run_migrate, run_verify};
 use output::{is_closed_stdout, one_line_clap_error, report, stdout, EXIT_ERROR};
+use recompress::run_recompress;
 use stats::{server_figures, write_stats_table};
 
 /// Exit status of `get` when the id holds no value.
@@ -51,7 +57,8 @@ const EXIT_NOT_FOUND: u8 = 1;
 ///
 /// Configuration comes from the environment (STORAGE_KV_BACKEND, STORAGE_WORKING_DIR,
 /// REDIS_URL, REDIS_PASSWORD, REDIS_KEY_PREFIX, ...); the options below override it.
-/// Exit status: 0 success, 1 `get` found nothing or `verify` found differences, 2 error.
+/// Exit status: 0 success, 1 `get` found nothing, `verify` found differences or `recompress`
+/// found unreadable values, 2 error, 130 `recompress` interrupted.
 #[derive(Debug, Parser)]
 #[command(name = "graphrag-kv", version)]
 struct Cli {
@@ -176,6 +183,17 @@ enum Command {
         /// Print one JSON document with every differing id instead of a summary.
         #[arg(long)]
         json: bool,
+    },
+    /// Rewrite a Redis namespace's values to the configured compression (REDIS_COMPRESSION,
+    /// REDIS_COMPRESSION_LEVEL), key by key: a value written meanwhile is never overwritten,
+    /// TTLs are kept, and an interrupted run is finished by running it again. Prints what was
+    /// rewritten, already current, or changed meanwhile; exit 1 when some values cannot be read.
+    Recompress {
+        /// Namespace.
+        namespace: String,
+        /// Ids per read and rewrite batch.
+        #[arg(long, value_name = "N", default_value_t = graphrag_kv::migrate::DEFAULT_BATCH)]
+        batch: usize,
     },
     /// Show, replay or delete the fallback journals (KV_FALLBACK=json): writes made while
     /// Redis was unreachable, not in Redis yet.
@@ -386,6 +404,9 @@ fn run(cli: Cli) -> graphrag_kv::Result<ExitCode> {
         }
         Command::Migrate { .. } | Command::Verify { .. } | Command::Journal { .. } => {
             unreachable!("handled above")
+        }
+        Command::Recompress { namespace, batch } => {
+            run_recompress(&config, &storage, &namespace, batch)?
         }
         Command::Stats { json, namespaces } => {
             let names = if namespaces.is_empty() {

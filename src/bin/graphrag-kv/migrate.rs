@@ -184,7 +184,7 @@ fn open_spec(spec: &Spec, read_only: bool) -> graphrag_kv::Result<Storage> {
 }
 
 /// Progress on stderr: a bar on a terminal, a line per tenth otherwise (logs, CI).
-struct CliProgress {
+pub(crate) struct CliProgress {
     verb: &'static str,
     bar: Option<ProgressBar>,
     terminal: bool,
@@ -195,7 +195,7 @@ struct CliProgress {
 }
 
 impl CliProgress {
-    fn new(verb: &'static str) -> CliProgress {
+    pub(crate) fn new(verb: &'static str) -> CliProgress {
         CliProgress {
             verb,
             bar: None,
