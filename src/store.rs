@@ -4,6 +4,7 @@ use std::collections::HashSet;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::config::BackendKind;
@@ -181,6 +182,90 @@ pub trait KvStore: Send + Sync {
     /// Backend failures.
     fn stats(&self) -> Result<NamespaceStats>;
 
+    /// Hands every id of the namespace to `page`, a page at a time, so that memory is bounded
+    /// by a page (on Redis one SCAN reply, about a thousand keys), not by the namespace.
+    ///
+    /// Every id stored for the whole call is handed over at least once; an id may be handed
+    /// over more than once (SCAN's own guarantee, and a page read again after a retried
+    /// failure), and ids written or deleted during the call may or may not be. A consumer that
+    /// must see each id once deduplicates (as [`KvStore::all_keys`] does). An error returned by
+    /// `page` stops the listing and is returned as it is.
+    ///
+    /// `page` may call this store (read values, delete ids): on Redis no connection is held
+    /// while it runs.
+    ///
+    /// The default hands over [`KvStore::all_keys`] in pages of [`KEY_PAGE`] ids: right for a
+    /// store that holds its namespace in memory anyway. Every store of this crate that does not
+    /// (Redis, and every wrapper, which forwards) overrides it.
+    ///
+    /// # Errors
+    /// Backend failures, and the first error `page` returned.
+    fn scan_keys(&self, page: &mut dyn FnMut(Vec<String>) -> Result<()>) -> Result<()> {
+        let mut keys = self.all_keys()?;
+        while !keys.is_empty() {
+            let rest = keys.split_off(keys.len().saturating_sub(KEY_PAGE));
+            page(rest)?;
+        }
+        Ok(())
+    }
+
+    /// Hands the stored JSON text of each requested id that is stored to `visit`, with the
+    /// id's index in `ids`: the typed read path ([`KvStoreExt::get_as`],
+    /// [`KvStoreExt::get_many_as`]) decodes it straight into the caller's type, without
+    /// building a [`Value`]. Ids that are not stored are not visited. Each index is visited at
+    /// most once, in no particular order. The text is the value's whole JSON (decompressed),
+    /// not checked: `visit` reports what does not parse.
+    ///
+    /// An error returned by `visit` stops the call (on Redis after the replies in flight are
+    /// read, so the connection stays usable) and is returned as it is.
+    ///
+    /// The default reads [`KvStore::get_by_ids`] and writes each value as JSON text: right for
+    /// a store that keeps [`Value`]s (the JSON file). Redis overrides it to hand over the text
+    /// it read; every wrapper forwards it.
+    ///
+    /// # Errors
+    /// As [`KvStore::get_by_ids`], and the first error `visit` returned.
+    fn get_json_by_ids(
+        &self,
+        ids: &[String],
+        visit: &mut dyn FnMut(usize, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        let values = self.get_by_ids(ids, None)?;
+        let mut json = Vec::new();
+        for (i, v) in values.iter().enumerate() {
+            if let Some(v) = v {
+                json.clear();
+                serde_json::to_writer(&mut json, v).map_err(|e| Error::Encode {
+                    namespace: self.namespace().to_string(),
+                    key: ids[i].clone(),
+                    reason: e.to_string(),
+                })?;
+                visit(i, &json)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// [`KvStore::upsert`] of values given as JSON text (checked JSON: a [`RawValue`]), the
+    /// typed write path ([`KvStoreExt::upsert_as`]): Redis stores the text as it is (compressed
+    /// as configured) instead of building a [`Value`] and writing it out again. The stored
+    /// bytes are the same as for the [`Value`] the text parses to, whenever the text is
+    /// compact JSON with an object's keys in the order the [`Value`] keeps (what
+    /// `serde_json::to_string` writes for a struct); any reader of untyped values reads them.
+    ///
+    /// The default parses each text into a [`Value`] and calls [`KvStore::upsert`]: right for
+    /// a store that keeps [`Value`]s. Every wrapper forwards it.
+    ///
+    /// # Errors
+    /// As [`KvStore::upsert`].
+    fn upsert_json(&self, items: &[(&str, &RawValue)]) -> Result<()> {
+        let items = items
+            .iter()
+            .map(|(id, json)| Ok(((*id).to_string(), parse_raw(self.namespace(), id, json)?)))
+            .collect::<Result<Vec<_>>>()?;
+        self.upsert(items)
+    }
+
     /// Returns once every write this store accepted before the call has reached the backend:
     /// on Redis, readable by other processes. Unlike [`KvStore::index_done_callback`], it asks
     /// for no durable save, so it costs no more than the writes still held back.
@@ -242,6 +327,19 @@ impl<S: KvStore + ?Sized> KvStore for std::sync::Arc<S> {
     fn flush(&self) -> Result<()> {
         (**self).flush()
     }
+    fn scan_keys(&self, page: &mut dyn FnMut(Vec<String>) -> Result<()>) -> Result<()> {
+        (**self).scan_keys(page)
+    }
+    fn get_json_by_ids(
+        &self,
+        ids: &[String],
+        visit: &mut dyn FnMut(usize, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        (**self).get_json_by_ids(ids, visit)
+    }
+    fn upsert_json(&self, items: &[(&str, &RawValue)]) -> Result<()> {
+        (**self).upsert_json(items)
+    }
 }
 
 /// Typed conveniences over any [`KvStore`]: values go through serde, so a struct such as
@@ -249,38 +347,49 @@ impl<S: KvStore + ?Sized> KvStore for std::sync::Arc<S> {
 ///
 /// Implemented for every `KvStore` (sized or not); backends never re-implement it.
 pub trait KvStoreExt: KvStore {
-    /// [`KvStore::get_by_id`], deserialized into `T`.
+    /// [`KvStore::get_by_id`], deserialized into `T` straight from the stored JSON text (no
+    /// [`Value`] is built; see [`KvStore::get_json_by_ids`]).
     ///
     /// # Errors
-    /// As `get_by_id`, plus [`Error::Decode`] naming the id when the value does not fit `T`.
+    /// As `get_by_id`, plus [`Error::Decode`] naming the namespace and id when the stored text
+    /// is not JSON or does not fit `T`.
     fn get_as<T: DeserializeOwned>(&self, id: &str) -> Result<Option<T>> {
-        match self.get_by_id(id)? {
-            None => Ok(None),
-            Some(v) => from_value(self.namespace(), id, v).map(Some),
-        }
+        validate_id(self.namespace(), id)?;
+        let ids = [id.to_string()];
+        Ok(self.get_many_as(&ids)?.pop().flatten())
     }
 
-    /// [`KvStore::get_by_ids`] without field filtering, deserialized into `T`.
+    /// [`KvStore::get_by_ids`] without field filtering, deserialized into `T` straight from the
+    /// stored JSON text (no [`Value`] is built).
     ///
     /// # Errors
-    /// As `get_by_ids`, plus [`Error::Decode`] naming the first id whose value does not fit `T`.
+    /// As `get_by_ids`, plus [`Error::Decode`] naming the namespace and the first id whose
+    /// stored text is not JSON or does not fit `T`.
     fn get_many_as<T: DeserializeOwned>(&self, ids: &[String]) -> Result<Vec<Option<T>>> {
-        let values = self.get_by_ids(ids, None)?;
-        ids.iter()
-            .zip(values)
-            .map(|(id, v)| v.map(|v| from_value(self.namespace(), id, v)).transpose())
-            .collect()
+        let mut out: Vec<Option<T>> = Vec::with_capacity(ids.len());
+        out.resize_with(ids.len(), || None);
+        let namespace = self.namespace();
+        self.get_json_by_ids(ids, &mut |i, json| {
+            let slot = out.get_mut(i).ok_or_else(|| Error::Unavailable {
+                namespace: namespace.to_string(),
+                reason: format!("the store answered for index {i} of {} ids", ids.len()),
+            })?;
+            *slot = Some(from_json(namespace, &ids[i], json)?);
+            Ok(())
+        })?;
+        Ok(out)
     }
 
-    /// [`KvStore::upsert`] of serializable values.
+    /// [`KvStore::upsert`] of serializable values, each serialized straight to the JSON text
+    /// that is stored (no [`Value`] is built; see [`KvStore::upsert_json`]).
     ///
     /// # Errors
     /// As `upsert`, plus [`Error::Encode`] naming the id when a value cannot be serialized.
     fn upsert_as<T: Serialize>(&self, items: impl IntoIterator<Item = (String, T)>) -> Result<()> {
         let items = items
             .into_iter()
-            .map(|(id, v)| match serde_json::to_value(&v) {
-                Ok(v) => Ok((id, v)),
+            .map(|(id, v)| match serde_json::value::to_raw_value(&v) {
+                Ok(json) => Ok((id, json)),
                 Err(e) => Err(Error::Encode {
                     namespace: self.namespace().to_string(),
                     key: id,
@@ -288,17 +397,37 @@ pub trait KvStoreExt: KvStore {
                 }),
             })
             .collect::<Result<Vec<_>>>()?;
-        self.upsert(items)
+        let refs: Vec<(&str, &RawValue)> =
+            items.iter().map(|(id, v)| (id.as_str(), &**v)).collect();
+        self.upsert_json(&refs)
     }
 }
 
 impl<S: KvStore + ?Sized> KvStoreExt for S {}
 
-fn from_value<T: DeserializeOwned>(namespace: &str, id: &str, v: Value) -> Result<T> {
-    serde_json::from_value(v).map_err(|e| Error::Decode {
+/// Ids per page of the default [`KvStore::scan_keys`]: SCAN's page size on Redis.
+pub const KEY_PAGE: usize = 1_000;
+
+/// `T` from the stored JSON text of `id`.
+fn from_json<T: DeserializeOwned>(namespace: &str, id: &str, json: &[u8]) -> Result<T> {
+    serde_json::from_slice(json).map_err(|e| Error::Decode {
         namespace: namespace.to_string(),
         key: id.to_string(),
-        reason: format!("does not match the requested type: {e}"),
+        reason: if e.is_data() {
+            format!("does not match the requested type: {e}")
+        } else {
+            format!("not valid JSON: {e}")
+        },
+    })
+}
+
+/// The [`Value`] of a checked JSON text (a `RawValue` always parses; the error is kept for a
+/// text serde_json would refuse to read back, such as a number beyond `f64`).
+pub(crate) fn parse_raw(namespace: &str, id: &str, json: &RawValue) -> Result<Value> {
+    serde_json::from_str(json.get()).map_err(|e| Error::Encode {
+        namespace: namespace.to_string(),
+        key: id.to_string(),
+        reason: e.to_string(),
     })
 }
 

@@ -32,6 +32,7 @@ fn cluster_backend() -> (RedisCluster, impl Fn(&str) -> Arc<dyn KvStore>) {
 }
 
 support::conformance::conformance_tests!(on_cluster, cluster_backend);
+support::conformance_typed::typed_conformance_tests!(on_cluster_typed, cluster_backend);
 
 fn sentinel_backend() -> (RedisSentinelSet, impl Fn(&str) -> Arc<dyn KvStore>) {
     let set = RedisSentinelSet::start();

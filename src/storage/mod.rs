@@ -452,4 +452,17 @@ impl KvStore for Handle {
     fn flush(&self) -> Result<()> {
         self.stack.top.flush()
     }
+    fn scan_keys(&self, page: &mut dyn FnMut(Vec<String>) -> Result<()>) -> Result<()> {
+        self.stack.top.scan_keys(page)
+    }
+    fn get_json_by_ids(
+        &self,
+        ids: &[String],
+        visit: &mut dyn FnMut(usize, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        self.stack.top.get_json_by_ids(ids, visit)
+    }
+    fn upsert_json(&self, items: &[(&str, &serde_json::value::RawValue)]) -> Result<()> {
+        self.stack.top.upsert_json(items)
+    }
 }

@@ -231,6 +231,80 @@ impl RedisShared {
     }
 }
 
+impl RedisShared {
+    /// SCANs `pattern` on every master, handing each page of keys to `page` as it arrives:
+    /// memory is bounded by a page, not by the keyspace. A key may be handed over more than
+    /// once (SCAN's guarantee, and on a cluster a pass repeated because the slot map moved);
+    /// an error of `page` stops the scan and is returned as it is.
+    ///
+    /// On a single server each page is fetched on its own checkout (a failed SCAN is retried
+    /// from the same cursor), so no connection is held while `page` runs and `page` may use
+    /// the store. On a cluster the pass runs under [`RedisShared::each_master`]'s stable slot
+    /// map, holding one pooled connection while `page` runs.
+    pub(super) fn scan_pages(
+        &self,
+        operation: &'static str,
+        namespace: &str,
+        pattern: &str,
+        page: &mut dyn FnMut(Vec<Vec<u8>>) -> Result<()>,
+    ) -> Result<()> {
+        let scan = |ops: &mut dyn PersistOps, cursor: u64| -> RedisResult<(u64, Vec<Vec<u8>>)> {
+            redis::from_redis_value(
+                ops.run(
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(pattern)
+                        .arg("COUNT")
+                        .arg(SCAN_COUNT),
+                )?,
+            )
+            .map_err(RedisError::from)
+        };
+        if let Conns::Single(_) = &self.conns {
+            let mut cursor: u64 = 0;
+            loop {
+                let (next, keys) =
+                    self.with_conn(operation, namespace, |c| scan(&mut ConnOps(c), cursor))?;
+                if !keys.is_empty() {
+                    page(keys)?;
+                }
+                if next == 0 {
+                    return Ok(());
+                }
+                cursor = next;
+            }
+        }
+        // The consumer's error, carried out of the cluster pass (which only knows Redis
+        // errors) by a client-side error that is neither retried nor a reason to drop the
+        // connection.
+        let mut stopped: Option<Error> = None;
+        let out = self.each_master(operation, namespace, |ops, _| {
+            let mut cursor: u64 = 0;
+            loop {
+                let (next, keys) = scan(ops, cursor)?;
+                if !keys.is_empty() {
+                    if let Err(e) = page(keys) {
+                        stopped = Some(e);
+                        return Err(RedisError::from((
+                            redis::ErrorKind::Client,
+                            "key listing stopped by its consumer",
+                        )));
+                    }
+                }
+                if next == 0 {
+                    return Ok(());
+                }
+                cursor = next;
+            }
+        });
+        match stopped {
+            Some(e) => Err(e),
+            None => out.map(|_| ()),
+        }
+    }
+}
+
 /// True when the connection cannot be reused: a reply may still be in flight, or it points at
 /// a server that is no longer the master.
 pub(super) fn must_discard(e: &RedisError) -> bool {
