@@ -192,23 +192,20 @@ impl KvStore for RedisStore {
         Ok(())
     }
 
+    /// Each SCAN page is unlinked as it comes: memory is bounded by a page, not by the
+    /// namespace (deleting during a SCAN is safe: keys present throughout are still returned).
     fn clear(&self) -> Result<()> {
-        let mut keys = Vec::new();
         self.shared
-            .scan("clear", &self.namespace, &self.pattern(), &mut |page| {
-                keys.extend(page);
+            .scan_pages("clear", &self.namespace, &self.pattern(), &mut |page| {
+                let cmds: Vec<Cmd> = page
+                    .iter()
+                    .map(|k| redis::cmd("UNLINK").arg(k.as_slice()).clone())
+                    .collect();
+                for r in self.shared.batch("clear", &self.namespace, cmds)? {
+                    r.map_err(|e| redis_error("clear", &self.namespace, e))?;
+                }
                 Ok(())
-            })?;
-        for chunk in keys.chunks(READ_CHUNK) {
-            let cmds: Vec<Cmd> = chunk
-                .iter()
-                .map(|k| redis::cmd("UNLINK").arg(k.as_slice()).clone())
-                .collect();
-            for r in self.shared.batch("clear", &self.namespace, cmds)? {
-                r.map_err(|e| redis_error("clear", &self.namespace, e))?;
-            }
-        }
-        Ok(())
+            })
     }
 
     fn index_start_callback(&self) -> Result<()> {
