@@ -12,6 +12,9 @@
 //! - `upsert`: 100 chunks per call (overwriting: the keyspace stays the same size).
 //! - `filter_keys`: 1,000 `chunk-<md5>` ids, half of them stored.
 //! - `all_keys`: a namespace of 100,000 keys.
+//! - `typed`: the same 100 chunks read with `get_many_as::<TextChunk>` and written with
+//!   `upsert_as` (straight between the stored JSON text and the struct), against the `Value`
+//!   path plus a conversion per chunk.
 //! - `codec`: encoding and decoding one chunk and one cache entry for Redis, with and without lz4
 //!   (no server): the client's own cost per value; `decode_*/serde_json` is
 //!   `serde_json::from_slice` of the same JSON, the reference for `decode_*/none`.
@@ -36,7 +39,8 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use graphrag_kv::codec::Codec;
 use graphrag_kv::{
-    BackendKind, Compression, Item, KvStore, Storage, StoreConfig, LLM_RESPONSE_CACHE, TEXT_CHUNKS,
+    BackendKind, Compression, Item, KvStore, KvStoreExt, Storage, StoreConfig, TextChunk,
+    LLM_RESPONSE_CACHE, TEXT_CHUNKS,
 };
 use graphrag_kv_harness::RedisServer;
 
@@ -239,6 +243,75 @@ fn bench(c: &mut Criterion) {
                     black_box(keys)
                 })
             });
+        }
+    }
+    {
+        // The typed path (KvStoreExt) against the Value path, for the same batch of 100
+        // TextChunks: `value` reads Values and converts each into a TextChunk (what get_many_as
+        // did before), `typed` decodes the stored text straight into TextChunk; on writes,
+        // `value` builds a Value per chunk and upserts it, `typed` serializes the chunk to text.
+        let mut g = c.benchmark_group("typed");
+        g.throughput(Throughput::Elements(100));
+        let typed_chunks: Vec<(String, TextChunk)> = chunks
+            .iter()
+            .map(|(id, v)| {
+                let chunk: TextChunk = serde_json::from_value(v.clone()).expect("a TextChunk");
+                (id.clone(), chunk)
+            })
+            .collect();
+        for b in &backends {
+            let mut i = 0;
+            g.bench_function(BenchmarkId::new(b.name, "get_100_chunks/value"), |bench| {
+                bench.iter(|| {
+                    i += 1;
+                    let ids = &id_batches[i % id_batches.len()];
+                    let values = b.chunks.get_by_ids(ids, None).expect("get_by_ids");
+                    let chunks: Vec<Option<TextChunk>> = values
+                        .into_iter()
+                        .map(|v| v.map(|v| serde_json::from_value(v).expect("a TextChunk")))
+                        .collect();
+                    black_box(chunks)
+                })
+            });
+            g.bench_function(BenchmarkId::new(b.name, "get_100_chunks/typed"), |bench| {
+                bench.iter(|| {
+                    i += 1;
+                    let ids = &id_batches[i % id_batches.len()];
+                    black_box(b.chunks.get_many_as::<TextChunk>(ids).expect("get_many_as"))
+                })
+            });
+            g.bench_function(
+                BenchmarkId::new(b.name, "upsert_100_chunks/value"),
+                |bench| {
+                    bench.iter_batched(
+                        || {
+                            i = (i + 1) % (typed_chunks.len() / 100);
+                            typed_chunks[i * 100..i * 100 + 100].to_vec()
+                        },
+                        |batch| {
+                            let items: Vec<Item> = batch
+                                .into_iter()
+                                .map(|(id, c)| (id, serde_json::to_value(c).expect("a Value")))
+                                .collect();
+                            b.chunks.upsert(items).expect("upsert")
+                        },
+                        BatchSize::SmallInput,
+                    )
+                },
+            );
+            g.bench_function(
+                BenchmarkId::new(b.name, "upsert_100_chunks/typed"),
+                |bench| {
+                    bench.iter_batched(
+                        || {
+                            i = (i + 1) % (typed_chunks.len() / 100);
+                            typed_chunks[i * 100..i * 100 + 100].to_vec()
+                        },
+                        |batch| b.chunks.upsert_as(batch).expect("upsert_as"),
+                        BatchSize::SmallInput,
+                    )
+                },
+            );
         }
     }
     {

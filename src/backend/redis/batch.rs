@@ -228,22 +228,10 @@ impl RedisStore {
         format!("{}*", glob_escape(&self.key_prefix))
     }
 
-    pub(super) fn id_of(&self, mut key: Vec<u8>) -> Result<String> {
+    pub(super) fn id_of(&self, key: Vec<u8>) -> Result<String> {
         let prefix = self.key_prefix.len();
-        if key.len() > prefix && key.starts_with(self.key_prefix.as_bytes()) {
-            // The id is moved down within the key's own buffer: no second allocation per key.
-            key.drain(..prefix);
-            return String::from_utf8(key).map_err(|e| Error::Decode {
-                namespace: self.namespace.clone(),
-                key: format!(
-                    "{}{}",
-                    self.key_prefix,
-                    String::from_utf8_lossy(e.as_bytes())
-                ),
-                reason: "key is not valid UTF-8".into(),
-            });
-        }
         match String::from_utf8(key) {
+            Ok(mut k) if k.len() > prefix => Ok(k.split_off(prefix)),
             Ok(k) => Err(Error::Decode {
                 namespace: self.namespace.clone(),
                 key: k,
