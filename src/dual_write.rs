@@ -10,7 +10,7 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::error::{display_id, Result};
-use crate::store::{Item, KvStore, NamespaceStats};
+use crate::store::{Item, KvStore, NamespaceStats, Stored};
 
 /// How many ids a divergence warning names; the rest are counted.
 const IDS_IN_WARNING: usize = 5;
@@ -313,9 +313,14 @@ impl<P: KvStore, S: KvStore> KvStore for DualWrite<P, S> {
     fn get_json_by_ids(
         &self,
         ids: &[String],
-        visit: &mut dyn FnMut(usize, &[u8]) -> Result<()>,
+        visit: &mut dyn FnMut(usize, Stored<'_>) -> Result<()>,
     ) -> Result<()> {
         self.primary.get_json_by_ids(ids, visit)
+    }
+
+    /// The primary's: its form is the one written first.
+    fn prefers_json_text(&self) -> bool {
+        self.primary.prefers_json_text()
     }
 
     /// Borrowed, so neither store needs a copy; as `upsert` otherwise.

@@ -209,41 +209,45 @@ pub trait KvStore: Send + Sync {
         Ok(())
     }
 
-    /// Hands the stored JSON text of each requested id that is stored to `visit`, with the
-    /// id's index in `ids`: the typed read path ([`KvStoreExt::get_as`],
-    /// [`KvStoreExt::get_many_as`]) decodes it straight into the caller's type, without
-    /// building a [`Value`]. Ids that are not stored are not visited. Each index is visited at
-    /// most once, in no particular order. The text is the value's whole JSON (decompressed),
-    /// not checked: `visit` reports what does not parse.
+    /// Hands the stored value of each requested id that is stored to `visit`, with the id's
+    /// index in `ids`, in the form the store holds it ([`Stored`]): the typed read path
+    /// ([`KvStoreExt::get_as`], [`KvStoreExt::get_many_as`]) deserializes the caller's type
+    /// straight from it. Redis hands over the JSON text it read (decompressed), so no
+    /// [`Value`] is built; a store that keeps [`Value`]s hands those over, so no text is
+    /// written and parsed again. Ids that are not stored are not visited. Each index is
+    /// visited at most once, in no particular order. Text is not checked: `visit` reports
+    /// what does not parse.
     ///
     /// An error returned by `visit` stops the call (on Redis after the replies in flight are
     /// read, so the connection stays usable) and is returned as it is.
     ///
-    /// The default reads [`KvStore::get_by_ids`] and writes each value as JSON text: right for
-    /// a store that keeps [`Value`]s (the JSON file). Redis overrides it to hand over the text
-    /// it read; every wrapper forwards it.
+    /// The default reads [`KvStore::get_by_ids`] and hands over each [`Value`]: right for a
+    /// store that keeps [`Value`]s (the JSON file). Redis overrides it; every wrapper
+    /// forwards it.
     ///
     /// # Errors
     /// As [`KvStore::get_by_ids`], and the first error `visit` returned.
     fn get_json_by_ids(
         &self,
         ids: &[String],
-        visit: &mut dyn FnMut(usize, &[u8]) -> Result<()>,
+        visit: &mut dyn FnMut(usize, Stored<'_>) -> Result<()>,
     ) -> Result<()> {
         let values = self.get_by_ids(ids, None)?;
-        let mut json = Vec::new();
         for (i, v) in values.iter().enumerate() {
             if let Some(v) = v {
-                json.clear();
-                serde_json::to_writer(&mut json, v).map_err(|e| Error::Encode {
-                    namespace: self.namespace().to_string(),
-                    key: ids[i].clone(),
-                    reason: e.to_string(),
-                })?;
-                visit(i, &json)?;
+                visit(i, Stored::Value(v))?;
             }
         }
         Ok(())
+    }
+
+    /// True when the store keeps values as JSON text (Redis), so that a typed write is
+    /// cheapest as text ([`KvStore::upsert_json`]); false when it keeps [`Value`]s (the JSON
+    /// file, the write-behind queue), where [`KvStoreExt::upsert_as`] builds the [`Value`]
+    /// directly instead of writing text that the store would parse again. Wrappers answer
+    /// for the store their writes reach first. Defaults to false.
+    fn prefers_json_text(&self) -> bool {
+        false
     }
 
     /// [`KvStore::upsert`] of values given as JSON text (checked JSON: a [`RawValue`]), the
@@ -333,9 +337,12 @@ impl<S: KvStore + ?Sized> KvStore for std::sync::Arc<S> {
     fn get_json_by_ids(
         &self,
         ids: &[String],
-        visit: &mut dyn FnMut(usize, &[u8]) -> Result<()>,
+        visit: &mut dyn FnMut(usize, Stored<'_>) -> Result<()>,
     ) -> Result<()> {
         (**self).get_json_by_ids(ids, visit)
+    }
+    fn prefers_json_text(&self) -> bool {
+        (**self).prefers_json_text()
     }
     fn upsert_json(&self, items: &[(&str, &RawValue)]) -> Result<()> {
         (**self).upsert_json(items)
@@ -369,32 +376,44 @@ pub trait KvStoreExt: KvStore {
         let mut out: Vec<Option<T>> = Vec::with_capacity(ids.len());
         out.resize_with(ids.len(), || None);
         let namespace = self.namespace();
-        self.get_json_by_ids(ids, &mut |i, json| {
+        self.get_json_by_ids(ids, &mut |i, stored| {
             let slot = out.get_mut(i).ok_or_else(|| Error::Unavailable {
                 namespace: namespace.to_string(),
                 reason: format!("the store answered for index {i} of {} ids", ids.len()),
             })?;
-            *slot = Some(from_json(namespace, &ids[i], json)?);
+            *slot = Some(from_stored(namespace, &ids[i], stored)?);
             Ok(())
         })?;
         Ok(out)
     }
 
-    /// [`KvStore::upsert`] of serializable values, each serialized straight to the JSON text
-    /// that is stored (no [`Value`] is built; see [`KvStore::upsert_json`]).
+    /// [`KvStore::upsert`] of serializable values, each serialized straight to what the store
+    /// keeps: JSON text for Redis ([`KvStore::upsert_json`], no [`Value`] is built), a
+    /// [`Value`] for a store that keeps those ([`KvStore::prefers_json_text`]).
     ///
     /// # Errors
     /// As `upsert`, plus [`Error::Encode`] naming the id when a value cannot be serialized.
     fn upsert_as<T: Serialize>(&self, items: impl IntoIterator<Item = (String, T)>) -> Result<()> {
+        let encode_error = |id: String, e: serde_json::Error| Error::Encode {
+            namespace: self.namespace().to_string(),
+            key: id,
+            reason: e.to_string(),
+        };
+        if !self.prefers_json_text() {
+            let items = items
+                .into_iter()
+                .map(|(id, v)| match serde_json::to_value(&v) {
+                    Ok(v) => Ok((id, v)),
+                    Err(e) => Err(encode_error(id, e)),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            return self.upsert(items);
+        }
         let items = items
             .into_iter()
             .map(|(id, v)| match serde_json::value::to_raw_value(&v) {
                 Ok(json) => Ok((id, json)),
-                Err(e) => Err(Error::Encode {
-                    namespace: self.namespace().to_string(),
-                    key: id,
-                    reason: e.to_string(),
-                }),
+                Err(e) => Err(encode_error(id, e)),
             })
             .collect::<Result<Vec<_>>>()?;
         let refs: Vec<(&str, &RawValue)> =
@@ -408,17 +427,33 @@ impl<S: KvStore + ?Sized> KvStoreExt for S {}
 /// Ids per page of the default [`KvStore::scan_keys`]: SCAN's page size on Redis.
 pub const KEY_PAGE: usize = 1_000;
 
-/// `T` from the stored JSON text of `id`.
-fn from_json<T: DeserializeOwned>(namespace: &str, id: &str, json: &[u8]) -> Result<T> {
-    serde_json::from_slice(json).map_err(|e| Error::Decode {
+/// A stored value as [`KvStore::get_json_by_ids`] hands it over: the form the store holds.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub enum Stored<'a> {
+    /// The value's JSON text, as read (decompressed); not checked.
+    Text(&'a [u8]),
+    /// The value itself, for a store that keeps [`Value`]s.
+    Value(&'a Value),
+}
+
+/// `T` from the stored value of `id`.
+fn from_stored<T: DeserializeOwned>(namespace: &str, id: &str, stored: Stored<'_>) -> Result<T> {
+    let decode_error = |e: serde_json::Error| Error::Decode {
         namespace: namespace.to_string(),
         key: id.to_string(),
-        reason: if e.is_data() {
+        // A Value is JSON already: whatever fails is the type.
+        reason: if e.is_data() || matches!(stored, Stored::Value(_)) {
             format!("does not match the requested type: {e}")
         } else {
             format!("not valid JSON: {e}")
         },
-    })
+    };
+    match stored {
+        Stored::Text(json) => serde_json::from_slice(json).map_err(decode_error),
+        // `&Value` is a serde Deserializer: no clone of the value.
+        Stored::Value(v) => T::deserialize(v).map_err(decode_error),
+    }
 }
 
 /// The [`Value`] of a checked JSON text (a `RawValue` always parses; the error is kept for a

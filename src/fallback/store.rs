@@ -11,6 +11,7 @@ use super::{Fallback, FallbackGuard};
 use crate::error::{Error, Result};
 use crate::store::{
     missing_in_order, parse_raw, project, validate_id, validate_ids, Item, KvStore, NamespaceStats,
+    Stored,
 };
 
 /// One namespace behind a [`Fallback`].
@@ -254,12 +255,12 @@ impl<S: KvStore> KvStore for FallbackStore<S> {
         Ok(())
     }
 
-    /// Online, Redis's JSON text. Offline, as `get_by_ids`: the journal's values when it
+    /// Online, what Redis read. Offline, as `get_by_ids`: the journal's values when it
     /// knows every id asked, else unavailable.
     fn get_json_by_ids(
         &self,
         ids: &[String],
-        visit: &mut dyn FnMut(usize, &[u8]) -> Result<()>,
+        visit: &mut dyn FnMut(usize, Stored<'_>) -> Result<()>,
     ) -> Result<()> {
         validate_ids(self.namespace(), ids)?;
         let mut stopped = None;
@@ -267,7 +268,9 @@ impl<S: KvStore> KvStore for FallbackStore<S> {
             self.namespace(),
             || {
                 self.inner
-                    .get_json_by_ids(ids, &mut |i, json| consumer(&mut stopped, visit(i, json)))
+                    .get_json_by_ids(ids, &mut |i, stored| {
+                        consumer(&mut stopped, visit(i, stored))
+                    })
                     .map(|()| None)
             },
             |o| {
@@ -287,19 +290,16 @@ impl<S: KvStore> KvStore for FallbackStore<S> {
             Some(e) => return Err(e),
             None => from_journal?,
         };
-        let mut json = Vec::new();
         for (i, v) in from_journal.into_iter().flatten().enumerate() {
             if let Some(v) = v {
-                json.clear();
-                serde_json::to_writer(&mut json, &v).map_err(|e| Error::Encode {
-                    namespace: self.namespace().to_string(),
-                    key: ids[i].clone(),
-                    reason: e.to_string(),
-                })?;
-                visit(i, &json)?;
+                visit(i, Stored::Value(&v))?;
             }
         }
         Ok(())
+    }
+
+    fn prefers_json_text(&self) -> bool {
+        self.inner.prefers_json_text()
     }
 
     /// Online, the text goes to Redis as it is; the journal (offline) keeps parsed values.

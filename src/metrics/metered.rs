@@ -8,7 +8,7 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::error::Result;
-use crate::store::{Item, KvStore, NamespaceStats};
+use crate::store::{Item, KvStore, NamespaceStats, Stored};
 
 use super::{clamp_i64, error_kind, Metrics, Op};
 
@@ -224,13 +224,13 @@ impl<S: KvStore> KvStore for Metered<S> {
     fn get_json_by_ids(
         &self,
         ids: &[String],
-        visit: &mut dyn FnMut(usize, &[u8]) -> Result<()>,
+        visit: &mut dyn FnMut(usize, Stored<'_>) -> Result<()>,
     ) -> Result<()> {
         let mut hits = 0u64;
         self.m.observe(Op::GetByIds, || {
-            self.inner.get_json_by_ids(ids, &mut |i, json| {
+            self.inner.get_json_by_ids(ids, &mut |i, stored| {
                 hits += 1;
-                visit(i, json)
+                visit(i, stored)
             })
         })?;
         self.m.hits.inc_by(hits);
@@ -238,6 +238,10 @@ impl<S: KvStore> KvStore for Metered<S> {
             .misses
             .inc_by((ids.len() as u64).saturating_sub(hits));
         Ok(())
+    }
+
+    fn prefers_json_text(&self) -> bool {
+        self.inner.prefers_json_text()
     }
 
     /// Timed as `upsert`.

@@ -458,9 +458,12 @@ impl KvStore for Handle {
     fn get_json_by_ids(
         &self,
         ids: &[String],
-        visit: &mut dyn FnMut(usize, &[u8]) -> Result<()>,
+        visit: &mut dyn FnMut(usize, crate::store::Stored<'_>) -> Result<()>,
     ) -> Result<()> {
         self.stack.top.get_json_by_ids(ids, visit)
+    }
+    fn prefers_json_text(&self) -> bool {
+        self.stack.top.prefers_json_text()
     }
     fn upsert_json(&self, items: &[(&str, &serde_json::value::RawValue)]) -> Result<()> {
         self.stack.top.upsert_json(items)

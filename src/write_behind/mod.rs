@@ -158,6 +158,7 @@ mod wrapper;
 use crate::error::{Error, Result};
 use crate::store::{
     missing_in_order, parse_raw, project, validate_id, validate_ids, Item, KvStore, NamespaceStats,
+    Stored,
 };
 
 // ---------------------------------------------------------------------------------------------

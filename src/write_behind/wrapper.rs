@@ -420,12 +420,12 @@ impl<S: KvStore + 'static> KvStore for WriteBehind<S> {
         Ok(())
     }
 
-    /// Queued upserts are written out as JSON text; the other ids are read from the inner
-    /// store as its JSON text.
+    /// Queued upserts are handed over as the values they are; the other ids are read from
+    /// the inner store, in its form.
     fn get_json_by_ids(
         &self,
         ids: &[String],
-        visit: &mut dyn FnMut(usize, &[u8]) -> Result<()>,
+        visit: &mut dyn FnMut(usize, Stored<'_>) -> Result<()>,
     ) -> Result<()> {
         validate_ids(self.namespace(), ids)?;
         let Some(found) = self.shared.lookup(ids) else {
@@ -433,18 +433,9 @@ impl<S: KvStore + 'static> KvStore for WriteBehind<S> {
         };
         let mut misses: Vec<String> = Vec::new();
         let mut miss_index: Vec<usize> = Vec::new();
-        let mut json = Vec::new();
         for (i, f) in found.into_iter().enumerate() {
             match f {
-                Some(Pending::Upsert(v)) => {
-                    json.clear();
-                    serde_json::to_writer(&mut json, &*v).map_err(|e| Error::Encode {
-                        namespace: self.namespace().to_string(),
-                        key: ids[i].clone(),
-                        reason: e.to_string(),
-                    })?;
-                    visit(i, &json)?;
-                }
+                Some(Pending::Upsert(v)) => visit(i, Stored::Value(&v))?,
                 Some(Pending::Delete) => {}
                 None => {
                     misses.push(ids[i].clone());
@@ -455,13 +446,21 @@ impl<S: KvStore + 'static> KvStore for WriteBehind<S> {
         if misses.is_empty() {
             return Ok(());
         }
-        self.shared.inner.get_json_by_ids(&misses, &mut |j, json| {
-            let i = *miss_index.get(j).ok_or_else(|| Error::Unavailable {
-                namespace: self.namespace().to_string(),
-                reason: "the inner store answered for an id not asked".into(),
-            })?;
-            visit(i, json)
-        })
+        self.shared
+            .inner
+            .get_json_by_ids(&misses, &mut |j, stored| {
+                let i = *miss_index.get(j).ok_or_else(|| Error::Unavailable {
+                    namespace: self.namespace().to_string(),
+                    reason: "the inner store answered for an id not asked".into(),
+                })?;
+                visit(i, stored)
+            })
+    }
+
+    /// False: the queue keeps values (readers see them at once), so a typed write is cheapest
+    /// as a value, whatever the inner store keeps.
+    fn prefers_json_text(&self) -> bool {
+        false
     }
 
     /// Parses the text and queues the values as [`WriteBehind::upsert`](#method.upsert) does:

@@ -1,6 +1,7 @@
 //! [`RedisStore`]: one namespace, and its [`KvStore`] implementation.
 
 use super::*;
+use crate::store::Stored;
 use serde_json::value::RawValue;
 
 /// One namespace in Redis.
@@ -135,14 +136,16 @@ impl KvStore for RedisStore {
     fn get_json_by_ids(
         &self,
         ids: &[String],
-        visit: &mut dyn FnMut(usize, &[u8]) -> Result<()>,
+        visit: &mut dyn FnMut(usize, Stored<'_>) -> Result<()>,
     ) -> Result<()> {
         validate_ids(&self.namespace, ids)?;
         let mut on_value = |i: usize, id: &String, bytes: &[u8]| -> Result<()> {
-            Codec::with_json(bytes, |json| visit(i, json)).map_err(|reason| Error::Decode {
-                namespace: self.namespace.clone(),
-                key: self.key(id),
-                reason: reason.to_string(),
+            Codec::with_json(bytes, |json| visit(i, Stored::Text(json))).map_err(|reason| {
+                Error::Decode {
+                    namespace: self.namespace.clone(),
+                    key: self.key(id),
+                    reason: reason.to_string(),
+                }
             })?
         };
         if let Conns::Single(pool) = &self.shared.conns {
@@ -164,6 +167,11 @@ impl KvStore for RedisStore {
             first += chunk.len();
         }
         Ok(())
+    }
+
+    /// True: values are stored as JSON text, which a typed write gives without a `Value`.
+    fn prefers_json_text(&self) -> bool {
+        true
     }
 
     /// Pages of SCAN handed over as they arrive; no connection is held while `page` runs.
