@@ -337,6 +337,43 @@ fn bench(c: &mut Criterion) {
                     bench.iter(|| black_box(Codec::decode(&bytes).expect("decode")))
                 });
             }
+            if what == "chunk_5KB" {
+                // The typed read of the same text: serde_json straight into TextChunk, against
+                // the Value reader followed by a conversion (moving the strings).
+                let json = serde_json::to_vec(value).expect("a Value serializes");
+                g.bench_function(BenchmarkId::new("decode_chunk_5KB", "typed"), |bench| {
+                    bench.iter(|| {
+                        black_box(serde_json::from_slice::<TextChunk>(&json).expect("a chunk"))
+                    })
+                });
+                g.bench_function(
+                    BenchmarkId::new("decode_chunk_5KB", "value_then_typed"),
+                    |bench| {
+                        bench.iter(|| {
+                            let v = Codec::decode(&json).expect("decode");
+                            black_box(serde_json::from_value::<TextChunk>(v).expect("a chunk"))
+                        })
+                    },
+                );
+                let chunk: TextChunk = serde_json::from_value((*value).clone()).expect("a chunk");
+                g.bench_function(BenchmarkId::new("encode_chunk_5KB", "typed"), |bench| {
+                    bench.iter(|| {
+                        black_box(serde_json::value::to_raw_value(&chunk).expect("serializes"))
+                    })
+                });
+                let codec = Codec::new(Compression::None, 1024);
+                g.bench_function(
+                    BenchmarkId::new("encode_chunk_5KB", "value_then_json"),
+                    |bench| {
+                        let mut out = Vec::new();
+                        bench.iter(|| {
+                            out.clear();
+                            let v = serde_json::to_value(&chunk).expect("a Value");
+                            black_box(codec.encode_into(&v, &mut out).expect("encode"))
+                        })
+                    },
+                );
+            }
             // The reference for decode_*/none: serde_json's own parse of the same JSON text.
             let json = serde_json::to_vec(value).expect("a Value serializes");
             g.bench_function(

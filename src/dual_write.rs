@@ -318,11 +318,6 @@ impl<P: KvStore, S: KvStore> KvStore for DualWrite<P, S> {
         self.primary.get_json_by_ids(ids, visit)
     }
 
-    /// The primary's: its form is the one written first.
-    fn prefers_json_text(&self) -> bool {
-        self.primary.prefers_json_text()
-    }
-
     /// Borrowed, so neither store needs a copy; as `upsert` otherwise.
     fn upsert_json(&self, items: &[(&str, &RawValue)]) -> Result<()> {
         let named: Vec<&str> = items.iter().map(|(id, _)| *id).collect();

@@ -292,14 +292,10 @@ impl<S: KvStore> KvStore for FallbackStore<S> {
         };
         for (i, v) in from_journal.into_iter().flatten().enumerate() {
             if let Some(v) = v {
-                visit(i, Stored::Value(&v))?;
+                visit(i, Stored::Owned(v))?;
             }
         }
         Ok(())
-    }
-
-    fn prefers_json_text(&self) -> bool {
-        self.inner.prefers_json_text()
     }
 
     /// Online, the text goes to Redis as it is; the journal (offline) keeps parsed values.

@@ -240,10 +240,6 @@ impl<S: KvStore> KvStore for Metered<S> {
         Ok(())
     }
 
-    fn prefers_json_text(&self) -> bool {
-        self.inner.prefers_json_text()
-    }
-
     /// Timed as `upsert`.
     fn upsert_json(&self, items: &[(&str, &RawValue)]) -> Result<()> {
         self.m.observe(Op::Upsert, || self.inner.upsert_json(items))

@@ -462,9 +462,6 @@ impl KvStore for Handle {
     ) -> Result<()> {
         self.stack.top.get_json_by_ids(ids, visit)
     }
-    fn prefers_json_text(&self) -> bool {
-        self.stack.top.prefers_json_text()
-    }
     fn upsert_json(&self, items: &[(&str, &serde_json::value::RawValue)]) -> Result<()> {
         self.stack.top.upsert_json(items)
     }

@@ -457,12 +457,6 @@ impl<S: KvStore + 'static> KvStore for WriteBehind<S> {
             })
     }
 
-    /// False: the queue keeps values (readers see them at once), so a typed write is cheapest
-    /// as a value, whatever the inner store keeps.
-    fn prefers_json_text(&self) -> bool {
-        false
-    }
-
     /// Parses the text and queues the values as [`WriteBehind::upsert`](#method.upsert) does:
     /// the queue keeps values, which readers see at once.
     ///

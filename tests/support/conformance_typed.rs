@@ -148,6 +148,7 @@ pub fn typed_and_untyped_read_each_other(open: Open) {
             let v: Value = match stored {
                 Stored::Text(json) => serde_json::from_slice(json).expect("JSON text"),
                 Stored::Value(v) => v.clone(),
+                Stored::Owned(v) => v,
                 _ => panic!("an unknown form"),
             };
             assert!(texts.insert(i, v).is_none(), "index {i} visited twice");

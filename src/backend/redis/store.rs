@@ -169,11 +169,6 @@ impl KvStore for RedisStore {
         Ok(())
     }
 
-    /// True: values are stored as JSON text, which a typed write gives without a `Value`.
-    fn prefers_json_text(&self) -> bool {
-        true
-    }
-
     /// Pages of SCAN handed over as they arrive; no connection is held while `page` runs.
     fn scan_keys(&self, page: &mut dyn FnMut(Vec<String>) -> Result<()>) -> Result<()> {
         self.shared
