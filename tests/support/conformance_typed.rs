@@ -210,7 +210,7 @@ pub fn typed_reads_keep_request_order(open: Open) {
     assert_eq!(got.len(), asked.len());
     for (id, v) in asked.iter().zip(&got) {
         let i: u64 = id[1..].parse().unwrap();
-        let want = (i % 2 == 0).then(|| chunk(i));
+        let want = i.is_multiple_of(2).then(|| chunk(i));
         assert_eq!(v.as_ref(), want.as_ref(), "{id}");
     }
     assert_eq!(ok(store.get_many_as::<TextChunk>(&[]), "empty"), vec![]);

@@ -270,7 +270,7 @@ impl RedisStore {
         &self,
         pool: &RedisPool,
         ids: &[String],
-        on_value: &mut dyn FnMut(usize, &String, &[u8]) -> Result<()>,
+        on_value: &mut OnValue<'_>,
     ) -> Result<()> {
         let windows: Vec<&[String]> = ids.chunks(MGET_WINDOW).collect();
         // Packed once: a retry re-sends the same bytes.
@@ -431,3 +431,6 @@ fn mget_values(reply: Value, expected: usize) -> RedisResult<Vec<Option<Vec<u8>>
     }
     Ok(values)
 }
+
+/// What [`RedisStore::mget_single`] hands each stored value to: its index, id and bytes.
+pub(super) type OnValue<'a> = dyn FnMut(usize, &String, &[u8]) -> Result<()> + 'a;
