@@ -305,6 +305,139 @@ impl RedisShared {
     }
 }
 
+impl RedisShared {
+    /// Every key matching `pattern`, as pages, for `all_keys` (which keeps them all anyway). On
+    /// a cluster the masters are scanned at the same time, each on a pooled connection of its
+    /// own (the first on the pass's connection), under the same stable-slot-map checks as
+    /// [`RedisShared::each_master`]; when the pool is smaller than the masters plus one they
+    /// are scanned one after the other. On a single server, [`RedisShared::scan_pages`].
+    pub(super) fn scan_all(
+        &self,
+        operation: &'static str,
+        namespace: &str,
+        pattern: &str,
+    ) -> Result<Vec<Vec<Vec<u8>>>> {
+        let p = match &self.conns {
+            Conns::Cluster(p) if self.config.max_connections > 1 => p,
+            _ => {
+                let mut pages = Vec::new();
+                self.scan_pages(operation, namespace, pattern, &mut |page| {
+                    pages.push(page);
+                    Ok(())
+                })?;
+                return Ok(pages);
+            }
+        };
+        self.retrying(operation, namespace, || {
+            let mut c = p.get().map_err(|m| pool_error(operation, namespace, m))?;
+            // A checkout that failed inside the pass, carried out of it (the pass only knows
+            // Redis errors) as it is, so that its retry decision is the pool's.
+            let mut no_conn: Option<Error> = None;
+            let out = cluster::on_all_masters(&mut c.conn, |conn, masters| {
+                let Some((first_host, first_port)) = masters.first() else {
+                    return Ok(Vec::new());
+                };
+                let room = (self.config.max_connections as usize).saturating_sub(1);
+                let mut own = Vec::new();
+                for _ in 1..masters.len().min(room + 1) {
+                    match p.get() {
+                        Ok(c) => own.push(c),
+                        Err(m) => {
+                            no_conn = Some(pool_error(operation, namespace, m));
+                            return Err(RedisError::from((
+                                redis::ErrorKind::Client,
+                                "no pooled connection for a parallel SCAN",
+                            )));
+                        }
+                    }
+                }
+                std::thread::scope(|scope| {
+                    // Masters 1.. on their own connections, in threads; the rest (master 0,
+                    // and any beyond the pool's room) on the pass's connection meanwhile.
+                    let threads: Vec<_> = masters[1..]
+                        .iter()
+                        .zip(own.iter_mut())
+                        .map(|((host, port), c)| {
+                            scope.spawn(move || {
+                                let out = scan_node(&mut c.conn, host, *port, pattern);
+                                if out.as_ref().err().is_some_and(must_discard) {
+                                    c.mark_broken();
+                                }
+                                out
+                            })
+                        })
+                        .collect();
+                    let threaded = threads.len();
+                    let mut out = vec![scan_node(conn, first_host, *first_port, pattern)];
+                    for (host, port) in &masters[1 + threaded..] {
+                        out.push(scan_node(conn, host, *port, pattern));
+                    }
+                    for t in threads {
+                        out.push(t.join().unwrap_or_else(|_| {
+                            Err(RedisError::from((
+                                redis::ErrorKind::Client,
+                                "a SCAN thread panicked",
+                            )))
+                        }));
+                    }
+                    out.into_iter().collect::<RedisResult<Vec<_>>>()
+                })
+            });
+            if let Some(e) = no_conn.take() {
+                return Err(e);
+            }
+            match out {
+                Ok(per_master) => Ok(per_master.into_iter().flatten().collect()),
+                Err(cluster::EveryMasterError::Redis(e)) => {
+                    if must_discard(&e) {
+                        c.mark_broken();
+                    }
+                    Err(redis_error(operation, namespace, e))
+                }
+                Err(cluster::EveryMasterError::Unstable { attempts, reason }) => {
+                    Err(Error::ClusterUnstable {
+                        operation,
+                        namespace: namespace.to_string(),
+                        attempts,
+                        reason,
+                    })
+                }
+            }
+        })
+    }
+}
+
+/// Every page of a SCAN of `pattern` on the master at `host:port`.
+fn scan_node(
+    conn: &mut redis::cluster::ClusterConnection,
+    host: &str,
+    port: u16,
+    pattern: &str,
+) -> RedisResult<Vec<Vec<Vec<u8>>>> {
+    let mut pages = Vec::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<Vec<u8>>) = redis::from_redis_value(cluster::on_node(
+            conn,
+            host,
+            port,
+            redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(SCAN_COUNT),
+        )?)?;
+        if !keys.is_empty() {
+            pages.push(keys);
+        }
+        if next == 0 {
+            return Ok(pages);
+        }
+        cursor = next;
+    }
+}
+
 /// True when the connection cannot be reused: a reply may still be in flight, or it points at
 /// a server that is no longer the master.
 pub(super) fn must_discard(e: &RedisError) -> bool {
