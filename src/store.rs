@@ -210,10 +210,10 @@ pub trait KvStore: Send + Sync {
     }
 
     /// Hands the stored value of each requested id that is stored to `visit`, with the id's
-    /// index in `ids`, in the form the store holds it ([`Stored`]): the typed read path
-    /// ([`KvStoreExt::get_as`], [`KvStoreExt::get_many_as`]) deserializes the caller's type
-    /// straight from it. Redis hands over the JSON text it read (decompressed), so no
-    /// [`Value`] is built; a store that keeps [`Value`]s hands those over, so no text is
+    /// index in `ids`, in the form the store holds it ([`Stored`]), for the typed read path
+    /// ([`KvStoreExt::get_as`], [`KvStoreExt::get_many_as`]) and for a caller that wants the
+    /// JSON text itself. Redis hands over the JSON text it read (decompressed), without
+    /// building a [`Value`]; a store that keeps [`Value`]s hands those over, so no text is
     /// written and parsed again. Ids that are not stored are not visited. Each index is
     /// visited at most once, in no particular order. Text is not checked: `visit` reports
     /// what does not parse.
@@ -342,20 +342,24 @@ impl<S: KvStore + ?Sized> KvStore for std::sync::Arc<S> {
 ///
 /// Implemented for every `KvStore` (sized or not); backends never re-implement it.
 pub trait KvStoreExt: KvStore {
-    /// [`KvStore::get_by_id`], deserialized into `T` straight from the stored JSON text (no
-    /// [`Value`] is built; see [`KvStore::get_json_by_ids`]).
+    /// [`KvStore::get_by_id`], deserialized into `T`.
+    ///
+    /// One GET on Redis (a batch of one would cost a second round trip for a missing id, to
+    /// tell it from a key of another type), its value converted with its strings moved.
     ///
     /// # Errors
-    /// As `get_by_id`, plus [`Error::Decode`] naming the namespace and id when the stored text
-    /// is not JSON or does not fit `T`.
+    /// As `get_by_id`, plus [`Error::Decode`] naming the namespace and id when the value does
+    /// not fit `T`.
     fn get_as<T: DeserializeOwned>(&self, id: &str) -> Result<Option<T>> {
-        validate_id(self.namespace(), id)?;
-        let ids = [id.to_string()];
-        Ok(self.get_many_as(&ids)?.pop().flatten())
+        match self.get_by_id(id)? {
+            None => Ok(None),
+            Some(v) => from_stored(self.namespace(), id, Stored::Owned(v)).map(Some),
+        }
     }
 
-    /// [`KvStore::get_by_ids`] without field filtering, deserialized into `T` straight from the
-    /// stored JSON text (no [`Value`] is built).
+    /// [`KvStore::get_by_ids`] without field filtering, deserialized into `T` from what the
+    /// store holds ([`KvStore::get_json_by_ids`]: on Redis the text read, no [`Value`] built
+    /// by the backend).
     ///
     /// # Errors
     /// As `get_by_ids`, plus [`Error::Decode`] naming the namespace and the first id whose
