@@ -12,6 +12,9 @@
 //! - `upsert`: 100 chunks per call (overwriting: the keyspace stays the same size).
 //! - `filter_keys`: 1,000 `chunk-<md5>` ids, half of them stored.
 //! - `all_keys`: a namespace of 100,000 keys.
+//! - `typed`: the same 100 chunks read with `get_many_as::<TextChunk>` and written with
+//!   `upsert_as` (straight between the stored JSON text and the struct), against the `Value`
+//!   path plus a conversion per chunk.
 //! - `codec`: encoding and decoding one chunk and one cache entry for Redis, with and without lz4
 //!   (no server): the client's own cost per value; `decode_*/serde_json` is
 //!   `serde_json::from_slice` of the same JSON, the reference for `decode_*/none`.
@@ -36,7 +39,8 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use graphrag_kv::codec::Codec;
 use graphrag_kv::{
-    BackendKind, Compression, Item, KvStore, Storage, StoreConfig, LLM_RESPONSE_CACHE, TEXT_CHUNKS,
+    BackendKind, Compression, Item, KvStore, KvStoreExt, Storage, StoreConfig, TextChunk,
+    LLM_RESPONSE_CACHE, TEXT_CHUNKS,
 };
 use graphrag_kv_harness::RedisServer;
 
@@ -242,6 +246,75 @@ fn bench(c: &mut Criterion) {
         }
     }
     {
+        // The typed path (KvStoreExt) against the Value path, for the same batch of 100
+        // TextChunks: `value` reads Values and converts each into a TextChunk (what get_many_as
+        // did before), `typed` decodes the stored text straight into TextChunk; on writes,
+        // `value` builds a Value per chunk and upserts it, `typed` serializes the chunk to text.
+        let mut g = c.benchmark_group("typed");
+        g.throughput(Throughput::Elements(100));
+        let typed_chunks: Vec<(String, TextChunk)> = chunks
+            .iter()
+            .map(|(id, v)| {
+                let chunk: TextChunk = serde_json::from_value(v.clone()).expect("a TextChunk");
+                (id.clone(), chunk)
+            })
+            .collect();
+        for b in &backends {
+            let mut i = 0;
+            g.bench_function(BenchmarkId::new(b.name, "get_100_chunks/value"), |bench| {
+                bench.iter(|| {
+                    i += 1;
+                    let ids = &id_batches[i % id_batches.len()];
+                    let values = b.chunks.get_by_ids(ids, None).expect("get_by_ids");
+                    let chunks: Vec<Option<TextChunk>> = values
+                        .into_iter()
+                        .map(|v| v.map(|v| serde_json::from_value(v).expect("a TextChunk")))
+                        .collect();
+                    black_box(chunks)
+                })
+            });
+            g.bench_function(BenchmarkId::new(b.name, "get_100_chunks/typed"), |bench| {
+                bench.iter(|| {
+                    i += 1;
+                    let ids = &id_batches[i % id_batches.len()];
+                    black_box(b.chunks.get_many_as::<TextChunk>(ids).expect("get_many_as"))
+                })
+            });
+            g.bench_function(
+                BenchmarkId::new(b.name, "upsert_100_chunks/value"),
+                |bench| {
+                    bench.iter_batched(
+                        || {
+                            i = (i + 1) % (typed_chunks.len() / 100);
+                            typed_chunks[i * 100..i * 100 + 100].to_vec()
+                        },
+                        |batch| {
+                            let items: Vec<Item> = batch
+                                .into_iter()
+                                .map(|(id, c)| (id, serde_json::to_value(c).expect("a Value")))
+                                .collect();
+                            b.chunks.upsert(items).expect("upsert")
+                        },
+                        BatchSize::SmallInput,
+                    )
+                },
+            );
+            g.bench_function(
+                BenchmarkId::new(b.name, "upsert_100_chunks/typed"),
+                |bench| {
+                    bench.iter_batched(
+                        || {
+                            i = (i + 1) % (typed_chunks.len() / 100);
+                            typed_chunks[i * 100..i * 100 + 100].to_vec()
+                        },
+                        |batch| b.chunks.upsert_as(batch).expect("upsert_as"),
+                        BatchSize::SmallInput,
+                    )
+                },
+            );
+        }
+    }
+    {
         // The client's own cost per value, without a server: where get_by_ids and upsert spend
         // their time beyond the network.
         let mut g = c.benchmark_group("codec");
@@ -263,6 +336,43 @@ fn bench(c: &mut Criterion) {
                 g.bench_function(BenchmarkId::new(format!("decode_{what}"), name), |bench| {
                     bench.iter(|| black_box(Codec::decode(&bytes).expect("decode")))
                 });
+            }
+            if what == "chunk_5KB" {
+                // The typed read of the same text: serde_json straight into TextChunk, against
+                // the Value reader followed by a conversion (moving the strings).
+                let json = serde_json::to_vec(value).expect("a Value serializes");
+                g.bench_function(BenchmarkId::new("decode_chunk_5KB", "typed"), |bench| {
+                    bench.iter(|| {
+                        black_box(serde_json::from_slice::<TextChunk>(&json).expect("a chunk"))
+                    })
+                });
+                g.bench_function(
+                    BenchmarkId::new("decode_chunk_5KB", "value_then_typed"),
+                    |bench| {
+                        bench.iter(|| {
+                            let v = Codec::decode(&json).expect("decode");
+                            black_box(serde_json::from_value::<TextChunk>(v).expect("a chunk"))
+                        })
+                    },
+                );
+                let chunk: TextChunk = serde_json::from_value((*value).clone()).expect("a chunk");
+                g.bench_function(BenchmarkId::new("encode_chunk_5KB", "typed"), |bench| {
+                    bench.iter(|| {
+                        black_box(serde_json::value::to_raw_value(&chunk).expect("serializes"))
+                    })
+                });
+                let codec = Codec::new(Compression::None, 1024);
+                g.bench_function(
+                    BenchmarkId::new("encode_chunk_5KB", "value_then_json"),
+                    |bench| {
+                        let mut out = Vec::new();
+                        bench.iter(|| {
+                            out.clear();
+                            let v = serde_json::to_value(&chunk).expect("a Value");
+                            black_box(codec.encode_into(&v, &mut out).expect("encode"))
+                        })
+                    },
+                );
             }
             // The reference for decode_*/none: serde_json's own parse of the same JSON text.
             let json = serde_json::to_vec(value).expect("a Value serializes");

@@ -6,10 +6,11 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::error::{display_id, Result};
-use crate::store::{park_refused, Item, KvStore, NamespaceStats, UnsentWrite};
+use crate::store::{park_refused, Item, KvStore, NamespaceStats, Stored, UnsentWrite};
 
 /// How many ids a divergence warning names; the rest are counted.
 const IDS_IN_WARNING: usize = 5;
@@ -307,5 +308,30 @@ impl<P: KvStore, S: KvStore> KvStore for DualWrite<P, S> {
     /// store only would make the two diverge where no log line says so.
     fn park(&self, writes: Vec<UnsentWrite>) -> Result<()> {
         Err(park_refused(self.namespace(), writes.len()))
+    }
+
+    /// The primary's keys, as for `all_keys`.
+    fn scan_keys(&self, page: &mut dyn FnMut(Vec<String>) -> Result<()>) -> Result<()> {
+        self.primary.scan_keys(page)
+    }
+
+    /// Read from the primary, as every read.
+    fn get_json_by_ids(
+        &self,
+        ids: &[String],
+        visit: &mut dyn FnMut(usize, Stored<'_>) -> Result<()>,
+    ) -> Result<()> {
+        self.primary.get_json_by_ids(ids, visit)
+    }
+
+    /// Borrowed, so neither store needs a copy; as `upsert` otherwise.
+    fn upsert_json(&self, items: &[(&str, &RawValue)]) -> Result<()> {
+        let named: Vec<&str> = items.iter().map(|(id, _)| *id).collect();
+        self.write(
+            "upsert",
+            &named,
+            || self.primary.upsert_json(items),
+            || self.secondary.upsert_json(items),
+        )
     }
 }

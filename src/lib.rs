@@ -123,7 +123,7 @@ pub use metrics::{Metered, Metrics};
 pub use storage::{open_from_env, LockGuard, Locks, Storage, StorageBuilder};
 pub use store::{
     validate_id, validate_namespace, FullDoc, Item, KvStore, KvStoreExt, LlmCacheEntry,
-    NamespaceStats, TextChunk, COMMUNITY_REPORTS, FULL_DOCS, LLM_RESPONSE_CACHE, MAX_ID_BYTES,
-    NAMESPACES, TEXT_CHUNKS,
+    NamespaceStats, Stored, TextChunk, COMMUNITY_REPORTS, FULL_DOCS, KEY_PAGE, LLM_RESPONSE_CACHE,
+    MAX_ID_BYTES, NAMESPACES, TEXT_CHUNKS,
 };
 pub use write_behind::{WriteBehind, WriteBehindConfig};

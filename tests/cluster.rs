@@ -32,6 +32,7 @@ fn cluster_backend() -> (RedisCluster, impl Fn(&str) -> Arc<dyn KvStore>) {
 }
 
 support::conformance::conformance_tests!(on_cluster, cluster_backend);
+support::conformance_typed::typed_conformance_tests!(on_cluster_typed, cluster_backend);
 
 fn sentinel_backend() -> (RedisSentinelSet, impl Fn(&str) -> Arc<dyn KvStore>) {
     let set = RedisSentinelSet::start();
@@ -544,4 +545,66 @@ fn command_line_works_on_cluster_and_through_sentinel() {
         let out = cli(&vars, &["get", "text_chunks", "id-7"]);
         assert_eq!(out.status.code(), Some(1));
     }
+}
+
+/// Over 100,000 keys spread on every master, `all_keys` (masters scanned at the same time) and
+/// the key stream (masters in turn, a page at a time) list the same ids, and a pool too small
+/// for the parallel scan still lists them all. Prints both durations (`--nocapture`): the
+/// figures of docs/BENCHMARKS.md come from
+/// `cargo test --release --test cluster -- all_keys_100k --nocapture`.
+#[test]
+fn all_keys_100k_in_parallel_equals_the_key_stream() {
+    let cluster = RedisCluster::start();
+    let prefix = support::unique_prefix("k");
+    let storage = Storage::open(
+        &cluster_config(&cluster)
+            .key_prefix(&prefix)
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    let s = storage.namespace("all_keys_100k").unwrap();
+    for start in (0..100_000).step_by(5_000) {
+        s.upsert(
+            (start..start + 5_000)
+                .map(|i| (format!("key-{i:06}"), json!({"n": i})))
+                .collect(),
+        )
+        .unwrap();
+    }
+    for _ in 0..3 {
+        let t = Instant::now();
+        let all = s.all_keys().unwrap();
+        let parallel = t.elapsed();
+        let t = Instant::now();
+        let mut streamed = HashSet::new();
+        let mut largest = 0;
+        s.scan_keys(&mut |page| {
+            largest = largest.max(page.len());
+            streamed.extend(page);
+            Ok(())
+        })
+        .unwrap();
+        let in_turn = t.elapsed();
+        eprintln!("all_keys (masters in parallel) {parallel:?}; scan_keys (in turn) {in_turn:?}");
+        assert_eq!(all.len(), 100_000);
+        assert_eq!(all.iter().cloned().collect::<HashSet<_>>(), streamed);
+        assert!(largest < 20_000, "a page of {largest} ids");
+    }
+    let one = Storage::open(
+        &cluster_config(&cluster)
+            .key_prefix(&prefix)
+            .max_connections(1)
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        one.namespace("all_keys_100k")
+            .unwrap()
+            .all_keys()
+            .unwrap()
+            .len(),
+        100_000
+    );
 }

@@ -124,6 +124,14 @@ fn dual_backend(json_first: bool) -> (Arc<Checked>, impl Fn(&str) -> Arc<dyn KvS
 
 support::conformance::conformance_tests!(json_primary_redis_secondary, json_then_redis);
 support::conformance::conformance_tests!(redis_primary_json_secondary, redis_then_json);
+support::conformance_typed::typed_conformance_tests!(
+    json_primary_redis_secondary_typed,
+    json_then_redis
+);
+support::conformance_typed::typed_conformance_tests!(
+    redis_primary_json_secondary_typed,
+    redis_then_json
+);
 
 #[test]
 fn reads_come_from_the_primary_only() {

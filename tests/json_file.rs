@@ -20,6 +20,7 @@ fn json_backend() -> (tempfile::TempDir, impl Fn(&str) -> Arc<dyn KvStore>) {
 }
 
 support::conformance::conformance_tests!(json_backend);
+support::conformance_typed::typed_conformance_tests!(json_backend);
 
 /// Written by Python: `json.dump(obj, f, indent=2, ensure_ascii=False)`.
 const PYTHON_FILE: &str = "{\n  \"chunk-1\": {\n    \"tokens\": 5,\n    \"content\": \"Grüße, 世界 — naïve café \\\"q\\\" \\\\ tab\\t🦀\",\n    \"chunk_order_index\": 0,\n    \"full_doc_id\": \"doc-1\"\n  },\n  \"chunk-2\": {\n    \"tokens\": 0,\n    \"content\": \"\",\n    \"chunk_order_index\": 1,\n    \"full_doc_id\": \"doc-1\",\n    \"score\": 0.5,\n    \"tags\": [],\n    \"meta\": {}\n  }\n}";

@@ -61,6 +61,8 @@ support::conformance::conformance_tests!(redis_lz4, redis_backend);
 support::conformance::conformance_tests!(redis_zstd, redis_backend_zstd);
 support::conformance::conformance_tests!(redis_plain, redis_backend_plain);
 support::conformance::conformance_tests!(valkey_lz4, valkey_backend);
+support::conformance_typed::typed_conformance_tests!(redis_lz4_typed, redis_backend);
+support::conformance_typed::typed_conformance_tests!(redis_plain_typed, redis_backend_plain);
 
 fn prose(words: usize) -> String {
     let vocab = [
@@ -978,5 +980,122 @@ fn secrets_stay_out_of_errors_and_debug() {
     assert!(
         !text.contains("wrongpass") && !text.contains("hunter2"),
         "{text}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The typed path and the key stream (issue 14)
+
+/// A typed write stores exactly the bytes an untyped write of the same value stores, plain and
+/// compressed: whatever reads untyped values (another process, a Python worker's
+/// `json.loads(GET key)`) reads typed ones.
+#[test]
+fn typed_writes_store_the_bytes_of_untyped_writes() {
+    let server = RedisServer::start();
+    let mut raw = server.client().get_connection().unwrap();
+    for (prefix, compression) in [("tp", Compression::None), ("tz", Compression::Lz4)] {
+        let config = config_for(&server, prefix)
+            .compression(compression)
+            .build()
+            .unwrap();
+        let storage = Storage::open(&config).unwrap();
+        let s = storage.namespace("text_chunks").unwrap();
+        let chunk = |i: u64| graphrag_kv::TextChunk {
+            tokens: i,
+            content: format!("{} \"q\" é 🦀\n\t\\ {i}", prose(800)),
+            chunk_order_index: i,
+            full_doc_id: format!("doc-{i}"),
+        };
+        use graphrag_kv::KvStoreExt;
+        s.upsert_as((0..3).map(|i| (format!("typed-{i}"), chunk(i))))
+            .unwrap();
+        s.upsert(
+            (0..3)
+                .map(|i| {
+                    (
+                        format!("plain-{i}"),
+                        serde_json::to_value(chunk(i)).unwrap(),
+                    )
+                })
+                .collect(),
+        )
+        .unwrap();
+        for i in 0..3 {
+            let typed: Vec<u8> = raw.get(format!("{prefix}:text_chunks:typed-{i}")).unwrap();
+            let plain: Vec<u8> = raw.get(format!("{prefix}:text_chunks:plain-{i}")).unwrap();
+            assert_eq!(typed, plain, "{compression:?} value {i}");
+            if compression == Compression::None {
+                let v: Value = serde_json::from_slice(&typed).unwrap();
+                assert_eq!(v, serde_json::to_value(chunk(i)).unwrap());
+            } else {
+                assert_eq!(typed[..4], graphrag_kv::codec::FRAME_MAGIC, "compressed");
+            }
+        }
+    }
+}
+
+/// A stored value that is not valid JSON (written by another client) is a decode error naming
+/// the key on the typed path, as on the untyped one, and a corrupt frame too.
+#[test]
+fn typed_reads_of_corrupt_values_name_the_key() {
+    let server = RedisServer::start();
+    let mut raw = server.client().get_connection().unwrap();
+    let storage = Storage::open(&config_for(&server, "cv").build().unwrap()).unwrap();
+    let s = storage.namespace("text_chunks").unwrap();
+    let _: () = raw
+        .set("cv:text_chunks:notjson", "{\"tokens\": 1,")
+        .unwrap();
+    let _: () = raw
+        .set(
+            "cv:text_chunks:badframe",
+            &[0xFFu8, b'G', b'K', b'1', 9, 9, 9, 9, 1][..],
+        )
+        .unwrap();
+    use graphrag_kv::KvStoreExt;
+    for id in ["notjson", "badframe"] {
+        for r in [
+            s.get_as::<graphrag_kv::TextChunk>(id).map(|_| ()),
+            s.get_many_as::<graphrag_kv::TextChunk>(&[id.to_string()])
+                .map(|_| ()),
+        ] {
+            match r {
+                Err(e @ Error::Decode { .. }) => {
+                    let msg = e.to_string();
+                    assert!(msg.contains(id) && msg.contains("text_chunks"), "{msg}");
+                }
+                other => panic!("{id}: expected Error::Decode, got {other:?}"),
+            }
+        }
+    }
+}
+
+/// `scan_keys` over 30,000 keys hands them over in SCAN pages, none near the namespace's size,
+/// and the union equals `all_keys`.
+#[test]
+fn scan_keys_pages_are_bounded_by_scan_not_by_the_namespace() {
+    let server = RedisServer::start();
+    let storage = Storage::open(&config_for(&server, "sk").build().unwrap()).unwrap();
+    let s = storage.namespace("full_docs").unwrap();
+    let n = 30_000;
+    for part in (0..n).collect::<Vec<_>>().chunks(5_000) {
+        s.upsert(part.iter().map(|i| (format!("d{i}"), json!(i))).collect())
+            .unwrap();
+    }
+    let mut pages = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    s.scan_keys(&mut |page| {
+        pages.push(page.len());
+        seen.extend(page);
+        Ok(())
+    })
+    .unwrap();
+    let all: std::collections::HashSet<String> = s.all_keys().unwrap().into_iter().collect();
+    assert_eq!(seen, all);
+    assert_eq!(all.len(), n);
+    let largest = *pages.iter().max().unwrap();
+    assert!(
+        pages.len() >= 3 && largest <= n / 3,
+        "{} pages, largest {largest} of {n} keys",
+        pages.len()
     );
 }

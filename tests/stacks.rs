@@ -584,6 +584,42 @@ support::conformance::conformance_tests!(env_dual_redis_primary_zstd, || from_va
     ZSTD
 ));
 
+// The typed path and the key stream on each stack (tests/support/conformance_typed.rs).
+support::conformance_typed::typed_conformance_tests!(fallback_store_online_typed, fallback_online);
+support::conformance_typed::typed_conformance_tests!(@tests fallback_store_offline_typed, fallback_offline_checked;
+    typed_and_untyped_read_each_other,
+    typed_reads_keep_request_order,
+    typed_errors_name_namespace_and_key,
+    typed_calls_check_ids,
+);
+support::conformance_typed::typed_conformance_tests!(@tests env_write_behind_and_fallback_offline_typed, || env_offline(true);
+    typed_and_untyped_read_each_other,
+    typed_reads_keep_request_order,
+    typed_errors_name_namespace_and_key,
+    typed_calls_check_ids,
+);
+support::conformance_typed::typed_conformance_tests!(metered_over_redis_typed, metered_redis);
+support::conformance_typed::typed_conformance_tests!(metered_over_json_typed, metered_json);
+support::conformance_typed::typed_conformance_tests!(env_json_write_behind_typed, || from_vars(
+    Stack::JsonWriteBehind,
+    false
+));
+support::conformance_typed::typed_conformance_tests!(env_write_behind_metered_typed, || from_vars(
+    Stack::WriteBehind,
+    true
+));
+support::conformance_typed::typed_conformance_tests!(
+    env_write_behind_and_fallback_metered_typed,
+    || { from_vars(Stack::WriteBehindAndFallback, true) }
+);
+support::conformance_typed::typed_conformance_tests!(env_dual_json_primary_typed, || from_vars(
+    Stack::DualJsonPrimary,
+    false
+));
+support::conformance_typed::typed_conformance_tests!(env_dual_redis_primary_metered_typed, || {
+    from_vars(Stack::DualRedisPrimary, true)
+});
+
 /// Offline, `stats` is documented to be `Error::Unavailable` (the journal cannot count what
 /// Redis holds), for a namespace the journal knows and one it does not.
 #[test]

@@ -154,6 +154,39 @@ impl Codec {
         Ok(out)
     }
 
+    /// Appends the bytes to store for the JSON text `json` to `out` (the same bytes as
+    /// [`Codec::encode_into`] of the value the text parses to, when the text is what
+    /// serde_json writes for it), and returns how many were appended: the typed write path,
+    /// which serializes a caller's type straight to text. On error `out` is left as it was.
+    ///
+    /// # Errors
+    /// [`CodecError::TooLarge`] when the JSON is larger than [`MAX_VALUE_BYTES`].
+    pub fn encode_json_into(&self, json: &[u8], out: &mut Vec<u8>) -> Result<usize, CodecError> {
+        if json.len() > MAX_VALUE_BYTES {
+            return Err(too_large(json.len()));
+        }
+        let start = out.len();
+        self.compress_or_copy(json, out);
+        Ok(out.len() - start)
+    }
+
+    /// Runs `f` on the JSON text stored as `bytes` (decompressed into a per-thread buffer when
+    /// it is a frame): the typed read path, which deserializes the caller's type straight from
+    /// the text. The text is not checked here; `f` parses it.
+    ///
+    /// # Errors
+    /// A [`CodecError`] for a frame that cannot be decompressed; the caller adds the namespace
+    /// and key.
+    pub fn with_json<R>(bytes: &[u8], f: impl FnOnce(&[u8]) -> R) -> Result<R, CodecError> {
+        if bytes.first() == Some(&FRAME_MAGIC[0]) {
+            return with_scratch(&DECODE_SCRATCH, |buf| {
+                let len = frame::decompress_into(bytes, buf)?;
+                Ok(f(&buf[..len]))
+            });
+        }
+        Ok(f(bytes))
+    }
+
     /// The value stored as `bytes`.
     ///
     /// # Errors

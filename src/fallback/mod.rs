@@ -439,10 +439,11 @@ impl Fallback {
     }
 
     /// A write: straight to Redis when online; journaled when Redis is unreachable. `entry`
-    /// builds the journal's record only when it is needed (a borrowed batch is copied then).
+    /// builds the journal's record only when it is needed (a borrowed batch is copied then,
+    /// JSON text parsed then); its error is returned and nothing is journaled.
     fn write(
         &self,
-        entry: impl FnOnce() -> Entry,
+        entry: impl FnOnce() -> Result<Entry>,
         direct: impl FnOnce() -> Result<()>,
     ) -> Result<()> {
         {
@@ -454,7 +455,7 @@ impl Fallback {
                     Err(e) if e.is_connection() || e.is_timeout() => {
                         let mut st = self.state.write().unwrap_or_else(|p| p.into_inner());
                         self.go_offline(&mut st, &e);
-                        return self.journal(&mut st, entry());
+                        return self.journal(&mut st, entry()?);
                     }
                     Err(e) => return Err(e),
                 }
@@ -466,7 +467,7 @@ impl Fallback {
             drop(st);
             return self.write(entry, direct);
         }
-        self.journal(&mut st, entry())
+        self.journal(&mut st, entry()?)
     }
 
     /// A read: from Redis when online (a connection failure switches to offline and reports

@@ -3,14 +3,15 @@
 
 use std::sync::Arc;
 
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use super::journal::Entry;
 use super::{Fallback, FallbackGuard};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::store::{
-    missing_in_order, project, validate_id, validate_ids, Item, KvStore, NamespaceStats,
-    UnsentWrite,
+    missing_in_order, parse_raw, project, validate_id, validate_ids, Item, KvStore, NamespaceStats,
+    Stored, UnsentWrite,
 };
 
 /// One namespace behind a [`Fallback`].
@@ -125,7 +126,7 @@ impl<S: KvStore> KvStore for FallbackStore<S> {
             items: items.clone(),
         };
         self.fallback
-            .write(|| journaled, || self.inner.upsert(items))
+            .write(|| Ok(journaled), || self.inner.upsert(items))
     }
 
     fn upsert_refs(&self, items: &[(&str, &Value)]) -> Result<()> {
@@ -137,12 +138,14 @@ impl<S: KvStore> KvStore for FallbackStore<S> {
         }
         // Borrowed items can be copied for the journal only when Redis is found unreachable,
         // so the usual path costs no copy.
-        let journaled = || Entry::Upsert {
-            ns: self.namespace().to_string(),
-            items: items
-                .iter()
-                .map(|(id, v)| ((*id).to_string(), (*v).clone()))
-                .collect(),
+        let journaled = || {
+            Ok(Entry::Upsert {
+                ns: self.namespace().to_string(),
+                items: items
+                    .iter()
+                    .map(|(id, v)| ((*id).to_string(), (*v).clone()))
+                    .collect(),
+            })
         };
         self.fallback
             .write(journaled, || self.inner.upsert_refs(items))
@@ -158,14 +161,14 @@ impl<S: KvStore> KvStore for FallbackStore<S> {
             ids: ids.to_vec(),
         };
         self.fallback
-            .write(|| entry, || self.inner.delete_by_ids(ids))
+            .write(|| Ok(entry), || self.inner.delete_by_ids(ids))
     }
 
     fn clear(&self) -> Result<()> {
         let entry = Entry::Clear {
             ns: self.namespace().to_string(),
         };
-        self.fallback.write(|| entry, || self.inner.clear())
+        self.fallback.write(|| Ok(entry), || self.inner.clear())
     }
 
     fn index_start_callback(&self) -> Result<()> {
@@ -226,6 +229,125 @@ impl<S: KvStore> KvStore for FallbackStore<S> {
         validate_ids(self.namespace(), writes.iter().map(unsent_id))?;
         self.fallback.park(self.namespace(), writes)
     }
+
+    /// Online, Redis's pages as they come. Offline, as `all_keys`: the journal's ids when it
+    /// cleared the namespace (then it knows them all), else unavailable.
+    fn scan_keys(&self, page: &mut dyn FnMut(Vec<String>) -> Result<()>) -> Result<()> {
+        let mut stopped = None;
+        let from_journal = self.fallback.read(
+            self.namespace(),
+            || {
+                self.inner
+                    .scan_keys(&mut |ids| consumer(&mut stopped, page(ids)))
+                    .map(|()| None)
+            },
+            |o| {
+                let o = o?;
+                o.cleared.then(|| {
+                    Some(
+                        o.ids
+                            .iter()
+                            .filter(|(_, v)| v.is_some())
+                            .map(|(k, _)| k.clone())
+                            .collect::<Vec<_>>(),
+                    )
+                })
+            },
+        );
+        let from_journal = match stopped {
+            Some(e) => return Err(e),
+            None => from_journal?,
+        };
+        if let Some(mut ids) = from_journal {
+            while !ids.is_empty() {
+                let rest = ids.split_off(ids.len().saturating_sub(crate::store::KEY_PAGE));
+                page(rest)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Online, what Redis read. Offline, as `get_by_ids`: the journal's values when it
+    /// knows every id asked, else unavailable.
+    fn get_json_by_ids(
+        &self,
+        ids: &[String],
+        visit: &mut dyn FnMut(usize, Stored<'_>) -> Result<()>,
+    ) -> Result<()> {
+        validate_ids(self.namespace(), ids)?;
+        let mut stopped = None;
+        let from_journal: Result<Option<Vec<Option<Value>>>> = self.fallback.read(
+            self.namespace(),
+            || {
+                self.inner
+                    .get_json_by_ids(ids, &mut |i, stored| {
+                        consumer(&mut stopped, visit(i, stored))
+                    })
+                    .map(|()| None)
+            },
+            |o| {
+                let o = o?;
+                let known: Option<Vec<Option<Value>>> = ids
+                    .iter()
+                    .map(|id| match o.ids.get(id) {
+                        Some(v) => Some(v.clone()),
+                        None if o.cleared => Some(None),
+                        None => None,
+                    })
+                    .collect();
+                known.map(Some)
+            },
+        );
+        let from_journal = match stopped {
+            Some(e) => return Err(e),
+            None => from_journal?,
+        };
+        for (i, v) in from_journal.into_iter().flatten().enumerate() {
+            if let Some(v) = v {
+                visit(i, Stored::Owned(v))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Online, the text goes to Redis as it is; the journal (offline) keeps parsed values.
+    fn upsert_json(&self, items: &[(&str, &RawValue)]) -> Result<()> {
+        for (id, _) in items {
+            validate_id(self.namespace(), id)?;
+        }
+        if items.is_empty() {
+            return Ok(());
+        }
+        let journaled = || {
+            Ok(Entry::Upsert {
+                ns: self.namespace().to_string(),
+                items: items
+                    .iter()
+                    .map(|(id, json)| {
+                        Ok(((*id).to_string(), parse_raw(self.namespace(), id, json)?))
+                    })
+                    .collect::<Result<Vec<_>>>()?,
+            })
+        };
+        self.fallback
+            .write(journaled, || self.inner.upsert_json(items))
+    }
+}
+
+/// Keeps the error of the caller's page or value consumer apart from the backend's, so that
+/// the fallback's read never takes it for an outage (a consumer's own `Unavailable` or
+/// connection error must not switch the fallback offline): the consumer's error is put in
+/// `stopped`, returned after the read, and the read sees a placeholder that is neither a
+/// connection error nor a timeout.
+fn consumer(stopped: &mut Option<Error>, outcome: Result<()>) -> Result<()> {
+    outcome.map_err(|e| {
+        *stopped = Some(e);
+        Error::Decode {
+            namespace: String::new(),
+            key: String::new(),
+            reason: "stopped by the consumer".into(),
+        }
+    })
 }
 
 fn unsent_id(w: &UnsentWrite) -> &String {

@@ -4,10 +4,11 @@ use std::fmt;
 use std::time::Instant;
 
 use prometheus::{IntCounter, IntGauge};
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::error::Result;
-use crate::store::{Item, KvStore, NamespaceStats, UnsentWrite};
+use crate::store::{Item, KvStore, NamespaceStats, Stored, UnsentWrite};
 
 use super::{clamp_i64, error_kind, Metrics, Op};
 
@@ -218,5 +219,35 @@ impl<S: KvStore> KvStore for Metered<S> {
     /// caller's call.
     fn park(&self, writes: Vec<UnsentWrite>) -> Result<()> {
         self.inner.park(writes)
+    }
+
+    /// Timed as `all_keys`: the same work, handed over a page at a time.
+    fn scan_keys(&self, page: &mut dyn FnMut(Vec<String>) -> Result<()>) -> Result<()> {
+        self.m.observe(Op::AllKeys, || self.inner.scan_keys(page))
+    }
+
+    /// Timed and counted as `get_by_ids`: the same read, decoded by the caller.
+    fn get_json_by_ids(
+        &self,
+        ids: &[String],
+        visit: &mut dyn FnMut(usize, Stored<'_>) -> Result<()>,
+    ) -> Result<()> {
+        let mut hits = 0u64;
+        self.m.observe(Op::GetByIds, || {
+            self.inner.get_json_by_ids(ids, &mut |i, stored| {
+                hits += 1;
+                visit(i, stored)
+            })
+        })?;
+        self.m.hits.inc_by(hits);
+        self.m
+            .misses
+            .inc_by((ids.len() as u64).saturating_sub(hits));
+        Ok(())
+    }
+
+    /// Timed as `upsert`.
+    fn upsert_json(&self, items: &[(&str, &RawValue)]) -> Result<()> {
+        self.m.observe(Op::Upsert, || self.inner.upsert_json(items))
     }
 }

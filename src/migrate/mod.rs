@@ -14,7 +14,7 @@
 mod spec;
 mod ttl;
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::BTreeSet;
 
 use crate::config::BackendKind;
 use crate::error::{Error, Result};
@@ -293,10 +293,24 @@ fn check_batch(batch: usize) -> Result<()> {
     Ok(())
 }
 
-fn sorted_keys(store: &dyn KvStore) -> Result<Vec<String>> {
-    let mut keys = store.all_keys()?;
-    keys.sort_unstable();
-    Ok(keys)
+/// The ids of `store` a page at a time ([`KvStore::scan_keys`]), each page sorted, in chunks of
+/// at most `batch`: memory is bounded by a page, not by the namespace.
+fn for_each_chunk(
+    store: &dyn KvStore,
+    batch: usize,
+    f: &mut dyn FnMut(&[String]) -> Result<()>,
+) -> Result<()> {
+    store.scan_keys(&mut |mut page| {
+        page.sort_unstable();
+        page.dedup();
+        page.chunks(batch).try_for_each(&mut *f)
+    })
+}
+
+/// How many ids `store` holds, for a progress bar: `stats`' count, or 0 (unknown) when the
+/// store cannot tell (a fallback offline).
+fn estimated_ids(store: &dyn KvStore) -> u64 {
+    store.stats().map(|s| s.keys).unwrap_or(0)
 }
 
 fn copy(
@@ -307,14 +321,13 @@ fn copy(
     checkpoint: bool,
     progress: &mut dyn Progress,
 ) -> Result<CopyReport> {
-    let ids = sorted_keys(from)?;
     let mut report = CopyReport {
         namespace: from.namespace().to_string(),
-        source_ids: ids.len() as u64,
         ..CopyReport::default()
     };
-    progress.start(from.namespace(), ids.len() as u64);
-    for chunk in ids.chunks(batch) {
+    progress.start(from.namespace(), estimated_ids(from));
+    for_each_chunk(from, batch, &mut |chunk| {
+        report.source_ids += chunk.len() as u64;
         let values = from.get_by_ids(chunk, None)?;
         // Read after the values: a key that expired in between reads as gone and is not
         // copied, and the TTL set on the target is never longer than the source's.
@@ -353,7 +366,8 @@ fn copy(
             }
         }
         progress.advance(chunk.len() as u64);
-    }
+        Ok(())
+    })?;
     if checkpoint {
         to.index_done_callback()?;
     }
@@ -361,43 +375,32 @@ fn copy(
     Ok(report)
 }
 
+/// Both namespaces are listed as streams: the source's ids are read on both sides (missing,
+/// different), the target's are looked up in the source with `filter_keys` (extra). Memory
+/// is bounded by a page and by the differences found, not by the namespaces.
 fn compare(
     from: &dyn KvStore,
     to: &dyn KvStore,
     batch: usize,
     progress: &mut dyn Progress,
 ) -> Result<NamespaceDiff> {
-    let source = sorted_keys(from)?;
-    let target = sorted_keys(to)?;
-    let in_target: HashSet<&str> = target.iter().map(String::as_str).collect();
-    let in_source: HashSet<&str> = source.iter().map(String::as_str).collect();
     let mut diff = NamespaceDiff {
         namespace: from.namespace().to_string(),
-        source_ids: source.len() as u64,
-        target_ids: target.len() as u64,
+        source_ids: 0,
+        target_ids: 0,
         missing: Vec::new(),
         different: Vec::new(),
-        extra: target
-            .iter()
-            .filter(|id| !in_source.contains(id.as_str()))
-            .cloned()
-            .collect(),
+        extra: Vec::new(),
     };
-    let mut common = Vec::new();
-    for id in &source {
-        if in_target.contains(id.as_str()) {
-            common.push(id.clone());
-        } else {
-            diff.missing.push(id.clone());
-        }
-    }
-    progress.start(from.namespace(), common.len() as u64);
-    for chunk in common.chunks(batch) {
+    progress.start(from.namespace(), estimated_ids(from));
+    for_each_chunk(from, batch, &mut |chunk| {
+        diff.source_ids += chunk.len() as u64;
         let a = from.get_by_ids(chunk, None)?;
         let b = to.get_by_ids(chunk, None)?;
         for ((id, a), b) in chunk.iter().zip(a).zip(b) {
             match (a, b) {
-                // Deleted or expired on both sides since the listing.
+                // Deleted or expired since the listing (on both sides, or on the source and
+                // never in the target).
                 (None, None) => {}
                 (Some(_), None) => diff.missing.push(id.clone()),
                 (None, Some(_)) => diff.extra.push(id.clone()),
@@ -406,10 +409,19 @@ fn compare(
             }
         }
         progress.advance(chunk.len() as u64);
-    }
+        Ok(())
+    })?;
+    for_each_chunk(to, batch, &mut |chunk| {
+        diff.target_ids += chunk.len() as u64;
+        diff.extra.extend(from.filter_keys(chunk)?);
+        Ok(())
+    })?;
     progress.finish();
-    diff.missing.sort_unstable();
-    diff.extra.sort_unstable();
+    // An id listed twice (SCAN may repeat one) or found extra from both sides is reported once.
+    for list in [&mut diff.missing, &mut diff.different, &mut diff.extra] {
+        list.sort_unstable();
+        list.dedup();
+    }
     Ok(diff)
 }
 

@@ -459,4 +459,18 @@ impl KvStore for Handle {
     fn park(&self, writes: Vec<UnsentWrite>) -> Result<()> {
         self.stack.top.park(writes)
     }
+
+    fn scan_keys(&self, page: &mut dyn FnMut(Vec<String>) -> Result<()>) -> Result<()> {
+        self.stack.top.scan_keys(page)
+    }
+    fn get_json_by_ids(
+        &self,
+        ids: &[String],
+        visit: &mut dyn FnMut(usize, crate::store::Stored<'_>) -> Result<()>,
+    ) -> Result<()> {
+        self.stack.top.get_json_by_ids(ids, visit)
+    }
+    fn upsert_json(&self, items: &[(&str, &serde_json::value::RawValue)]) -> Result<()> {
+        self.stack.top.upsert_json(items)
+    }
 }

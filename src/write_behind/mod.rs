@@ -147,6 +147,7 @@ use std::thread::{JoinHandle, ThreadId};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Select, Sender};
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 mod flusher;
@@ -158,7 +159,8 @@ mod wrapper;
 
 use crate::error::{Error, Result};
 use crate::store::{
-    missing_in_order, project, validate_id, validate_ids, Item, KvStore, NamespaceStats,
+    missing_in_order, parse_raw, project, validate_id, validate_ids, Item, KvStore, NamespaceStats,
+    Stored,
 };
 
 // ---------------------------------------------------------------------------------------------

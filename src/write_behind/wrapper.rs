@@ -386,4 +386,88 @@ impl<S: KvStore + 'static> KvStore for WriteBehind<S> {
         }
         self.shared.enqueue(writes)
     }
+
+    /// The inner store's pages, less the ids of queued deletes and upserts, then the ids of
+    /// queued upserts: memory is bounded by a page and by the queue, not by the namespace.
+    fn scan_keys(&self, page: &mut dyn FnMut(Vec<String>) -> Result<()>) -> Result<()> {
+        // Read the overlay before the inner store, as `all_keys` does. The queued upserts are
+        // taken out of the inner pages and handed over once at the end, so that an id both
+        // queued and stored is not listed twice for that reason.
+        let (added, pending): (Vec<String>, HashSet<String>) = {
+            let st = self.shared.state();
+            let mut added = Vec::new();
+            let mut pending = HashSet::with_capacity(st.overlay.len());
+            for (id, e) in &st.overlay {
+                if let Pending::Upsert(_) = e.pending {
+                    added.push(id.to_string());
+                }
+                pending.insert(id.to_string());
+            }
+            (added, pending)
+        };
+        if pending.is_empty() {
+            return self.shared.inner.scan_keys(page);
+        }
+        self.shared.inner.scan_keys(&mut |mut ids| {
+            ids.retain(|id| !pending.contains(id));
+            if ids.is_empty() {
+                return Ok(());
+            }
+            page(ids)
+        })?;
+        for chunk in added.chunks(crate::store::KEY_PAGE) {
+            page(chunk.to_vec())?;
+        }
+        Ok(())
+    }
+
+    /// Queued upserts are handed over as the values they are; the other ids are read from
+    /// the inner store, in its form.
+    fn get_json_by_ids(
+        &self,
+        ids: &[String],
+        visit: &mut dyn FnMut(usize, Stored<'_>) -> Result<()>,
+    ) -> Result<()> {
+        validate_ids(self.namespace(), ids)?;
+        let Some(found) = self.shared.lookup(ids) else {
+            return self.shared.inner.get_json_by_ids(ids, visit);
+        };
+        let mut misses: Vec<String> = Vec::new();
+        let mut miss_index: Vec<usize> = Vec::new();
+        for (i, f) in found.into_iter().enumerate() {
+            match f {
+                Some(Pending::Upsert(v)) => visit(i, Stored::Value(&v))?,
+                Some(Pending::Delete) => {}
+                None => {
+                    misses.push(ids[i].clone());
+                    miss_index.push(i);
+                }
+            }
+        }
+        if misses.is_empty() {
+            return Ok(());
+        }
+        self.shared
+            .inner
+            .get_json_by_ids(&misses, &mut |j, stored| {
+                let i = *miss_index.get(j).ok_or_else(|| Error::Unavailable {
+                    namespace: self.namespace().to_string(),
+                    reason: "the inner store answered for an id not asked".into(),
+                })?;
+                visit(i, stored)
+            })
+    }
+
+    /// Parses the text and queues the values as [`WriteBehind::upsert`](#method.upsert) does:
+    /// the queue keeps values, which readers see at once.
+    ///
+    /// # Errors
+    /// As [`WriteBehind::upsert`](#method.upsert).
+    fn upsert_json(&self, items: &[(&str, &RawValue)]) -> Result<()> {
+        let items = items
+            .iter()
+            .map(|(id, json)| Ok(((*id).to_string(), parse_raw(self.namespace(), id, json)?)))
+            .collect::<Result<Vec<_>>>()?;
+        self.upsert(items)
+    }
 }

@@ -13,6 +13,7 @@
 #![allow(dead_code, unused_macros, unused_imports)]
 
 pub mod conformance;
+pub mod conformance_typed;
 
 pub use graphrag_kv_harness::*;
 

@@ -186,6 +186,25 @@ impl<S: KvStore> KvStore for Parks<S> {
     fn flush(&self) -> graphrag_kv::Result<()> {
         self.inner.flush()
     }
+    fn scan_keys(
+        &self,
+        page: &mut dyn FnMut(Vec<String>) -> graphrag_kv::Result<()>,
+    ) -> graphrag_kv::Result<()> {
+        self.inner.scan_keys(page)
+    }
+    fn get_json_by_ids(
+        &self,
+        ids: &[String],
+        visit: &mut dyn FnMut(usize, graphrag_kv::Stored<'_>) -> graphrag_kv::Result<()>,
+    ) -> graphrag_kv::Result<()> {
+        self.inner.get_json_by_ids(ids, visit)
+    }
+    fn upsert_json(
+        &self,
+        items: &[(&str, &serde_json::value::RawValue)],
+    ) -> graphrag_kv::Result<()> {
+        self.inner.upsert_json(items)
+    }
     fn park(&self, writes: Vec<UnsentWrite>) -> graphrag_kv::Result<()> {
         let mut parked = self.parked.lock().unwrap();
         parked.extend(

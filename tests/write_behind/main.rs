@@ -19,3 +19,9 @@ support::conformance::conformance_tests!(redis_write_behind, wb_redis);
 support::conformance::conformance_tests!(redis_write_behind_tiny_batches, wb_redis_tiny);
 support::conformance::conformance_tests!(json_write_behind, wb_json);
 support::conformance::conformance_tests!(json_write_behind_tiny_batches, wb_json_tiny);
+support::conformance_typed::typed_conformance_tests!(redis_write_behind_typed, wb_redis);
+support::conformance_typed::typed_conformance_tests!(
+    redis_write_behind_tiny_batches_typed,
+    wb_redis_tiny
+);
+support::conformance_typed::typed_conformance_tests!(json_write_behind_typed, wb_json);

@@ -71,12 +71,22 @@ impl RedisStore {
         Ok(())
     }
 
-    pub(super) fn encode(&self, id: &str, v: &Json) -> Result<Vec<u8>> {
-        self.shared.codec.encode(v).map_err(|reason| Error::Encode {
-            namespace: self.namespace.clone(),
-            key: self.key(id),
-            reason: reason.to_string(),
-        })
+    /// Appends the stored bytes of the JSON text `json` to `out`; see
+    /// [`Codec::encode_json_into`].
+    pub(super) fn encode_json_into(
+        &self,
+        id: &str,
+        json: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<usize> {
+        self.shared
+            .codec
+            .encode_json_into(json, out)
+            .map_err(|reason| Error::Encode {
+                namespace: self.namespace.clone(),
+                key: self.key(id),
+                reason: reason.to_string(),
+            })
     }
 
     /// Appends the stored bytes of `v` to `out`; see [`Codec::encode_into`].
@@ -93,7 +103,12 @@ impl RedisStore {
 
     /// `upsert` on a single server: each chunk's SETs (and WAIT) packed by hand, window by
     /// window (each value encoded into a reused buffer, then copied in).
-    pub(super) fn upsert_single(&self, pool: &RedisPool, items: &[(&str, &Json)]) -> Result<()> {
+    pub(super) fn upsert_single<V: Copy>(
+        &self,
+        pool: &RedisPool,
+        items: &[(&str, V)],
+        encode_into: impl Fn(&str, V, &mut Vec<u8>) -> Result<usize>,
+    ) -> Result<()> {
         let ttl = self.ttl.to_string();
         let want = self.shared.config.wait_replicas;
         let wait_ms = (self.shared.config.wait_timeout.as_millis() as u64).to_string();
@@ -123,7 +138,7 @@ impl RedisStore {
                 {
                     let (id, v) = &items[next];
                     value.clear();
-                    bytes += self.encode_into(id, v, &mut value)?;
+                    bytes += encode_into(id, *v, &mut value)?;
                     resp_array(&mut buf, if self.ttl > 0 { 5 } else { 3 });
                     resp_bulk(&mut buf, &[b"SET"]);
                     resp_bulk(&mut buf, &[self.key_prefix.as_bytes(), id.as_bytes()]);
@@ -238,6 +253,25 @@ impl RedisStore {
         ids: &[String],
         fields: Option<&[String]>,
     ) -> Result<Vec<Option<Json>>> {
+        let mut out: Vec<Option<Json>> = Vec::with_capacity(ids.len());
+        out.resize_with(ids.len(), || None);
+        self.mget_single(pool, ids, &mut |i, id, bytes| {
+            out[i] = Some(project(self.decode(id, bytes)?, fields));
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// MGETs of [`MGET_WINDOW`] ids, two in flight, handing each stored value to `on_value`
+    /// with its index while the server answers the next window. The first error of
+    /// `on_value` is returned once the exchange has ended. Ids MGET reports missing are
+    /// checked for another type (an error, never "missing").
+    pub(super) fn mget_single(
+        &self,
+        pool: &RedisPool,
+        ids: &[String],
+        on_value: &mut OnValue<'_>,
+    ) -> Result<()> {
         let windows: Vec<&[String]> = ids.chunks(MGET_WINDOW).collect();
         // Packed once: a retry re-sends the same bytes.
         let mut key = String::with_capacity(self.key_prefix.len() + 64);
@@ -254,10 +288,9 @@ impl RedisStore {
                 cmd.get_packed_command()
             })
             .collect();
-        let (out, missing, failed) =
+        let (missing, failed) =
             self.shared
                 .with_single(pool, "get_by_ids", &self.namespace, |c| {
-                    let mut out: Vec<Option<Json>> = Vec::with_capacity(ids.len());
                     let mut missing: Vec<&String> = Vec::new();
                     // The first value that does not decode. The exchange still runs to its end, so
                     // the connection goes back to the pool with nothing left on its socket.
@@ -267,6 +300,7 @@ impl RedisStore {
                         c.conn.send_packed_command(&packed[sent])?;
                         sent += 1;
                     }
+                    let mut index = 0;
                     for window in &windows {
                         let reply = c.conn.recv_response()?;
                         if sent < packed.len() {
@@ -278,33 +312,25 @@ impl RedisStore {
                         if let Value::ServerError(e) = reply {
                             return Err(e.into());
                         }
-                        let values: Vec<Option<Vec<u8>>> = redis::from_redis_value(reply)?;
-                        if values.len() != window.len() {
-                            return Err(RedisError::from((
-                                redis::ErrorKind::Parse,
-                                "MGET returned a different number of values than keys asked",
-                            )));
-                        }
+                        let values = mget_values(reply, window.len())?;
+                        let first = index;
+                        index += window.len();
                         if failed.is_some() {
                             continue;
                         }
-                        for (id, v) in window.iter().zip(values) {
+                        for (j, (id, v)) in window.iter().zip(values).enumerate() {
                             match v {
-                                None => {
-                                    missing.push(id);
-                                    out.push(None);
-                                }
-                                Some(bytes) => match self.decode(id, &bytes) {
-                                    Ok(value) => out.push(Some(project(value, fields))),
-                                    Err(e) => {
+                                None => missing.push(id),
+                                Some(bytes) => {
+                                    if let Err(e) = on_value(first + j, id, &bytes) {
                                         failed = Some(e);
                                         break;
                                     }
-                                },
+                                }
                             }
                         }
                     }
-                    Ok((out, missing, failed))
+                    Ok((missing, failed))
                 })?;
         if let Some(e) = failed {
             return Err(e);
@@ -313,7 +339,7 @@ impl RedisStore {
         for part in missing.chunks(READ_CHUNK) {
             self.check_missing_types(part)?;
         }
-        Ok(out)
+        Ok(())
     }
 
     /// One single-key command per id, as a batch; per-key failures name the id.
@@ -393,3 +419,18 @@ impl RedisStore {
         })
     }
 }
+
+/// The values of an MGET reply of `expected` keys.
+fn mget_values(reply: Value, expected: usize) -> RedisResult<Vec<Option<Vec<u8>>>> {
+    let values: Vec<Option<Vec<u8>>> = redis::from_redis_value(reply)?;
+    if values.len() != expected {
+        return Err(RedisError::from((
+            redis::ErrorKind::Parse,
+            "MGET returned a different number of values than keys asked",
+        )));
+    }
+    Ok(values)
+}
+
+/// What [`RedisStore::mget_single`] hands each stored value to: its index, id and bytes.
+pub(super) type OnValue<'a> = dyn FnMut(usize, &String, &[u8]) -> Result<()> + 'a;

@@ -251,6 +251,213 @@ impl RedisShared {
     }
 }
 
+impl RedisShared {
+    /// SCANs `pattern` on every master, handing each page of keys to `page` as it arrives:
+    /// memory is bounded by a page, not by the keyspace. A key may be handed over more than
+    /// once (SCAN's guarantee, and on a cluster a pass repeated because the slot map moved);
+    /// an error of `page` stops the scan and is returned as it is.
+    ///
+    /// On a single server each page is fetched on its own checkout (a failed SCAN is retried
+    /// from the same cursor), so no connection is held while `page` runs and `page` may use
+    /// the store. On a cluster the pass runs under [`RedisShared::each_master`]'s stable slot
+    /// map, holding one pooled connection while `page` runs.
+    pub(super) fn scan_pages(
+        &self,
+        operation: &'static str,
+        namespace: &str,
+        pattern: &str,
+        page: &mut dyn FnMut(Vec<Vec<u8>>) -> Result<()>,
+    ) -> Result<()> {
+        let scan = |ops: &mut dyn PersistOps, cursor: u64| -> RedisResult<(u64, Vec<Vec<u8>>)> {
+            redis::from_redis_value(
+                ops.run(
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(pattern)
+                        .arg("COUNT")
+                        .arg(SCAN_COUNT),
+                )?,
+            )
+            .map_err(RedisError::from)
+        };
+        if let Conns::Single(_) = &self.conns {
+            let mut cursor: u64 = 0;
+            loop {
+                let (next, keys) =
+                    self.with_conn(operation, namespace, |c| scan(&mut ConnOps(c), cursor))?;
+                if !keys.is_empty() {
+                    page(keys)?;
+                }
+                if next == 0 {
+                    return Ok(());
+                }
+                cursor = next;
+            }
+        }
+        // The consumer's error, carried out of the cluster pass (which only knows Redis
+        // errors) by a client-side error that is neither retried nor a reason to drop the
+        // connection.
+        let mut stopped: Option<Error> = None;
+        let out = self.each_master(operation, namespace, |ops, _| {
+            let mut cursor: u64 = 0;
+            loop {
+                let (next, keys) = scan(ops, cursor)?;
+                if !keys.is_empty() {
+                    if let Err(e) = page(keys) {
+                        stopped = Some(e);
+                        return Err(RedisError::from((
+                            redis::ErrorKind::Client,
+                            "key listing stopped by its consumer",
+                        )));
+                    }
+                }
+                if next == 0 {
+                    return Ok(());
+                }
+                cursor = next;
+            }
+        });
+        match stopped {
+            Some(e) => Err(e),
+            None => out.map(|_| ()),
+        }
+    }
+}
+
+impl RedisShared {
+    /// Every key matching `pattern`, as pages, for `all_keys` (which keeps them all anyway). On
+    /// a cluster the masters are scanned at the same time, each on a pooled connection of its
+    /// own (the first on the pass's connection), under the same stable-slot-map checks as
+    /// [`RedisShared::each_master`]; when the pool is smaller than the masters plus one they
+    /// are scanned one after the other. On a single server, [`RedisShared::scan_pages`].
+    pub(super) fn scan_all(
+        &self,
+        operation: &'static str,
+        namespace: &str,
+        pattern: &str,
+    ) -> Result<Vec<Vec<Vec<u8>>>> {
+        let p = match &self.conns {
+            Conns::Cluster(p) if self.config.max_connections > 1 => p,
+            _ => {
+                let mut pages = Vec::new();
+                self.scan_pages(operation, namespace, pattern, &mut |page| {
+                    pages.push(page);
+                    Ok(())
+                })?;
+                return Ok(pages);
+            }
+        };
+        self.retrying(operation, namespace, || {
+            let mut c = p.get().map_err(|m| pool_error(operation, namespace, m))?;
+            // A checkout that failed inside the pass, carried out of it (the pass only knows
+            // Redis errors) as it is, so that its retry decision is the pool's.
+            let mut no_conn: Option<Error> = None;
+            let out = cluster::on_all_masters(&mut c.conn, |conn, masters| {
+                let Some((first_host, first_port)) = masters.first() else {
+                    return Ok(Vec::new());
+                };
+                let room = (self.config.max_connections as usize).saturating_sub(1);
+                let mut own = Vec::new();
+                for _ in 1..masters.len().min(room + 1) {
+                    match p.get() {
+                        Ok(c) => own.push(c),
+                        Err(m) => {
+                            no_conn = Some(pool_error(operation, namespace, m));
+                            return Err(RedisError::from((
+                                redis::ErrorKind::Client,
+                                "no pooled connection for a parallel SCAN",
+                            )));
+                        }
+                    }
+                }
+                std::thread::scope(|scope| {
+                    // Masters 1.. on their own connections, in threads; the rest (master 0,
+                    // and any beyond the pool's room) on the pass's connection meanwhile.
+                    let threads: Vec<_> = masters[1..]
+                        .iter()
+                        .zip(own.iter_mut())
+                        .map(|((host, port), c)| {
+                            scope.spawn(move || {
+                                let out = scan_node(&mut c.conn, host, *port, pattern);
+                                if out.as_ref().err().is_some_and(must_discard) {
+                                    c.mark_broken();
+                                }
+                                out
+                            })
+                        })
+                        .collect();
+                    let threaded = threads.len();
+                    let mut out = vec![scan_node(conn, first_host, *first_port, pattern)];
+                    for (host, port) in &masters[1 + threaded..] {
+                        out.push(scan_node(conn, host, *port, pattern));
+                    }
+                    for t in threads {
+                        out.push(t.join().unwrap_or_else(|_| {
+                            Err(RedisError::from((
+                                redis::ErrorKind::Client,
+                                "a SCAN thread panicked",
+                            )))
+                        }));
+                    }
+                    out.into_iter().collect::<RedisResult<Vec<_>>>()
+                })
+            });
+            if let Some(e) = no_conn.take() {
+                return Err(e);
+            }
+            match out {
+                Ok(per_master) => Ok(per_master.into_iter().flatten().collect()),
+                Err(cluster::EveryMasterError::Redis(e)) => {
+                    if must_discard(&e) {
+                        c.mark_broken();
+                    }
+                    Err(redis_error(operation, namespace, e))
+                }
+                Err(cluster::EveryMasterError::Unstable { attempts, reason }) => {
+                    Err(Error::ClusterUnstable {
+                        operation,
+                        namespace: namespace.to_string(),
+                        attempts,
+                        reason,
+                    })
+                }
+            }
+        })
+    }
+}
+
+/// Every page of a SCAN of `pattern` on the master at `host:port`.
+fn scan_node(
+    conn: &mut redis::cluster::ClusterConnection,
+    host: &str,
+    port: u16,
+    pattern: &str,
+) -> RedisResult<Vec<Vec<Vec<u8>>>> {
+    let mut pages = Vec::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<Vec<u8>>) = redis::from_redis_value(cluster::on_node(
+            conn,
+            host,
+            port,
+            redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(SCAN_COUNT),
+        )?)?;
+        if !keys.is_empty() {
+            pages.push(keys);
+        }
+        if next == 0 {
+            return Ok(pages);
+        }
+        cursor = next;
+    }
+}
+
 /// True when the connection cannot be reused: a reply may still be in flight, or it points at
 /// a server that is no longer the master.
 pub(super) fn must_discard(e: &RedisError) -> bool {

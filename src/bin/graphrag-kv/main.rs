@@ -43,7 +43,7 @@ use graphrag_kv::backend::json_file::{to_python_json, write_atomically};
 use graphrag_kv::{BackendKind, Error, KvStore, Storage, StoreConfig, StoreConfigBuilder};
 use serde_json::{Map, Value};
 
-use files::{export, import, sorted_keys};
+use files::{export, for_each_key_page, import};
 use journal::{run_journal, warn_journaled, JournalAction};
 use migrate::{run_migrate, run_verify};
 use output::{is_closed_stdout, one_line_clap_error, report, stdout, EXIT_ERROR};
@@ -359,16 +359,28 @@ fn run(cli: Cli) -> graphrag_kv::Result<ExitCode> {
             }
         }
         Command::Keys { namespace, json } => {
-            let keys = sorted_keys(&*storage.namespace(&namespace)?)?;
-            warn_journaled(&config, Some(&namespace));
+            // Printed as the pages come: the listing never holds the namespace's ids.
+            let store = storage.namespace(&namespace)?;
+            let mut first = true;
             if json {
-                let text = serde_json::to_string(&keys).expect("serializing strings");
-                stdout(writeln!(out, "{text}"))?;
-            } else {
-                for k in &keys {
-                    stdout(writeln!(out, "{k}"))?;
-                }
+                stdout(write!(out, "["))?;
             }
+            for_each_key_page(&*store, &mut |page| {
+                for k in page {
+                    if json {
+                        let text = serde_json::to_string(k).expect("serializing a string");
+                        stdout(write!(out, "{}{text}", if first { "" } else { "," }))?;
+                    } else {
+                        stdout(writeln!(out, "{k}"))?;
+                    }
+                    first = false;
+                }
+                Ok(())
+            })?;
+            if json {
+                stdout(writeln!(out, "]"))?;
+            }
+            warn_journaled(&config, Some(&namespace));
             ExitCode::SUCCESS
         }
         Command::Delete { namespace, ids } => {

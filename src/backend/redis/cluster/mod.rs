@@ -27,7 +27,7 @@ mod topology;
 
 pub(crate) use pipeline::pipeline;
 pub(crate) use slots::{key_slot, on_node, wait_for_keys};
-pub(crate) use topology::{on_every_master, EveryMasterError};
+pub(crate) use topology::{on_all_masters, on_every_master, EveryMasterError};
 
 /// Opens cluster connections.
 #[derive(Debug)]

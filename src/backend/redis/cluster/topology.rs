@@ -74,6 +74,20 @@ pub(crate) fn on_every_master<T>(
     conn: &mut ClusterConnection,
     mut f: impl FnMut(&mut ClusterConnection, &str, u16) -> RedisResult<T>,
 ) -> Result<Vec<T>, EveryMasterError> {
+    on_all_masters(conn, |conn, masters| {
+        masters
+            .iter()
+            .map(|(host, port)| f(conn, host, *port))
+            .collect()
+    })
+}
+
+/// [`on_every_master`] with every master's address handed to `f` at once, so that `f` may work
+/// on them in parallel (on connections of its own); the same stable-slot-map checks around it.
+pub(crate) fn on_all_masters<T>(
+    conn: &mut ClusterConnection,
+    mut f: impl FnMut(&mut ClusterConnection, &[(String, u16)]) -> RedisResult<Vec<T>>,
+) -> Result<Vec<T>, EveryMasterError> {
     let mut reason = String::new();
     for attempt in 0..TOPOLOGY_ATTEMPTS {
         if attempt > 0 {
@@ -90,10 +104,12 @@ pub(crate) fn on_every_master<T>(
                 continue;
             }
         };
-        let mut out = Vec::with_capacity(before.masters.len());
-        for m in &before.masters {
-            out.push(f(conn, &m.host, m.port)?);
-        }
+        let masters: Vec<(String, u16)> = before
+            .masters
+            .iter()
+            .map(|m| (m.host.clone(), m.port))
+            .collect();
+        let out = f(conn, &masters)?;
         match read_topology(conn)? {
             Ok(after) if after == before => return Ok(out),
             Ok(after) => reason = before.difference(&after),
