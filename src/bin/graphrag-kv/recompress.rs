@@ -59,19 +59,34 @@ pub(crate) fn run_recompress(
             }
         });
     }
-    let mut ids = store.all_keys()?;
-    ids.sort_unstable();
+    // The ids come a SCAN page at a time (memory bounded by a page, not by the namespace);
+    // the progress total is the server's count, 0 when it cannot tell.
+    let expected = store.stats().map(|s| s.keys).unwrap_or(0);
     let mut progress = CliProgress::new("recompress");
-    progress.start(namespace, ids.len() as u64);
+    progress.start(namespace, expected);
     let mut total = Recompressed::default();
     let mut done = 0usize;
-    for chunk in ids.chunks(batch) {
-        if stop.load(Ordering::SeqCst) {
-            break;
+    let mut interrupted = false;
+    let scanned = store.scan_keys(&mut |mut page| {
+        page.sort_unstable();
+        for chunk in page.chunks(batch) {
+            if stop.load(Ordering::SeqCst) {
+                // Ends the scan; told apart from a real error by `interrupted`.
+                interrupted = true;
+                return Err(Error::Io {
+                    action: "recompressing",
+                    path: namespace.into(),
+                    source: io::Error::from(io::ErrorKind::Interrupted),
+                });
+            }
+            total.add(store.recompress(chunk)?);
+            done += chunk.len();
+            progress.advance(chunk.len() as u64);
         }
-        total.add(store.recompress(chunk)?);
-        done += chunk.len();
-        progress.advance(chunk.len() as u64);
+        Ok(())
+    });
+    if !interrupted {
+        scanned?;
     }
     progress.finish();
     let r = &config.redis;
@@ -99,10 +114,10 @@ pub(crate) fn run_recompress(
             total.unreadable.len() - SHOWN_UNREADABLE
         ));
     }
-    if done < ids.len() {
+    if interrupted {
         report(&format!(
-            "interrupted after {done} of {} ids; run the same command again to finish",
-            ids.len()
+            "interrupted after {done} of about {expected} ids; run the same command again to \
+             finish"
         ));
         return Ok(ExitCode::from(EXIT_INTERRUPTED));
     }
