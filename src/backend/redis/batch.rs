@@ -231,7 +231,11 @@ impl RedisStore {
     pub(super) fn id_of(&self, key: Vec<u8>) -> Result<String> {
         let prefix = self.key_prefix.len();
         match String::from_utf8(key) {
-            Ok(mut k) if k.len() > prefix => Ok(k.split_off(prefix)),
+            // Moves the id to the front of the key's own buffer: no allocation per key.
+            Ok(mut k) if k.len() > prefix => {
+                k.drain(..prefix);
+                Ok(k)
+            }
             Ok(k) => Err(Error::Decode {
                 namespace: self.namespace.clone(),
                 key: k,
