@@ -45,6 +45,27 @@ pub fn example_bin(name: &str, features: &[&str]) -> PathBuf {
     cargo
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .args(["build", "--example", name]);
+    // The variables cargo sets for this test (CARGO_PKG_NAME, CARGO_MANIFEST_DIR, ...) were
+    // unset for the `cargo test` that built the dependencies: inherited, they make ring's
+    // build script rerun, and ring, rustls and redis were rebuilt at every example build and
+    // again at the next `cargo test`.
+    for (key, _) in std::env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        if [
+            "CARGO_PKG_",
+            "CARGO_MANIFEST_",
+            "CARGO_CRATE_",
+            "CARGO_BIN_",
+            "CARGO_PRIMARY_PACKAGE",
+            "CARGO_TARGET_TMPDIR",
+            "CARGO_RUSTC_CURRENT_DIR",
+        ]
+        .iter()
+        .any(|p| key.starts_with(p))
+        {
+            cargo.env_remove(key);
+        }
+    }
     if profile_dir.file_name().is_some_and(|n| n == "release") {
         cargo.arg("--release");
     }
