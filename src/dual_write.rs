@@ -15,9 +15,6 @@ use crate::store::{park_refused, Item, KvStore, NamespaceStats, Stored, UnsentWr
 /// How many ids a divergence warning names; the rest are counted.
 const IDS_IN_WARNING: usize = 5;
 
-/// The lock that puts the writes of one namespace's `DualWrite`s in one order.
-pub(crate) type WriteOrder = Arc<Mutex<()>>;
-
 /// Writes every change to a primary and a secondary store and reads from the primary only.
 ///
 /// The primary is the store in service: its answer is the caller's answer, its errors are the
@@ -83,7 +80,9 @@ pub struct DualWrite<P, S> {
     /// primary's result synchronously, and the lock is uncontended for a single-writer indexer.
     /// `Storage` builds one `DualWrite` per namespace and hands it to every caller: a lock per
     /// handle would let two handles apply the same ids in opposite orders.
-    write_order: WriteOrder,
+    /// Puts this namespace's writes in one order on both stores (a `Storage` gives every
+    /// handle of a namespace the same `DualWrite`).
+    write_order: Mutex<()>,
 }
 
 impl<P, S> fmt::Debug for DualWrite<P, S> {
@@ -114,7 +113,7 @@ impl<P: KvStore, S: KvStore> DualWrite<P, S> {
             primary_name: "primary".into(),
             secondary_name: "secondary".into(),
             divergences: Arc::default(),
-            write_order: WriteOrder::default(),
+            write_order: Mutex::new(()),
         }
     }
 
@@ -128,10 +127,11 @@ impl<P: KvStore, S: KvStore> DualWrite<P, S> {
 
     /// A reader of [`DualWrite::divergences`] for observers outside the stack, such as
     /// `Metrics::watch_divergences` (feature `metrics`), which call it at scrape time. It keeps
-    /// only the counter alive, not the stores.
+    /// nothing alive: once this store is dropped it answers `None`, and the observer retires
+    /// it (a `Storage` builds a new `DualWrite` each time it reopens a namespace).
     pub fn divergences_source(&self) -> impl Fn() -> Option<u64> + Send + Sync + 'static {
-        let counter = self.divergences.clone();
-        move || Some(counter.load(Ordering::Relaxed))
+        let counter = Arc::downgrade(&self.divergences);
+        move || counter.upgrade().map(|c| c.load(Ordering::Relaxed))
     }
 
     /// Writes (and checkpoints) that succeeded on the primary and failed on the secondary since

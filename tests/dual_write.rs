@@ -201,6 +201,19 @@ fn secondary_failure_is_a_counted_divergence_not_an_error() {
     assert_eq!(diff.missing, ["during-1", "during-2"]);
 }
 
+/// The metrics call the source at every scrape and retire it when it answers `None`: a source
+/// that outlives its store would be kept (and walked at each scrape) forever, one more each
+/// time a `Storage` rebuilds a namespace's stack.
+#[test]
+fn divergences_source_ends_with_its_store() {
+    let b = both();
+    let dual = b.json_primary("text_chunks");
+    let source = dual.divergences_source();
+    assert_eq!(source(), Some(0));
+    drop(dual);
+    assert_eq!(source(), None);
+}
+
 #[test]
 fn primary_failure_is_the_callers_error_and_the_secondary_is_not_written() {
     let mut b = both();
