@@ -29,8 +29,9 @@
 //!   limit answer with 429s;
 //! - the bound is exact: **no window of one period ever admits more than
 //!   `limit + burst - 1` requests** (a window of length P holds at most `1 + (P + τ) / T`
-//!   conforming requests with `τ = (burst - 1) × T`), so with the default burst of 1, no
-//!   minute ever sees more than the limit.
+//!   conforming requests with `τ = (burst - 1) × T`), so with a burst of 1
+//!   (`LLM_RATE_LIMIT_BURST=1`) no period ever admits more than the limit; the default burst
+//!   (`requests / 60`, at least 1) allows up to `burst - 1` more.
 //!
 //! Requests and tokens are decided together, atomically: a request is admitted only when both
 //! limits have room, and then both are charged.

@@ -28,6 +28,10 @@ const CLUSTER_COMMANDS: &str = "+cluster|slots +cluster|nodes +asking";
 /// `{prefix}::lock:...` keys, which the key pattern already covers.
 const LLM_LOCK_COMMANDS: &str = "+eval +pexpire +del";
 
+/// Added for the fleet-wide LLM rate limit: its script runs TIME, HMGET, HGET, HSET and
+/// PEXPIRE on the `{prefix}::rate:...` key, which the key pattern already covers.
+const RATE_LIMIT_COMMANDS: &str = "+eval +time +hget +hmget +hset +pexpire";
+
 /// Denials a user with only [`STORE_COMMANDS`] causes, by design: the optional checkpoint,
 /// cluster-detection and eviction-policy checks, each of which degrades to a log line.
 const OPTIONAL_DENIALS: [&str; 3] = ["info", "config|get", "bgsave"];
@@ -415,3 +419,43 @@ fn acl_rule_for_a_cluster() {
 }
 
 // ---------------------------------------------------------------------------------------------
+
+#[test]
+fn acl_rule_for_the_rate_limit() {
+    use graphrag_kv::rate_limit::{Admission, RateLimit};
+    let server = RedisServer::start();
+    create_acl_user(&mut server.conn(), "graphrag", "rl", RATE_LIMIT_COMMANDS);
+    let storage = Storage::open(
+        &from_vars(&[
+            ("STORAGE_KV_BACKEND", "redis"),
+            ("REDIS_URL", &server.url()),
+            ("REDIS_USERNAME", "graphrag"),
+            ("REDIS_PASSWORD", ACL_PASSWORD),
+            ("REDIS_KEY_PREFIX", "rl"),
+        ])
+        .unwrap(),
+    )
+    .unwrap();
+    let limiter = storage.rate_limiter();
+    let limit = RateLimit::builder()
+        .requests(5)
+        .burst(2)
+        .period(std::time::Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let name = RateLimit::name("http://api.example/v1", "gpt");
+    // The burst of 2, then a wait: the budget is kept (and read back) in Redis.
+    assert_eq!(
+        limiter.try_acquire(&name, &limit, 0).unwrap(),
+        Admission::Admitted
+    );
+    assert_eq!(
+        limiter.try_acquire(&name, &limit, 0).unwrap(),
+        Admission::Admitted
+    );
+    assert!(matches!(
+        limiter.try_acquire(&name, &limit, 0).unwrap(),
+        Admission::Wait { .. }
+    ));
+    check_acl_log(&mut server.conn());
+}
