@@ -381,6 +381,9 @@ fn from_vars_with(
         .unwrap()
         .build()
         .unwrap();
+    if extra.contains(&("REDIS_COMPRESSION", "zstd")) {
+        assert_eq!(config.redis.compression, graphrag_kv::Compression::Zstd);
+    }
     match stack {
         Stack::DualJsonPrimary | Stack::DualRedisPrimary => assert!(config.dual.is_some()),
         Stack::Fallback | Stack::WriteBehindAndFallback => assert!(config.fallback.is_some()),

@@ -287,7 +287,7 @@ pub fn measure_all(args: &Args, t: &Target) -> Vec<Row> {
         ));
     }
 
-    // --- get_by_ids, 100 chunks per call, decoded straight into TextChunk (get_many_as)
+    // --- get_by_ids, 100 chunks per call, read as TextChunk (get_many_as)
     if want("get_by_ids") {
         progress(args, "get_by_ids 100, typed");
         let store = &sides_lz4.chunks;

@@ -10,8 +10,8 @@ use super::journal::Entry;
 use super::{Fallback, FallbackGuard};
 use crate::error::{Error, Result};
 use crate::store::{
-    missing_in_order, parse_raw, project, validate_id, validate_ids, Item, KvStore, NamespaceStats,
-    Stored, UnsentWrite,
+    missing_in_order, parse_items, project, validate_id, validate_ids, Item, KvStore,
+    NamespaceStats, Stored, UnsentWrite,
 };
 
 /// One namespace behind a [`Fallback`].
@@ -321,12 +321,7 @@ impl<S: KvStore> KvStore for FallbackStore<S> {
         let journaled = || {
             Ok(Entry::Upsert {
                 ns: self.namespace().to_string(),
-                items: items
-                    .iter()
-                    .map(|(id, json)| {
-                        Ok(((*id).to_string(), parse_raw(self.namespace(), id, json)?))
-                    })
-                    .collect::<Result<Vec<_>>>()?,
+                items: parse_items(self.namespace(), items)?,
             })
         };
         self.fallback

@@ -221,7 +221,8 @@ impl<S: KvStore> KvStore for Metered<S> {
         self.inner.park(writes)
     }
 
-    /// Timed as `all_keys`: the same work, handed over a page at a time.
+    /// Timed as `all_keys`: the same work, handed over a page at a time. The time includes
+    /// what the caller's `page` does with each page (it may use the store).
     fn scan_keys(&self, page: &mut dyn FnMut(Vec<String>) -> Result<()>) -> Result<()> {
         self.m.observe(Op::AllKeys, || self.inner.scan_keys(page))
     }

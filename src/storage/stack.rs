@@ -10,8 +10,10 @@
 //!
 //! Retries are not a layer: only the Redis backend knows which commands are safe to send again
 //! and when a connection must be discarded, so it applies [`crate::retry::RetryPolicy`] itself,
-//! and no layer above retries again (write-behind re-submits a failed batch at most once per
-//! [`crate::retry::RESUBMIT_INTERVAL`], each submission one operation under that policy).
+//! and no layer above retries again (write-behind re-submits a batch that failed with a
+//! passing server state at most once per [`crate::retry::RESUBMIT_INTERVAL`], and one refused
+//! for memory (OOM) up to 8 times on a 10 ms–1 s backoff; each submission one operation under
+//! that policy).
 //!
 //! Why this order: the fallback must see an operation's final outcome (after retries) to decide
 //! that Redis is down; write-behind sits over the fallback so a queued batch that fails over is

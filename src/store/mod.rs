@@ -9,7 +9,7 @@ use crate::config::BackendKind;
 use crate::error::{display_id, Error, Result};
 
 mod typed;
-pub(crate) use typed::parse_raw;
+pub(crate) use typed::parse_items;
 pub use typed::{FullDoc, KvStoreExt, LlmCacheEntry, Stored, TextChunk};
 
 /// nano-graphrag's namespace for whole documents.
@@ -254,16 +254,13 @@ pub trait KvStore: Send + Sync {
     /// `serde_json::to_string` writes for a struct); any reader of untyped values reads them.
     ///
     /// The default parses each text into a [`Value`] and calls [`KvStore::upsert`]: right for
-    /// a store that keeps [`Value`]s. Every wrapper forwards it.
+    /// a store that keeps [`Value`]s. Wrappers forward it, except write-behind, whose queue keeps
+    /// values: it parses, as the default does.
     ///
     /// # Errors
     /// As [`KvStore::upsert`].
     fn upsert_json(&self, items: &[(&str, &RawValue)]) -> Result<()> {
-        let items = items
-            .iter()
-            .map(|(id, json)| Ok(((*id).to_string(), parse_raw(self.namespace(), id, json)?)))
-            .collect::<Result<Vec<_>>>()?;
-        self.upsert(items)
+        self.upsert(parse_items(self.namespace(), items)?)
     }
 
     /// Returns once every write this store accepted before the call has reached the backend:

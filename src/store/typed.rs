@@ -6,7 +6,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use serde_json::Value;
 
-use super::KvStore;
+use super::{Item, KvStore};
 use crate::error::{Error, Result};
 
 /// Typed conveniences over any [`KvStore`]: values go through serde, so a struct such as
@@ -119,12 +119,20 @@ fn from_stored<T: DeserializeOwned>(namespace: &str, id: &str, stored: Stored<'_
 
 /// The [`Value`] of a checked JSON text (a `RawValue` always parses; the error is kept for a
 /// text serde_json would refuse to read back, such as a number beyond `f64`).
-pub(crate) fn parse_raw(namespace: &str, id: &str, json: &RawValue) -> Result<Value> {
+fn parse_raw(namespace: &str, id: &str, json: &RawValue) -> Result<Value> {
     serde_json::from_str(json.get()).map_err(|e| Error::Encode {
         namespace: namespace.to_string(),
         key: id.to_string(),
         reason: e.to_string(),
     })
+}
+
+/// The items of an [`KvStore::upsert_json`] as values, for a store that keeps [`Value`]s.
+pub(crate) fn parse_items(namespace: &str, items: &[(&str, &RawValue)]) -> Result<Vec<Item>> {
+    items
+        .iter()
+        .map(|(id, json)| Ok(((*id).to_string(), parse_raw(namespace, id, json)?)))
+        .collect()
 }
 
 /// A text chunk as nano-graphrag stores it in `text_chunks`.

@@ -159,8 +159,8 @@ mod wrapper;
 
 use crate::error::{Error, Result};
 use crate::store::{
-    missing_in_order, parse_raw, project, validate_id, validate_ids, Item, KvStore, NamespaceStats,
-    Stored,
+    missing_in_order, parse_items, project, validate_id, validate_ids, Item, KvStore,
+    NamespaceStats, Stored,
 };
 
 // ---------------------------------------------------------------------------------------------

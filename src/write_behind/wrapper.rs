@@ -464,10 +464,6 @@ impl<S: KvStore + 'static> KvStore for WriteBehind<S> {
     /// # Errors
     /// As [`WriteBehind::upsert`](#method.upsert).
     fn upsert_json(&self, items: &[(&str, &RawValue)]) -> Result<()> {
-        let items = items
-            .iter()
-            .map(|(id, json)| Ok(((*id).to_string(), parse_raw(self.namespace(), id, json)?)))
-            .collect::<Result<Vec<_>>>()?;
-        self.upsert(items)
+        self.upsert(parse_items(self.namespace(), items)?)
     }
 }

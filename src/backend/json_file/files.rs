@@ -31,15 +31,12 @@ pub fn parse_kv_file(path: &Path, bytes: &[u8]) -> Result<Map<String, Value>> {
         // rather than refusing a file nano-graphrag wrote. Only tried once serde_json refused
         // the text, so a valid file costs nothing more; if the text still does not parse,
         // the error is the original one, with positions in the file as it is.
-        let (fixed, found) = crate::codec::non_finite::replace_non_finite(bytes).ok_or(e)?;
-        let e = match serde_json::from_slice::<Value>(&fixed) {
-            Ok(value) => {
-                warn_non_finite(path, &found);
-                return Ok(value);
-            }
-            Err(_) => serde_json::from_slice::<Value>(bytes).unwrap_err(),
+        let Some((fixed, found)) = crate::codec::non_finite::replace_non_finite(bytes) else {
+            return Err(e);
         };
-        Err(e)
+        let value = serde_json::from_slice::<Value>(&fixed).map_err(|_| e)?;
+        warn_non_finite(path, &found);
+        Ok(value)
     });
     match parsed {
         Ok(Value::Object(map)) => Ok(map),

@@ -91,8 +91,9 @@ impl RedisShared {
 
     /// Runs `f` once per master with a connection and the master's address (`None` on a
     /// single server, where the connection is the server's). Every operation that must see
-    /// all the data (`all_keys`, `clear`, `stats`, `list_namespaces`, the checkpoint) goes
-    /// through here: on a cluster, [`cluster::on_every_master`] returns only results gathered
+    /// all the data (`stats`, `list_namespaces`, the checkpoint; `all_keys`, `clear` and the key
+    /// stream go through `scan_all` / `scan_pages`, under the same checks) goes through here:
+    /// on a cluster, [`cluster::on_every_master`] returns only results gathered
     /// under one stable slot map covering all slots, or [`Error::ClusterUnstable`].
     pub(super) fn each_master<T>(
         &self,
@@ -109,23 +110,7 @@ impl RedisShared {
                 let out = cluster::on_every_master(&mut c.conn, |conn, host, port| {
                     f(&mut NodeOps { conn, host, port }, Some((host, port)))
                 });
-                match out {
-                    Ok(v) => Ok(v),
-                    Err(cluster::EveryMasterError::Redis(e)) => {
-                        if must_discard(&e) {
-                            c.mark_broken();
-                        }
-                        Err(redis_error(operation, namespace, e))
-                    }
-                    Err(cluster::EveryMasterError::Unstable { attempts, reason }) => {
-                        Err(Error::ClusterUnstable {
-                            operation,
-                            namespace: namespace.to_string(),
-                            attempts,
-                            reason,
-                        })
-                    }
-                }
+                out.map_err(|e| every_master_error(&mut c, operation, namespace, e))
             }),
         }
     }
@@ -406,23 +391,8 @@ impl RedisShared {
             if let Some(e) = no_conn.take() {
                 return Err(e);
             }
-            match out {
-                Ok(per_master) => Ok(per_master.into_iter().flatten().collect()),
-                Err(cluster::EveryMasterError::Redis(e)) => {
-                    if must_discard(&e) {
-                        c.mark_broken();
-                    }
-                    Err(redis_error(operation, namespace, e))
-                }
-                Err(cluster::EveryMasterError::Unstable { attempts, reason }) => {
-                    Err(Error::ClusterUnstable {
-                        operation,
-                        namespace: namespace.to_string(),
-                        attempts,
-                        reason,
-                    })
-                }
-            }
+            out.map(|per_master| per_master.into_iter().flatten().collect())
+                .map_err(|e| every_master_error(&mut c, operation, namespace, e))
         })
     }
 }
@@ -455,6 +425,30 @@ fn scan_node(
             return Ok(pages);
         }
         cursor = next;
+    }
+}
+
+/// The error of a pass over every master: a Redis error discards the connection when it must
+/// (as [`must_discard`] says); a slot map that never held still is [`Error::ClusterUnstable`].
+fn every_master_error(
+    c: &mut cluster::ClusterConn,
+    operation: &'static str,
+    namespace: &str,
+    e: cluster::EveryMasterError,
+) -> Error {
+    match e {
+        cluster::EveryMasterError::Redis(e) => {
+            if must_discard(&e) {
+                c.mark_broken();
+            }
+            redis_error(operation, namespace, e)
+        }
+        cluster::EveryMasterError::Unstable { attempts, reason } => Error::ClusterUnstable {
+            operation,
+            namespace: namespace.to_string(),
+            attempts,
+            reason,
+        },
     }
 }
 
